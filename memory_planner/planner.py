@@ -1,0 +1,141 @@
+"""Pick one GGUF type per tensor: least predicted damage with the weights under the budget.
+
+This is a multiple-choice knapsack (exactly one type per tensor, one byte constraint),
+solved exactly as a mixed-integer program by HiGHS through `scipy.optimize.milp`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from .quant_types import DEFAULT_LADDER, candidate_types, format_size, legal_type, tensor_nbytes
+from .types import Budget, MemoryPlan, TensorPlan, TensorSpec
+
+log = logging.getLogger(__name__)
+
+Damage = Mapping[str, Mapping[str, float]]  # tensor name -> legal type name -> damage
+
+
+class PlanError(ValueError):
+    """No plan satisfies the request."""
+
+
+class BudgetTooSmallError(PlanError):
+    """The cap is below the smallest model the ladder can make."""
+
+    def __init__(self, message: str, minimum_total_bytes: int):
+        super().__init__(message)
+        self.minimum_total_bytes = minimum_total_bytes
+
+
+def _options(specs: Sequence[TensorSpec], damage: Damage | None, ladder: Sequence[str]):
+    """Per tensor: list of (legal type, asked type, nbytes, damage)."""
+    out = []
+    for s in specs:
+        opts = []
+        for legal, asked in candidate_types(s, tuple(ladder)):
+            nbytes = tensor_nbytes(s.n_elements, s.row_length, legal)
+            if not s.quantizable or legal == "F32":
+                d = 0.0
+            elif damage is None:
+                d = 0.0
+            else:
+                try:
+                    d = float(damage[s.name][legal])
+                except KeyError:
+                    raise PlanError(f"no damage estimate for {s.name} as {legal}") from None
+            opts.append((legal, asked, nbytes, d))
+        out.append(opts)
+    return out
+
+
+def _check_fits(min_weight_bytes: int, budget: Budget, what: str) -> None:
+    avail = budget.weight_bytes_available
+    if min_weight_bytes > avail:
+        need = min_weight_bytes + budget.cap_bytes - avail
+        raise BudgetTooSmallError(
+            f"memory cap {format_size(budget.cap_bytes)} is below the smallest {what}: "
+            f"{format_size(need)} in all ({format_size(min_weight_bytes)} weights + "
+            f"{format_size(budget.kv_bytes)} KV cache for {budget.ctx} tokens at {budget.kv_type} "
+            f"+ {format_size(budget.compute_bytes)} compute buffers + "
+            f"{format_size(budget.reserve_bytes)} reserve)",
+            minimum_total_bytes=need,
+        )
+
+
+def uniform_plan(specs: Sequence[TensorSpec], type_name: str, budget: Budget,
+                 damage: Damage | None = None, check_budget: bool = True) -> MemoryPlan:
+    """Every quantizable tensor at `type_name` (with llama.cpp's block fallbacks)."""
+    tensors = []
+    for s in specs:
+        legal = legal_type(type_name, s.row_length) if s.quantizable else "F32"
+        nbytes = tensor_nbytes(s.n_elements, s.row_length, legal)
+        d = 0.0
+        if damage is not None and s.quantizable and legal != "F32":
+            d = float(damage.get(s.name, {}).get(legal, np.nan))
+        tensors.append(TensorPlan(s.name, legal, nbytes, s.n_elements, d,
+                                  type_name.upper() if legal != type_name.upper() else None))
+    plan = MemoryPlan(tuple(tensors), budget, damage_model="uniform", solver=f"uniform {type_name}")
+    if check_budget:
+        _check_fits(plan.weight_bytes, budget, f"{type_name.upper()} model")
+    return plan
+
+
+def solve(specs: Sequence[TensorSpec], damage: Damage, budget: Budget,
+          ladder: Sequence[str] = DEFAULT_LADDER, damage_model: str = "relative-error",
+          time_limit: float = 60.0) -> MemoryPlan:
+    """The least-damage assignment of ladder types whose weights fit `budget`."""
+    options = _options(specs, damage, ladder)
+    min_bytes = sum(min(o[2] for o in opts) for opts in options)
+    _check_fits(min_bytes, budget, f"model the ladder ({ladder[-1]} at the bottom) can make")
+    avail = budget.weight_bytes_available
+
+    # variables: one binary per (tensor, option), laid out tensor after tensor
+    sizes = np.array([o[2] for opts in options for o in opts], dtype=np.float64)
+    cost = np.array([o[3] for opts in options for o in opts], dtype=np.float64)
+    n = len(sizes)
+    rows, cols = [], []
+    j = 0
+    for i, opts in enumerate(options):
+        for _ in opts:
+            rows.append(i)
+            cols.append(j)
+            j += 1
+    choose_one = csr_array((np.ones(n), (rows, cols)), shape=(len(options), n))
+    # bytes scaled to MiB keeps the coefficients in a range HiGHS is comfortable with
+    scale = float(2**20)
+    slack = 0.0
+    for _attempt in range(5):
+        constraints = [
+            LinearConstraint(choose_one, 1, 1),
+            LinearConstraint(sizes[None, :] / scale, -np.inf, (avail - slack) / scale),
+        ]
+        res = milp(cost, constraints=constraints, integrality=np.ones(n),
+                   bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        if res.x is None:
+            raise PlanError(f"the solver found no plan: {res.message}")
+        x = res.x > 0.5
+        used = int(sizes[x].sum())
+        if used <= avail:
+            break
+        # solver tolerances let the byte row overshoot by a hair: tighten and solve again
+        slack += used - avail + 1
+    else:
+        raise PlanError("the solver's plans kept overshooting the budget")
+
+    tensors = []
+    j = 0
+    for s, opts in zip(specs, options):
+        pick = [o for k, o in enumerate(opts) if x[j + k]]
+        j += len(opts)
+        legal, asked, nbytes, d = pick[0]
+        tensors.append(TensorPlan(s.name, legal, nbytes, s.n_elements, d,
+                                  asked if asked != legal else None))
+    status = "optimal" if res.status == 0 else f"status {res.status}: {res.message}"
+    return MemoryPlan(tuple(tensors), budget, damage_model=damage_model,
+                      solver=f"milp/highs {status}")
