@@ -68,6 +68,18 @@ def _check_fits(min_weight_bytes: int, budget: Budget, what: str) -> None:
         )
 
 
+def check_minimum(specs: Sequence[TensorSpec], budget: Budget,
+                  ladder: Sequence[str] = DEFAULT_LADDER) -> int:
+    """Raise BudgetTooSmallError unless the smallest ladder plan fits; returns its bytes."""
+    min_bytes = sum(min(o[2] for o in opts) for opts in _options(specs, None, ladder))
+    _check_fits(min_bytes, budget, f"model the ladder ({ladder[-1]} at the bottom) can make")
+    return min_bytes
+
+
+def _n_experts(specs: Sequence[TensorSpec]) -> int:
+    return max((s.n_experts for s in specs), default=0)
+
+
 def uniform_plan(specs: Sequence[TensorSpec], type_name: str, budget: Budget,
                  damage: Damage | None = None, check_budget: bool = True) -> MemoryPlan:
     """Every quantizable tensor at `type_name` (with llama.cpp's block fallbacks)."""
@@ -80,7 +92,9 @@ def uniform_plan(specs: Sequence[TensorSpec], type_name: str, budget: Budget,
             d = float(damage.get(s.name, {}).get(legal, np.nan))
         tensors.append(TensorPlan(s.name, legal, nbytes, s.n_elements, d,
                                   type_name.upper() if legal != type_name.upper() else None))
-    plan = MemoryPlan(tuple(tensors), budget, damage_model="uniform", solver=f"uniform {type_name}")
+    E = _n_experts(specs)
+    plan = MemoryPlan(tuple(tensors), budget, damage_model="uniform", n_experts=E,
+                      n_experts_kept=E, solver=f"uniform {type_name.upper()}")
     if check_budget:
         _check_fits(plan.weight_bytes, budget, f"{type_name.upper()} model")
     return plan
@@ -90,9 +104,8 @@ def solve(specs: Sequence[TensorSpec], damage: Damage, budget: Budget,
           ladder: Sequence[str] = DEFAULT_LADDER, damage_model: str = "relative-error",
           time_limit: float = 60.0) -> MemoryPlan:
     """The least-damage assignment of ladder types whose weights fit `budget`."""
+    check_minimum(specs, budget, ladder)
     options = _options(specs, damage, ladder)
-    min_bytes = sum(min(o[2] for o in opts) for opts in options)
-    _check_fits(min_bytes, budget, f"model the ladder ({ladder[-1]} at the bottom) can make")
     avail = budget.weight_bytes_available
 
     # variables: one binary per (tensor, option), laid out tensor after tensor
@@ -137,5 +150,6 @@ def solve(specs: Sequence[TensorSpec], damage: Damage, budget: Budget,
         tensors.append(TensorPlan(s.name, legal, nbytes, s.n_elements, d,
                                   asked if asked != legal else None))
     status = "optimal" if res.status == 0 else f"status {res.status}: {res.message}"
-    return MemoryPlan(tuple(tensors), budget, damage_model=damage_model,
-                      solver=f"milp/highs {status}")
+    E = _n_experts(specs)
+    return MemoryPlan(tuple(tensors), budget, damage_model=damage_model, n_experts=E,
+                      n_experts_kept=E, solver=f"milp/highs {status}")

@@ -1,0 +1,106 @@
+"""Tables for people: the memory budget, a plan by tensor kind, a GGUF file's contents."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import gguf
+
+from memory_planner import MemoryPlan, format_size
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain left/right aligned text table (numbers right-aligned)."""
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+
+    def fmt(row):
+        out = []
+        for i, c in enumerate(row):
+            c = str(c)
+            numeric = c[:1].isdigit() or c[:1] == "-" and c[1:2].isdigit()
+            out.append(c.rjust(widths[i]) if numeric and i else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(header), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + [fmt(r) for r in rows])
+
+
+def budget_table(plan: MemoryPlan) -> str:
+    b = plan.budget
+    total = plan.total_bytes
+    rows = [
+        ["weights (exact, as planned)", format_size(plan.weight_bytes),
+         f"{plan.bits_per_weight:.2f} bits/weight"],
+        [f"KV cache ({b.ctx} tokens, {b.kv_type})", format_size(b.kv_bytes), ""],
+        ["compute buffers (estimate)", format_size(b.compute_bytes), ""],
+        ["reserve", format_size(b.reserve_bytes), ""],
+        ["total", format_size(total), f"{100 * total / b.cap_bytes:.1f}% of cap"],
+        ["cap", format_size(b.cap_bytes), "fits" if total <= b.cap_bytes else "OVER THE CAP"],
+    ]
+    return table(rows, ["memory", "bytes", ""])
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" else parts[0]
+
+
+def _type_summary(types: Iterable[str]) -> str:
+    c = Counter(types)
+    return " ".join(f"{t}x{n}" if n > 1 else t for t, n in sorted(c.items(), key=lambda x: -x[1]))
+
+
+def _by_kind(entries: Iterable[tuple[str, str, int, int]]) -> list[list[str]]:
+    """entries: (name, type, n_elements, nbytes) -> rows by tensor kind."""
+    groups: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for name, t, n, nbytes in entries:
+        groups[_kind(name)].append((t, n, nbytes))
+    rows = []
+    for kind, items in groups.items():
+        n = sum(i[1] for i in items)
+        nbytes = sum(i[2] for i in items)
+        rows.append([kind, str(len(items)), f"{n / 1e6:.2f}M", _type_summary(i[0] for i in items),
+                     f"{8 * nbytes / n:.2f}", format_size(nbytes)])
+    return rows
+
+
+def plan_table(plan: MemoryPlan) -> str:
+    rows = _by_kind((t.name, t.type, t.n_elements, t.nbytes) for t in plan.tensors)
+    head = (f"plan: {plan.solver}; predicted damage {plan.predicted_damage:.4g} "
+            f"({plan.damage_model}); experts per layer {plan.n_experts_kept}/{plan.n_experts}")
+    return head + "\n" + table(rows, ["tensor", "count", "params", "types", "bpw", "bytes"])
+
+
+def inspect_gguf(path: str | Path) -> str:
+    """Types and bits per weight of a GGUF file by tensor kind and by layer."""
+    r = gguf.GGUFReader(path)
+    arch = r.get_field(gguf.Keys.General.ARCHITECTURE)
+    arch_name = arch.contents() if arch is not None else "?"
+    entries = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in r.tensors]
+    n = sum(e[2] for e in entries)
+    nbytes = sum(e[3] for e in entries)
+    lines = [f"{path}: arch {arch_name}, {len(entries)} tensors, {n / 1e6:.2f}M params, "
+             f"{format_size(nbytes)} of weights, {8 * nbytes / max(n, 1):.3f} bits/weight"]
+    for key in ("expert_count", "expert_used_count", "block_count", "context_length"):
+        f = r.get_field(f"{arch_name}.{key}")
+        if f is not None:
+            lines.append(f"  {key}: {f.contents()}")
+    lines.append("\nby tensor kind")
+    lines.append(table(_by_kind(entries), ["tensor", "count", "params", "types", "bpw", "bytes"]))
+    layers: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for name, t, ne, nb in entries:
+        layer = name.split(".")[1] if name.startswith("blk.") else "-"
+        layers[layer].append((f"{_kind(name)}={t}", ne, nb))
+    rows = []
+    for layer, items in sorted(layers.items(), key=lambda x: (x[0] == "-", int(x[0]) if
+                                                             x[0].isdigit() else 0)):
+        ne = sum(i[1] for i in items)
+        nb = sum(i[2] for i in items)
+        rows.append([layer, f"{8 * nb / ne:.2f}", format_size(nb),
+                     " ".join(i[0] for i in items if not i[0].endswith("=F32"))])
+    lines.append("\nby layer")
+    lines.append(table(rows, ["layer", "bpw", "bytes", "quantized tensors"]))
+    return "\n".join(lines)

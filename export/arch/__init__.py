@@ -1,0 +1,33 @@
+"""Architecture adapters, one module per Hugging Face `model_type`."""
+
+from __future__ import annotations
+
+from .base import (
+    Adapter,
+    IncompleteCheckpointError,
+    TensorRecipe,
+    UnsupportedModelError,
+)
+from .mixtral import MixtralAdapter
+from .qwen3_moe import Qwen3MoeAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    a.model_type: a for a in (Qwen3MoeAdapter, MixtralAdapter)
+}
+
+
+def adapter_for(config: dict) -> Adapter:
+    """The adapter for a config.json dict; UnsupportedModelError names what is supported."""
+    model_type = config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"unknown architecture {model_type!r} (architectures: "
+            f"{config.get('architectures')}); edgemoe supports: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type](config)
+
+
+__all__ = [
+    "ADAPTERS", "Adapter", "IncompleteCheckpointError", "TensorRecipe", "UnsupportedModelError",
+    "adapter_for",
+]

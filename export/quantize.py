@@ -1,0 +1,374 @@
+"""Quantize numpy arrays with ggml's own quantizer, byte for byte what llama-quantize writes.
+
+gguf-py can produce only a few types, so we call `ggml_quantize_chunk` in the
+`libggml-base` that llama-cpp-python ships (the same code llama-quantize runs) through
+ctypes. ctypes releases the GIL during the call, so a ThreadPoolExecutor quantizes row
+chunks and expert slices in parallel. Reading back goes through `gguf.quants.dequantize`.
+
+Every quantizer in ggml works row by row (each row sees only its own values and the
+imatrix), so splitting a matrix into row chunks never changes the bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as _gguf_dequantize
+
+from memory_planner.quant_types import qtype, tensor_nbytes
+
+log = logging.getLogger(__name__)
+
+PINNED_RUNTIME = "llama-cpp-python==0.3.36"
+
+# The target types `ggml_quantize_chunk` handles (its switch in ggml/src/ggml.c) that gguf-py
+# also knows. Q8_1 and Q8_K exist only as matmul scratch types: ggml aborts on them.
+QUANTIZABLE: frozenset[str] = frozenset({
+    "F32", "F16", "BF16",
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q1_0", "MXFP4", "NVFP4",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+})
+
+# Rows are handed to threads in chunks of at least this many weights, so that the Python
+# overhead per task (~20 us) stays small next to even the fastest type (Q8_0, ~1 ns/weight).
+MIN_CHUNK_ELEMENTS = 1 << 18
+
+
+class GGMLLibraryError(RuntimeError):
+    """libggml-base is missing, lacks a symbol, or disagrees with gguf-py's type table."""
+
+
+class QuantizeError(ValueError):
+    """Input that ggml cannot quantize: unsupported type, bad row length, missing imatrix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading libggml-base (once, lazily, thread-safe)
+# ---------------------------------------------------------------------------------------------
+
+_LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+
+# name -> (restype, argtypes)
+_SIGNATURES = {
+    "ggml_quantize_chunk": (ctypes.c_size_t, [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]),
+    "ggml_quantize_init": (None, [ctypes.c_int]),
+    "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
+    "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
+    "ggml_row_size": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
+    "ggml_blck_size": (ctypes.c_int64, [ctypes.c_int]),
+}
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+_ready_types: set[int] = set()  # types whose ggml tables are initialised and sizes checked
+_init_lock = threading.Lock()
+
+
+def ggml_library_path() -> Path:
+    """Where llama-cpp-python keeps libggml-base (found without importing llama_cpp)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGMLLibraryError(
+            f"llama_cpp is not installed; edgemoe needs `pip install {PINNED_RUNTIME}` "
+            "for ggml's quantizer"
+        )
+    name = _LIB_NAMES.get(sys.platform, "libggml-base.so")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib" / name
+
+
+def _library() -> ctypes.CDLL:
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _load(ggml_library_path())
+    return _lib
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    if not path.is_file():
+        raise GGMLLibraryError(f"{path} not found; reinstall {PINNED_RUNTIME}")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise GGMLLibraryError(f"cannot load {path} ({e}); reinstall {PINNED_RUNTIME}") from e
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise GGMLLibraryError(
+                f"{path} does not export {name}; edgemoe is pinned to {PINNED_RUNTIME}"
+            ) from None
+        fn.restype, fn.argtypes = restype, argtypes
+    log.debug("loaded %s", path)
+    return lib
+
+
+def _prepare_type(type_name: str) -> GGMLQuantizationType:
+    """Check the type is quantizable and init ggml's tables for it (once per type)."""
+    t = qtype(type_name)
+    if t.name not in QUANTIZABLE:
+        raise QuantizeError(
+            f"ggml cannot quantize to {t.name}; quantizable: {', '.join(sorted(QUANTIZABLE))}"
+        )
+    if t.value in _ready_types:
+        return t
+    lib = _library()
+    with _init_lock:
+        if t.value not in _ready_types:
+            # gguf-py and ggml must agree on the enum value and the block layout, or every
+            # size we compute (and every file we write) would be wrong
+            blck, size = GGML_QUANT_SIZES[t]
+            got = (lib.ggml_blck_size(t.value), lib.ggml_row_size(t.value, blck))
+            if got != (blck, size):
+                raise GGMLLibraryError(
+                    f"{t.name}: gguf-py says block {blck} / {size} bytes, ggml says "
+                    f"{got[0]} / {got[1]}; install matching gguf and {PINNED_RUNTIME}"
+                )
+            lib.ggml_quantize_init(t.value)
+            _ready_types.add(t.value)
+    return t
+
+
+def requires_imatrix(type_name: str) -> bool:
+    """True when ggml refuses to quantize this type without an importance matrix."""
+    t = _prepare_type(type_name)
+    return bool(_library().ggml_quantize_requires_imatrix(t.value))
+
+
+def default_threads() -> int:
+    """Worker threads to use: $EDGEMOE_THREADS, else the CPUs this process may run on."""
+    env = os.environ.get("EDGEMOE_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"EDGEMOE_THREADS={env!r} is not a positive integer")
+        return n
+    if hasattr(os, "sched_getaffinity"):  # respects taskset / container CPU sets
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_rows(data: np.ndarray, ndim: int) -> np.ndarray:
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim != ndim:
+        raise QuantizeError(f"expected a {ndim}-D float32 array, got shape {data.shape}")
+    return data
+
+
+def _check_imatrix(imatrix: np.ndarray, n_per_row: int, what: str) -> np.ndarray:
+    imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+    if imatrix.shape != (n_per_row,):
+        raise QuantizeError(f"{what}: imatrix shape {imatrix.shape}, expected ({n_per_row},)")
+    if not np.isfinite(imatrix).all():  # llama-quantize rejects these too
+        raise QuantizeError(f"{what}: imatrix contains non-finite values")
+    return imatrix
+
+
+def _validate(t: GGMLQuantizationType, n_per_row: int, has_imatrix: bool) -> None:
+    # ggml aborts the whole process on these, so they must be caught here
+    blck = GGML_QUANT_SIZES[t][0]
+    if n_per_row % blck:
+        raise QuantizeError(
+            f"row length {n_per_row} is not a multiple of {t.name}'s block size {blck}; "
+            "pick a legal type first (memory_planner.quant_types.legal_type)"
+        )
+    if not has_imatrix and _library().ggml_quantize_requires_imatrix(t.value):
+        raise QuantizeError(f"{t.name} requires an importance matrix (imatrix); none was given")
+
+
+def _check_executor(executor: Executor | None) -> None:
+    if isinstance(executor, ProcessPoolExecutor):
+        raise TypeError("quantization writes into a shared buffer: use a ThreadPoolExecutor")
+
+
+class _Job:
+    """Quantize rows [row0, row0 + nrows) of a contiguous (rows, n_per_row) f32 block into
+    the same rows of a contiguous output buffer."""
+
+    def __init__(self, t: GGMLQuantizationType, src: np.ndarray, dst: np.ndarray,
+                 imatrix: np.ndarray | None, row0: int, nrows: int) -> None:
+        self.t, self.src, self.dst, self.imatrix = t, src, dst, imatrix
+        self.row0, self.nrows = row0, nrows
+
+    def __call__(self) -> None:
+        lib = _library()
+        n_per_row = self.src.shape[-1]
+        row_size = self.dst.shape[-1]
+        im = self.imatrix.ctypes.data if self.imatrix is not None else None
+        # ggml offsets both pointers itself from `start` (in elements)
+        got = lib.ggml_quantize_chunk(self.t.value, self.src.ctypes.data, self.dst.ctypes.data,
+                                      self.row0 * n_per_row, self.nrows, n_per_row, im)
+        if got != self.nrows * row_size:
+            raise GGMLLibraryError(
+                f"{self.t.name}: ggml wrote {got} bytes for {self.nrows} rows, "
+                f"expected {self.nrows * row_size}"
+            )
+        out = self.dst.ctypes.data + self.row0 * row_size
+        if not lib.ggml_validate_row_data(self.t.value, out, got):
+            raise QuantizeError(
+                f"{self.t.name}: quantized rows {self.row0}..{self.row0 + self.nrows} failed "
+                "ggml's validation (non-finite weights?)"
+            )
+
+
+def _row_jobs(t: GGMLQuantizationType, src: np.ndarray, dst: np.ndarray,
+              imatrix: np.ndarray | None, split: bool) -> list[_Job]:
+    n_rows, n_per_row = src.shape
+    step = n_rows
+    if split:
+        step = max(1, -(-MIN_CHUNK_ELEMENTS // n_per_row))
+    return [_Job(t, src, dst, imatrix, r, min(step, n_rows - r)) for r in range(0, n_rows, step)]
+
+
+def _run(jobs: list[_Job], executor: Executor | None) -> None:
+    if executor is None or len(jobs) == 1:
+        for job in jobs:
+            job()
+        return
+    futures: list[Future] = [executor.submit(job) for job in jobs]
+    for f in futures:
+        f.result()  # re-raises the first error; the others still finish writing
+
+
+def quantize_rows(data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None,
+                  executor: Executor | None = None) -> np.ndarray:
+    """Quantize a 2-D (n_rows, n_per_row) matrix to `type_name` with ggml.
+
+    Returns the tensor's bytes as a flat uint8 array, exactly as llama.cpp stores them.
+    `imatrix` (n_per_row,) weighs the columns. With a thread `executor`, row chunks run in
+    parallel; the bytes are the same either way.
+    """
+    _check_executor(executor)
+    t = _prepare_type(type_name)
+    src = _as_rows(data, 2)
+    n_rows, n_per_row = src.shape
+    if imatrix is not None:
+        imatrix = _check_imatrix(imatrix, n_per_row, t.name)
+    _validate(t, n_per_row, imatrix is not None)
+    nbytes = tensor_nbytes(src.size, n_per_row, t.name)
+    out = np.empty((n_rows, nbytes // max(n_rows, 1)), dtype=np.uint8)
+    if n_rows:
+        _run(_row_jobs(t, src, out, imatrix, split=executor is not None), executor)
+    return out.reshape(-1)
+
+
+def quantize_expert_slices(data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None,
+                           executor: Executor | None = None) -> np.ndarray:
+    """Quantize a stacked expert tensor (n_expert, n_rows, n_per_row), one slice at a time.
+
+    As llama-quantize does, expert e uses imatrix row e when `imatrix` is
+    (n_expert, n_per_row); a 1-D (n_per_row,) imatrix is shared by all experts. The result
+    is the experts' bytes concatenated in order (flat uint8).
+    """
+    _check_executor(executor)
+    t = _prepare_type(type_name)
+    src = _as_rows(data, 3)
+    n_expert, n_rows, n_per_row = src.shape
+    rows: list[np.ndarray | None] = [None] * n_expert
+    if imatrix is not None:
+        im = np.asarray(imatrix)
+        if im.ndim == 1:
+            rows = [_check_imatrix(im, n_per_row, t.name)] * n_expert
+        elif im.shape == (n_expert, n_per_row):
+            rows = [_check_imatrix(r, n_per_row, f"{t.name} expert {e}") for e, r in enumerate(im)]
+        else:
+            raise QuantizeError(
+                f"imatrix shape {im.shape} does not fit experts {src.shape}: "
+                f"expected ({n_expert}, {n_per_row}) or ({n_per_row},)"
+            )
+    _validate(t, n_per_row, imatrix is not None)
+    nbytes = tensor_nbytes(src.size, n_per_row, t.name)
+    row_size = nbytes // max(n_expert * n_rows, 1)
+    out = np.empty((n_expert, n_rows, row_size), dtype=np.uint8)
+    jobs = [
+        job
+        for e in range(n_expert) if n_rows
+        for job in _row_jobs(t, src[e], out[e], rows[e], split=executor is not None)
+    ]
+    _run(jobs, executor)
+    return out.reshape(-1)
+
+
+def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 values of raw tensor bytes; `shape` in numpy order, row length last."""
+    t = qtype(type_name)
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape))
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    expected = tensor_nbytes(n, shape[-1], t.name)
+    if raw.size != expected:
+        raise QuantizeError(f"{raw.size} bytes do not hold {shape} {t.name} ({expected} bytes)")
+    if n == 0:
+        return np.zeros(shape, dtype=np.float32)
+    # gguf-py dequantizes along the last axis: give it one row per line
+    try:
+        values = _gguf_dequantize(raw.reshape(n // shape[-1], -1), t)
+    except NotImplementedError:
+        raise QuantizeError(f"gguf-py cannot dequantize {t.name}") from None
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None,
+                   max_rows: int = 512, seed: int = 0) -> float:
+    """Relative quantization error ||W - Q(W)||^2 / ||W||^2 on a sample of rows.
+
+    The planner's damage proxy: at most `max_rows` rows, chosen by `seed`, are quantized
+    and read back. For 3-D expert tensors the sample spans all experts and each row keeps
+    its expert's imatrix row. With an imatrix both sums are weighted per column by it.
+    Only the sampled rows are read, so `data` may be a memory map.
+    """
+    if data.ndim not in (2, 3):
+        raise QuantizeError(f"expected a 2-D or 3-D tensor, got shape {data.shape}")
+    n_per_row = data.shape[-1]
+    rows3 = data if data.ndim == 3 else data[None]
+    n_expert, n_rows = rows3.shape[:2]
+    im = None
+    if imatrix is not None:
+        im = np.asarray(imatrix, dtype=np.float32)
+        im = np.broadcast_to(im, (n_expert, n_per_row)) if im.ndim == 1 else im
+        if im.shape != (n_expert, n_per_row):
+            raise QuantizeError(f"imatrix shape {im.shape} does not fit tensor {data.shape}")
+
+    total = n_expert * n_rows
+    k = min(max_rows, total)
+    if k <= 0:
+        return 0.0
+    picked = np.arange(total) if k == total else np.sort(
+        np.random.default_rng(seed).choice(total, size=k, replace=False))
+
+    num = den = 0.0
+    experts = picked // n_rows
+    for e in np.unique(experts):
+        w = np.asarray(rows3[e][picked[experts == e] % n_rows], dtype=np.float32)
+        im_e = None if im is None else im[e]
+        raw = quantize_rows(w, type_name, im_e)
+        err = dequantize(raw, type_name, w.shape) - w
+        weight = np.ones(n_per_row) if im_e is None else im_e.astype(np.float64)
+        num += float(np.square(err, dtype=np.float64).sum(axis=0) @ weight)
+        den += float(np.square(w, dtype=np.float64).sum(axis=0) @ weight)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den

@@ -1,0 +1,193 @@
+"""Stream a GGUF file: metadata and tensor infos first, then data tensor by tensor.
+
+Sizes are known from the plan, so the header is complete before any weight is read. Data
+is produced expert slice by expert slice on a thread pool (ggml's quantizer releases the
+GIL) with a bounded number of slices in flight, so memory stays near one slice per worker.
+The file is written under a temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from memory_planner.quant_types import qtype
+from memory_planner.types import MemoryPlan
+
+from .arch.base import TensorRecipe
+from .quantize import default_threads, quantize_rows
+
+log = logging.getLogger(__name__)
+
+PLAN_KEY = "edgemoe.plan"  # the plan JSON, stored in the file's metadata
+VERSION_KEY = "edgemoe.version"
+
+
+class WriterStateError(RuntimeError):
+    """Data written out of order or with a size the header did not announce."""
+
+
+class _DataStream:
+    """Writes tensor data in header order, checking each tensor's announced size."""
+
+    def __init__(self, fout, infos: Sequence[tuple[str, int]], alignment: int):
+        self.fout = fout
+        self.pending = deque(infos)
+        self.alignment = alignment
+        self.current: tuple[str, int] | None = None
+        self.written = 0
+
+    def begin(self, name: str) -> None:
+        if self.current is not None:
+            raise WriterStateError(f"begin({name}) while {self.current[0]} is still open")
+        if not self.pending or self.pending[0][0] != name:
+            want = self.pending[0][0] if self.pending else "nothing"
+            raise WriterStateError(f"tensor {name} written out of order: the header expects {want}")
+        self.current = self.pending.popleft()
+        self.written = 0
+        self._pad()
+
+    def write(self, data: np.ndarray) -> None:
+        if self.current is None:
+            raise WriterStateError("write() outside begin()/end()")
+        data.tofile(self.fout)
+        self.written += data.nbytes
+
+    def end(self) -> None:
+        name, nbytes = self.current
+        if self.written != nbytes:
+            raise WriterStateError(f"{name}: wrote {self.written} bytes, header says {nbytes}")
+        self.current = None
+        self._pad()
+
+    def _pad(self) -> None:
+        pos = self.fout.tell()
+        pad = -pos % self.alignment
+        if pad:
+            self.fout.write(b"\0" * pad)
+
+    def close_check(self) -> None:
+        if self.pending or self.current is not None:
+            raise WriterStateError(f"{len(self.pending)} tensors were never written")
+
+
+def _ordered(executor: Executor, fn: Callable, items: Sequence, window: int) -> Iterator:
+    """executor.map with at most `window` results in flight (bounded memory)."""
+    futures: deque = deque()
+    it = iter(items)
+    for item in it:
+        futures.append(executor.submit(fn, item))
+        if len(futures) >= window:
+            yield futures.popleft().result()
+    while futures:
+        yield futures.popleft().result()
+
+
+def _file_type(plan: MemoryPlan) -> int:
+    """general.file_type: the type holding the most bytes among quantized tensors."""
+    by_type: dict[str, int] = {}
+    for t in plan.tensors:
+        by_type[t.type] = by_type.get(t.type, 0) + t.nbytes
+    main = max(by_type, key=by_type.__getitem__)
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+    ftype = names.get(main, f"MOSTLY_{main}")
+    for candidate in (ftype, f"{ftype}_M", f"{ftype}_S"):
+        if candidate in gguf.LlamaFileType.__members__:
+            return int(gguf.LlamaFileType[candidate])
+    return int(gguf.LlamaFileType.GUESSED)
+
+
+def write_gguf(
+    out_path: str | Path,
+    *,
+    arch_name: str,
+    recipes: Sequence[TensorRecipe],
+    source,
+    plan: MemoryPlan,
+    add_metadata: Callable[[gguf.GGUFWriter], None],
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `recipes` quantized as `plan` says; returns the final path.
+
+    `add_metadata` fills the KV section (hyperparameters, tokenizer, names). `imatrix` maps
+    a GGUF tensor name to its importance matrix (n_per_row, or n_expert x n_per_row).
+    """
+    out_path = Path(out_path)
+    part = out_path.with_name(out_path.name + ".part")
+    types = plan.by_name()
+    missing = [r.spec.name for r in recipes if r.spec.name not in types]
+    if missing:
+        raise ValueError(f"the plan has no type for {len(missing)} tensors: {missing[:5]}")
+
+    w = gguf.GGUFWriter(path=None, arch=arch_name)
+    add_metadata(w)
+    w.add_file_type(_file_type(plan))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string(PLAN_KEY, plan.to_json())
+    infos = []
+    for r in recipes:
+        tp = types[r.spec.name]
+        w.add_tensor_info(r.spec.name, r.spec.shape, np.dtype(np.float32), tp.nbytes,
+                          raw_dtype=qtype(tp.type))
+        infos.append((r.spec.name, tp.nbytes))
+
+    threads = threads or default_threads()
+    total = sum(n for _, n in infos)
+    try:
+        w.write_header_to_file(part)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        stream = _DataStream(w.fout[0], infos, w.data_alignment)
+        with ThreadPoolExecutor(threads) as pool, tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"writing {out_path.name}",
+            disable=not progress,
+        ) as bar:
+            for r in recipes:
+                type_name = types[r.spec.name].type
+                im = None if imatrix is None else imatrix.get(r.spec.name)
+                stream.begin(r.spec.name)
+                for chunk in _tensor_chunks(r, source, type_name, im, pool, threads):
+                    stream.write(chunk)
+                    bar.update(chunk.nbytes)
+                stream.end()
+        stream.close_check()
+        w.close()
+        os.replace(part, out_path)
+    except BaseException:
+        w.close()
+        part.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d bytes of tensor data)", out_path, total)
+    return out_path
+
+
+def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray | None,
+                   pool: Executor, threads: int) -> Iterator[np.ndarray]:
+    """The bytes of one tensor, in file order, a bounded number of pieces in flight."""
+    if r.spec.n_experts:
+        def one(e: int) -> np.ndarray:
+            row_im = None
+            if imatrix is not None:
+                row_im = imatrix[e] if imatrix.ndim == 2 else imatrix
+            return quantize_rows(r.load_expert(source, e), type_name, row_im)
+
+        yield from _ordered(pool, one, range(r.spec.n_experts), window=threads + 1)
+        return
+    data = r.load(source)
+    rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+    # split big matrices into row blocks so that all workers quantize at once
+    n = rows.shape[0]
+    step = max(1, -(-n // threads))
+    blocks = [rows[i:i + step] for i in range(0, n, step)]
+    yield from _ordered(pool, lambda b: quantize_rows(b, type_name, imatrix), blocks,
+                        window=threads + 1)

@@ -1,0 +1,113 @@
+"""Tiny MoE checkpoints built in the test session: real HF checkpoints, random weights.
+
+Weights are drawn larger than transformers' default init so that logits and routing
+decisions are far from zero: a conversion error then shows up as a large logit difference.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = ROOT / "models" / "stdlib-moe"
+
+
+def _init_weights(model, std: float = 0.08, seed: int = 0) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms: around 1, not exactly 1, so that a missed norm shows
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "gate.weight" in name:  # routers: spread out, so top-k is not a tie
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def _save(model, tok_dir: Path, out: Path, **save_kwargs) -> Path:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model.save_pretrained(out, **save_kwargs)
+    for f in tok_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json",) and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(out)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(
+        out
+    )
+    return out
+
+
+def build_qwen3_moe(out: Path, tok_dir: Path, n_layers: int = 2, n_experts: int = 4,
+                    hidden: int = 256, ff: int = 256, **save_kwargs) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * ff,
+        moe_intermediate_size=ff, num_hidden_layers=n_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_experts=n_experts, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=512, rms_norm_eps=1e-6,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    _init_weights(model)
+    return _save(model, tok_dir, out, **save_kwargs)
+
+
+def build_mixtral(out: Path, tok_dir: Path, n_layers: int = 2, n_experts: int = 4,
+                  hidden: int = 256, ff: int = 256, **save_kwargs) -> Path:
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = MixtralConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=ff,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=n_experts, num_experts_per_tok=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(1)
+    model = MixtralForCausalLM(cfg)
+    _init_weights(model, seed=1)
+    return _save(model, tok_dir, out, **save_kwargs)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tokenizer_fixtures import make_bpe_tokenizer
+
+    return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"), style="qwen2")
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tokenizer_fixtures import make_spm_tokenizer
+
+    return make_spm_tokenizer(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    return build_qwen3_moe(tmp_path_factory.mktemp("qwen3moe"), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    return build_mixtral(tmp_path_factory.mktemp("mixtral"), spm_tokenizer_dir)
+
+
+@pytest.fixture(scope="session", params=["qwen3_moe", "mixtral"])
+def tiny_model(request) -> Path:
+    """Each supported architecture in turn."""
+    return request.getfixturevalue({"qwen3_moe": "qwen3_dir", "mixtral": "mixtral_dir"}[
+        request.param])

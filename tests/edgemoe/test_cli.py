@@ -1,0 +1,44 @@
+"""The `edgemoe` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+
+from edgemoe.cli import main
+
+
+def test_export_plan_inspect(qwen3_dir, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    plan_json = tmp_path / "plan.json"
+    assert main(["plan", str(qwen3_dir), "--memory", "12MB", "--ctx", "256",
+                 "-o", str(plan_json)]) == 0
+    shown = capsys.readouterr().out
+    assert "KV cache (256 tokens, f16)" in shown and "fits" in shown
+    plan = json.loads(plan_json.read_text())
+    assert plan["totals"]["total_bytes"] <= 12 * 10**6
+    assert {"name", "type", "nbytes"} <= set(plan["tensors"][0])
+
+    assert main(["export", str(qwen3_dir), "--memory", "12MB", "--ctx", "256",
+                 "-o", str(out)]) == 0
+    r = gguf.GGUFReader(out)
+    assert sum(int(t.n_bytes) for t in r.tensors) == plan["totals"]["weight_bytes"]
+
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "ffn_down_exps" in shown and "bits/weight" in shown
+
+
+def test_errors_are_messages_with_exit_codes(qwen3_dir, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(qwen3_dir), "--memory", "2MB", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "below the smallest" in err and "MB in all" in err
+    assert not out.exists()
+    assert main(["export", str(tmp_path / "nope"), "--memory", "1GB"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["plan", str(qwen3_dir), "--memory", "lots"]) == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+    assert main(["export", str(qwen3_dir), "--memory", "1GB", "--type", "Q9_X"]) == 2
+    assert "unknown GGUF type" in capsys.readouterr().err

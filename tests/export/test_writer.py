@@ -1,0 +1,60 @@
+"""The streaming writer: header order, announced sizes, nothing left behind on failure."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+import export.writer as writer
+from edgemoe import pipeline
+from export.writer import WriterStateError, _DataStream
+
+
+def test_stream_checks_order_and_sizes():
+    s = _DataStream(io.BytesIO(), [("a", 8), ("b", 4)], alignment=32)
+    with pytest.raises(WriterStateError, match="out of order.*expects a"):
+        s.begin("b")
+    s.begin("a")
+    s.write(np.zeros(1, dtype=np.float32))
+    with pytest.raises(WriterStateError, match="wrote 4 bytes, header says 8"):
+        s.end()
+    s = _DataStream(io.BytesIO(), [("a", 4), ("b", 4)], alignment=32)
+    s.begin("a")
+    s.write(np.zeros(1, dtype=np.float32))
+    s.end()
+    with pytest.raises(WriterStateError, match="1 tensors were never written"):
+        s.close_check()
+
+
+def test_data_is_aligned():
+    buf = io.BytesIO()
+    s = _DataStream(buf, [("a", 4), ("b", 4)], alignment=32)
+    for name in "ab":
+        s.begin(name)
+        s.write(np.ones(1, dtype=np.float32))
+        s.end()
+    raw = buf.getvalue()
+    assert len(raw) == 64 and raw[32:36] == np.ones(1, np.float32).tobytes()
+
+
+def test_failure_midway_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
+    model = pipeline.open_model(qwen3_dir)
+    plan = pipeline.make_plan(model, pipeline.make_budget(model.adapter, "1GB", ctx=128),
+                              "Q8_0", progress=False)
+    calls = {"n": 0}
+    real = writer.quantize_rows
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "quantize_rows", failing)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.export(model, plan, out, progress=False)
+    assert calls["n"] >= 20
+    assert list(tmp_path.iterdir()) == []
