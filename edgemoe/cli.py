@@ -8,43 +8,95 @@ import sys
 from pathlib import Path
 
 from memory_planner import MemoryPlan
+from memory_planner.stats import CalibStats
 
 from . import pipeline, report
 
 log = logging.getLogger("edgemoe")
 
 
-def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
-           kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0", type: str | None = None,
-           threads: int | None = None, plan_out: str | None = None) -> Path:
-    """Export SOURCE as the best GGUF that fits in MEMORY."""
-    model = pipeline.open_model(source)
-    budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-    plan = pipeline.make_plan(model, budget, type)
+def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
+                source: str) -> tuple[CalibStats | None, str | None]:
+    """Calibration statistics from a stats/imatrix file, or a calibration run on text."""
+    from export.imatrix import read_stats
+
+    given = [x for x in (stats, imatrix, calib_text) if x]
+    if len(given) > 1:
+        raise ValueError("give one of --stats, --imatrix, --calib-text")
+    path = stats or imatrix
+    if path:
+        return read_stats(path), path
+    if calib_text:
+        from .calibrate import calibrate as run_calibration
+
+        out = Path(f"{Path(source).name}.stats.gguf")
+        return run_calibration(source, text=calib_text, output=str(out)), str(out)
+    return None, None
+
+
+def _show_plan(plan: MemoryPlan, tradeoff: list, imatrix_path: str | None) -> None:
+    if tradeoff:
+        print(report.tradeoff_table(tradeoff))
+        print()
     print(report.plan_table(plan))
     print()
     print(report.budget_table(plan))
+
+
+def _is_shape_only(source: str) -> bool:
+    p = Path(source)
+    return p.is_file() and p.suffix == ".json" or (
+        p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.safetensors")))
+
+
+def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
+           kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0", type: str | None = None,
+           stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
+           no_prune: bool = False, threads: int | None = None,
+           plan_out: str | None = None) -> Path:
+    """Export SOURCE as the best GGUF that fits in MEMORY."""
+    model = pipeline.open_model(source)
+    budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+    calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
+    plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
+    _show_plan(plan, tradeoff, calib_path)
     out = Path(output) if output else Path(f"{Path(source).name}-{memory}.gguf")
     if plan_out:
         plan.save(plan_out)
-    path = pipeline.export(model, plan, out, threads=threads)
+    path = pipeline.export(model, plan, out, stats=calib, threads=threads)
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
     return path
 
 
 def plan(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
          kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0",
-         type: str | None = None) -> MemoryPlan:
-    """Plan an export of SOURCE for MEMORY without writing the model."""
-    model = pipeline.open_model(source)
-    budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-    p = pipeline.make_plan(model, budget, type)
-    print(report.plan_table(p))
-    print()
-    print(report.budget_table(p))
+         type: str | None = None, stats: str | None = None, imatrix: str | None = None,
+         calib_text: str | None = None, no_prune: bool = False) -> MemoryPlan:
+    """Plan an export of SOURCE for MEMORY without writing the model.
+
+    SOURCE may also be a config.json (or a folder with one and no weights): the plan is then
+    made from tensor shapes alone, with documented damage priors.
+    """
+    tradeoff: list = []
+    if _is_shape_only(source):
+        from .shape_plan import plan_from_config
+
+        p = plan_from_config(source, memory, ctx, kv_type, reserve, type)
+        calib_path = None
+    else:
+        model = pipeline.open_model(source)
+        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
+        p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
+    _show_plan(p, tradeoff, calib_path)
+    print("\nthe same types with llama.cpp's own tool:")
+    print(report.llama_quantize_command(p, imatrix=calib_path))
     if output:
         p.save(output)
-        print(f"\nwrote {output}")
+        from .heatmap import plan_heatmap
+
+        picture = plan_heatmap(p, Path(output).with_suffix(".png"), title=Path(source).name)
+        print(f"\nwrote {output} and {picture}")
     return p
 
 
@@ -69,17 +121,24 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--reserve", default="0", help="extra headroom to keep free, e.g. 2GB")
         sp.add_argument("--type", default=None,
                         help="force one GGUF type wherever it is legal (F32, Q8_0, ...)")
+        sp.add_argument("--stats", default=None, help="calibration stats from edgemoe calibrate")
+        sp.add_argument("--imatrix", default=None,
+                        help="a llama.cpp importance matrix (.gguf or legacy .dat)")
+        sp.add_argument("--calib-text", default=None, help="calibrate on this text file first")
+        sp.add_argument("--no-prune", action="store_true", help="keep every expert")
 
-    e = sub.add_parser("export", help=export.__doc__, description=export.__doc__)
+    e = sub.add_parser("export", help="export a model as a GGUF that fits the memory cap")
     budget_flags(e)
     e.add_argument("-o", "--output", help="output .gguf (default SOURCE-MEMORY.gguf)")
     e.add_argument("--threads", type=int, default=None, help="quantization threads")
     e.add_argument("--plan-out", default=None, help="also write the plan JSON here")
-    pl = sub.add_parser("plan", help=plan.__doc__, description=plan.__doc__)
+    pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
-    pl.add_argument("-o", "--output", help="write the plan JSON here")
-    i = sub.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
+    pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")
+    i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
+    for name, verb in VERBS.items():
+        sub.choices[name].set_defaults(func=verb)
     return p
 
 
@@ -91,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     show_traceback = args.pop("traceback")
-    verb = VERBS[args.pop("verb")]
+    args.pop("verb")
+    func = args.pop("func")
     try:
-        verb(**args)
+        result = func(**args)
     except (ValueError, OSError, RuntimeError) as exc:  # library errors are typed ValueErrors
         if show_traceback:
             raise
@@ -102,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgemoe: interrupted; no partial output was kept", file=sys.stderr)
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

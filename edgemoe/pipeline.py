@@ -19,6 +19,8 @@ from export.quantize import relative_error
 from export.source import HFSource
 from export.tokenizer import add_tokenizer
 from export.writer import write_gguf
+from memory_planner.joint import damage_with_kept, keep_grid, solve_joint
+from memory_planner.stats import CalibStats
 
 log = logging.getLogger(__name__)
 
@@ -65,55 +67,131 @@ def make_budget(adapter: Adapter, memory: str | int, ctx: int = DEFAULT_CTX,
     )
 
 
-def _sample(recipe: TensorRecipe, source, max_experts: int) -> np.ndarray:
-    """A representative piece of a tensor for error measurement (a few experts at most)."""
-    if not recipe.spec.n_experts:
-        return recipe.load(source)
-    E = recipe.spec.n_experts
-    picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
-    return np.stack([recipe.load_expert(source, int(e)) for e in picks])
+@dataclass
+class Damage:
+    """Predicted damage of each candidate type: one number per dense tensor, one per expert
+    (already weighted by the expert's share of its layer) for stacked expert tensors."""
+
+    dense: dict[str, dict[str, float]]
+    per_expert: dict[str, dict[str, np.ndarray]]
+    model: str  # "relative-error" (no calibration) or "calibrated"
+
+    def table(self, specs, kept=None) -> dict[str, dict[str, float]]:
+        return damage_with_kept(specs, self.dense, self.per_expert, kept)
+
+
+def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
+    """Each expert's weight in the tensor's damage: its output-energy share when calibration
+    measured it, its selection share from an imatrix's counts, else uniform."""
+    E = spec.n_experts
+    if stats is not None and spec.layer in stats.experts:
+        return stats.experts[spec.layer].energy_share
+    if stats is not None and spec.name in stats.counts and len(stats.counts[spec.name]) == E:
+        c = np.asarray(stats.counts[spec.name], dtype=np.float64)
+        if c.sum() > 0:
+            return c / c.sum()
+    return np.full(E, 1.0 / E)
 
 
 def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
-                   max_rows: int = 512, max_experts: int = 8,
-                   progress: bool = True) -> dict[str, dict[str, float]]:
+                   stats: CalibStats | None = None, max_rows: int = 256,
+                   max_experts: int = 16, progress: bool = True) -> Damage:
     """Relative quantization error of every quantizable tensor at every candidate type.
 
-    Measured with ggml itself on sampled rows; the planner's damage proxy until
-    calibration statistics are given.
+    Measured with ggml itself on sampled rows. With calibration `stats` the error is
+    importance-weighted per column (and the quantizer uses the same importance matrix, as
+    llama.cpp does); each expert slice is measured with its own importance row and weighted
+    by the expert's share of the layer. For models with many experts, `max_experts` evenly
+    spaced experts are measured and the others take their mean error.
     """
-    damage: dict[str, dict[str, float]] = {}
+    dense: dict[str, dict[str, float]] = {}
+    per_expert: dict[str, dict[str, np.ndarray]] = {}
     todo = [r for r in model.recipes if r.spec.quantizable]
     for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
-        data = _sample(r, model.source, max_experts)
-        damage[r.spec.name] = {
-            legal: relative_error(data, legal, max_rows=max_rows)
-            for legal, _ in mp.quant_types.candidate_types(r.spec, tuple(ladder))
-            if legal != "F32"
+        spec = r.spec
+        types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
+        imatrix = importance(stats, spec)
+        if not spec.n_experts:
+            data = r.load(model.source)
+            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=max_rows)
+                                for t in types}
+            continue
+        E = spec.n_experts
+        picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
+        errs = {t: np.full(E, np.nan) for t in types}
+        for e in picks:
+            data = r.load_expert(model.source, int(e))
+            im = None if imatrix is None else imatrix[e]
+            for t in types:
+                errs[t][e] = relative_error(data, t, im, max_rows=max_rows)
+        share = _expert_shares(stats, spec)
+        per_expert[spec.name] = {
+            t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
         }
-    return damage
+    return Damage(dense, per_expert, "calibrated" if stats is not None else "relative-error")
+
+
+def importance(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray | None:
+    """The imatrix for a tensor, shaped (n_expert, n_per_row) or (n_per_row,), if known."""
+    if stats is None:
+        return None
+    im = stats.importance(spec.name)
+    if im is None:
+        return None
+    im = im.reshape(-1, spec.row_length)
+    if spec.n_experts:
+        return np.broadcast_to(im, (spec.n_experts, spec.row_length)) if len(im) == 1 else im
+    return im[0]
 
 
 def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
-              ladder: Sequence[str] = mp.DEFAULT_LADDER, progress: bool = True) -> mp.MemoryPlan:
-    """A forced single-type plan (`type_name`), or the least-damage plan under the budget."""
+              ladder: Sequence[str] | None = None, stats: CalibStats | None = None,
+              prune: bool = True, progress: bool = True) -> tuple[mp.MemoryPlan, list]:
+    """A forced single-type plan (`type_name`), or the least-damage plan under the budget.
+
+    With calibration statistics that include expert saliency (and `prune`), expert pruning
+    is weighed against bits: returns the plan and the keep-count trade-off it explored.
+    """
     if type_name is not None:
-        return mp.uniform_plan(model.specs, type_name, budget)
+        return mp.uniform_plan(model.specs, type_name, budget), []
+    if ladder is None:
+        ladder = mp.DEFAULT_LADDER + (mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
+    adapter = model.adapter
+    grid = [adapter.n_expert]
+    if prune and stats is not None and stats.has_expert_stats:
+        grid = keep_grid(adapter.n_expert, adapter.n_expert_used)
     # fail on an impossible cap before spending time on measurements
-    mp.planner.check_minimum(model.specs, budget, ladder)
-    damage = measure_damage(model, ladder, progress=progress)
-    return mp.solve(model.specs, damage, budget, ladder=ladder)
+    mp.planner.check_minimum(adapter.tensor_specs(grid[-1]), budget, ladder)
+    damage = measure_damage(model, ladder, stats, progress=progress)
+    if len(grid) == 1:
+        plan = mp.solve(model.specs, damage.table(model.specs), budget, ladder=ladder,
+                        damage_model=damage.model)
+        return plan, []
+    return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
+                       grid, ladder=ladder, damage_model=damage.model)
 
 
-def export(model: Model, plan: mp.MemoryPlan, out: str | Path, threads: int | None = None,
-           progress: bool = True) -> Path:
-    """Write the GGUF for `plan`; nothing is left at `out` if anything fails."""
+def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
+           threads: int | None = None, progress: bool = True) -> Path:
+    """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
+    `stats` when given); nothing is left at `out` if anything fails."""
     adapter, source = model.adapter, model.source
+    kept = {int(k): v for k, v in plan.kept_experts.items()} or None
+    recipes = adapter.recipes(source.names, kept) if kept else model.recipes
+    imatrix = {}
+    if stats is not None:
+        full = {r.spec.name: r.spec for r in model.recipes}
+        for r in recipes:
+            im = importance(stats, full[r.spec.name]) if r.spec.quantizable else None
+            if im is not None:
+                imatrix[r.spec.name] = im[list(kept[r.spec.layer])] if (
+                    kept and r.spec.n_experts) else im
 
     def metadata(w) -> None:
         w.add_name(source.path.name)
         adapter.add_metadata(w, plan.n_experts_kept or None)
         add_tokenizer(w, source.path, vocab_size=adapter.n_vocab)
 
-    return write_gguf(out, arch_name=adapter.arch_name, recipes=model.recipes, source=source,
-                      plan=plan, add_metadata=metadata, threads=threads, progress=progress)
+    return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
+                      plan=plan, add_metadata=metadata, imatrix=imatrix or None,
+                      threads=threads, progress=progress)

@@ -104,3 +104,48 @@ def inspect_gguf(path: str | Path) -> str:
     lines.append("\nby layer")
     lines.append(table(rows, ["layer", "bpw", "bytes", "quantized tensors"]))
     return "\n".join(lines)
+
+
+def tradeoff_table(rows) -> str:
+    """The keep-count grid the joint program explored (memory_planner.joint.TradeOff rows)."""
+    out = []
+    for r in rows:
+        if not r.feasible:
+            out.append([str(r.n_keep), "-", "-", "-", "-", "does not fit"])
+            continue
+        out.append([str(r.n_keep), f"{r.bits_per_weight:.2f}", f"{r.quant_damage:.4g}",
+                    f"{r.prune_damage:.4g}", f"{r.total_damage:.4g}", format_size(r.weight_bytes)])
+    best = min((r for r in rows if r.feasible), key=lambda r: r.total_damage, default=None)
+    for row, r in zip(out, rows):
+        if r is best:
+            row[-1] = row[-1] + "  <- chosen"
+    return table(out, ["experts kept", "bpw", "quant damage", "pruning damage", "total",
+                       "weights"])
+
+
+def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
+                           src: str = "model-F32.gguf", dst: str = "model-out.gguf") -> str:
+    """An equivalent `llama-quantize` command (types only: it cannot prune experts)."""
+    by_kind: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for t in plan.tensors:
+        if t.type == "F32":
+            continue
+        parts = t.name.split(".")
+        layer = parts[1] if parts[0] == "blk" else None
+        by_kind[(_kind(t.name), t.type)].append(layer)
+    base = Counter(t.type for t in plan.tensors if t.type != "F32").most_common(1)[0][0]
+    args = []
+    for (kind, qtype), layers in sorted(by_kind.items()):
+        if layers == [None]:
+            pattern = rf"^{kind}\.weight$"
+        else:
+            pattern = rf"^blk\.({'|'.join(sorted(layers, key=int))})\.{kind}\.weight$"
+        args.append(f"--tensor-type '{pattern}={qtype.lower()}'")
+    head = "llama-quantize" + (f" --imatrix {imatrix}" if imatrix else "")
+    cmd = " \\\n    ".join([head, *args, f"{src} {dst} {base}"])
+    note = ""
+    if plan.n_experts_kept and plan.n_experts_kept < plan.n_experts:
+        note = (f"# note: llama-quantize cannot prune experts; this plan keeps "
+                f"{plan.n_experts_kept}/{plan.n_experts} per layer, which only edgemoe "
+                "export does\n")
+    return note + cmd

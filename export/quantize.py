@@ -56,7 +56,14 @@ class QuantizeError(ValueError):
 # Loading libggml-base (once, lazily, thread-safe)
 # ---------------------------------------------------------------------------------------------
 
-_LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+# Prefer the soname libllama links against: llama-cpp-python's wheel ships the library as
+# separate file copies, and loading another copy would give a second ggml with its own IQ
+# tables (seconds to build) instead of sharing llama_model_quantize's.
+_LIB_NAMES = {
+    "linux": ("libggml-base.so.0", "libggml-base.so"),
+    "darwin": ("libggml-base.0.dylib", "libggml-base.dylib"),
+    "win32": ("ggml-base.dll",),
+}
 
 # name -> (restype, argtypes)
 _SIGNATURES = {
@@ -73,7 +80,8 @@ _SIGNATURES = {
 
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
-_ready_types: set[int] = set()  # types whose ggml tables are initialised and sizes checked
+_checked_types: set[int] = set()  # sizes agree between gguf-py and ggml
+_ready_types: set[int] = set()  # ggml_quantize_init done
 _init_lock = threading.Lock()
 
 
@@ -85,8 +93,9 @@ def ggml_library_path() -> Path:
             f"llama_cpp is not installed; edgemoe needs `pip install {PINNED_RUNTIME}` "
             "for ggml's quantizer"
         )
-    name = _LIB_NAMES.get(sys.platform, "libggml-base.so")
-    return Path(next(iter(spec.submodule_search_locations))) / "lib" / name
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    names = _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
+    return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[-1])
 
 
 def _library() -> ctypes.CDLL:
@@ -118,35 +127,42 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _prepare_type(type_name: str) -> GGMLQuantizationType:
-    """Check the type is quantizable and init ggml's tables for it (once per type)."""
+def _checked_type(type_name: str) -> GGMLQuantizationType:
+    """The type, after checking ggml can quantize it and agrees with gguf-py on its layout."""
     t = qtype(type_name)
     if t.name not in QUANTIZABLE:
         raise QuantizeError(
             f"ggml cannot quantize to {t.name}; quantizable: {', '.join(sorted(QUANTIZABLE))}"
         )
-    if t.value in _ready_types:
+    if t.value in _checked_types:
         return t
     lib = _library()
+    # gguf-py and ggml must agree on the enum value and the block layout, or every size we
+    # compute (and every file we write) would be wrong
+    blck, size = GGML_QUANT_SIZES[t]
+    got = (lib.ggml_blck_size(t.value), lib.ggml_row_size(t.value, blck))
+    if got != (blck, size):
+        raise GGMLLibraryError(
+            f"{t.name}: gguf-py says block {blck} / {size} bytes, ggml says "
+            f"{got[0]} / {got[1]}; install matching gguf and {PINNED_RUNTIME}"
+        )
+    _checked_types.add(t.value)
+    return t
+
+
+def _init_type(t: GGMLQuantizationType) -> None:
+    # Builds ggml's lattice tables for IQ types: seconds for IQ1_*/IQ2_*, once per process.
+    if t.value in _ready_types:
+        return
     with _init_lock:
         if t.value not in _ready_types:
-            # gguf-py and ggml must agree on the enum value and the block layout, or every
-            # size we compute (and every file we write) would be wrong
-            blck, size = GGML_QUANT_SIZES[t]
-            got = (lib.ggml_blck_size(t.value), lib.ggml_row_size(t.value, blck))
-            if got != (blck, size):
-                raise GGMLLibraryError(
-                    f"{t.name}: gguf-py says block {blck} / {size} bytes, ggml says "
-                    f"{got[0]} / {got[1]}; install matching gguf and {PINNED_RUNTIME}"
-                )
-            lib.ggml_quantize_init(t.value)
+            _library().ggml_quantize_init(t.value)
             _ready_types.add(t.value)
-    return t
 
 
 def requires_imatrix(type_name: str) -> bool:
     """True when ggml refuses to quantize this type without an importance matrix."""
-    t = _prepare_type(type_name)
+    t = _checked_type(type_name)
     return bool(_library().ggml_quantize_requires_imatrix(t.value))
 
 
@@ -217,6 +233,13 @@ class _Job:
         lib = _library()
         n_per_row = self.src.shape[-1]
         row_size = self.dst.shape[-1]
+        # some IQ searches GGML_ASSERT on NaN and would abort the process; llama-quantize
+        # refuses such input too (its loader checks tensors)
+        if not np.isfinite(self.src[self.row0:self.row0 + self.nrows]).all():
+            raise QuantizeError(
+                f"{self.t.name}: rows {self.row0}..{self.row0 + self.nrows} hold non-finite "
+                "weights"
+            )
         im = self.imatrix.ctypes.data if self.imatrix is not None else None
         # ggml offsets both pointers itself from `start` (in elements)
         got = lib.ggml_quantize_chunk(self.t.value, self.src.ctypes.data, self.dst.ctypes.data,
@@ -230,7 +253,7 @@ class _Job:
         if not lib.ggml_validate_row_data(self.t.value, out, got):
             raise QuantizeError(
                 f"{self.t.name}: quantized rows {self.row0}..{self.row0 + self.nrows} failed "
-                "ggml's validation (non-finite weights?)"
+                "ggml's validation"
             )
 
 
@@ -259,15 +282,17 @@ def quantize_rows(data: np.ndarray, type_name: str, imatrix: np.ndarray | None =
 
     Returns the tensor's bytes as a flat uint8 array, exactly as llama.cpp stores them.
     `imatrix` (n_per_row,) weighs the columns. With a thread `executor`, row chunks run in
-    parallel; the bytes are the same either way.
+    parallel; the bytes are the same either way. Do not call this from a task running on
+    that same executor: waiting for its own pool could deadlock.
     """
     _check_executor(executor)
-    t = _prepare_type(type_name)
+    t = _checked_type(type_name)
     src = _as_rows(data, 2)
     n_rows, n_per_row = src.shape
     if imatrix is not None:
         imatrix = _check_imatrix(imatrix, n_per_row, t.name)
     _validate(t, n_per_row, imatrix is not None)
+    _init_type(t)
     nbytes = tensor_nbytes(src.size, n_per_row, t.name)
     out = np.empty((n_rows, nbytes // max(n_rows, 1)), dtype=np.uint8)
     if n_rows:
@@ -284,7 +309,7 @@ def quantize_expert_slices(data: np.ndarray, type_name: str, imatrix: np.ndarray
     is the experts' bytes concatenated in order (flat uint8).
     """
     _check_executor(executor)
-    t = _prepare_type(type_name)
+    t = _checked_type(type_name)
     src = _as_rows(data, 3)
     n_expert, n_rows, n_per_row = src.shape
     rows: list[np.ndarray | None] = [None] * n_expert
@@ -300,6 +325,7 @@ def quantize_expert_slices(data: np.ndarray, type_name: str, imatrix: np.ndarray
                 f"expected ({n_expert}, {n_per_row}) or ({n_per_row},)"
             )
     _validate(t, n_per_row, imatrix is not None)
+    _init_type(t)
     nbytes = tensor_nbytes(src.size, n_per_row, t.name)
     row_size = nbytes // max(n_expert * n_rows, 1)
     out = np.empty((n_expert, n_rows, row_size), dtype=np.uint8)

@@ -58,7 +58,7 @@ class _DataStream:
     def write(self, data: np.ndarray) -> None:
         if self.current is None:
             raise WriterStateError("write() outside begin()/end()")
-        data.tofile(self.fout)
+        self.fout.write(np.ascontiguousarray(data).data)
         self.written += data.nbytes
 
     def end(self) -> None:

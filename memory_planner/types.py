@@ -105,6 +105,8 @@ class MemoryPlan:
     # per MoE layer index (as str, JSON keys), the source expert ids kept, in output order
     kept_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     solver: str = ""  # e.g. "milp/highs optimal"
+    pruning_damage: float = 0.0  # predicted damage of the experts removed
+
 
     @property
     def weight_bytes(self) -> int:
@@ -117,7 +119,7 @@ class MemoryPlan:
 
     @property
     def predicted_damage(self) -> float:
-        return float(sum(t.damage for t in self.tensors))
+        return float(sum(t.damage for t in self.tensors)) + self.pruning_damage
 
     @property
     def n_elements(self) -> int:
@@ -154,7 +156,9 @@ class MemoryPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryPlan:
         if d.get("format") != PLAN_FORMAT:
-            raise ValueError(f"not an edgemoe plan (format {d.get('format')!r}, want {PLAN_FORMAT})")
+            raise ValueError(
+                f"not an edgemoe plan (format {d.get('format')!r}, want {PLAN_FORMAT})"
+            )
         return cls(
             tensors=tuple(TensorPlan.from_dict(t) for t in d["tensors"]),
             budget=Budget.from_dict(d["budget"]),
@@ -163,6 +167,7 @@ class MemoryPlan:
             n_experts_kept=d["n_experts_kept"],
             kept_experts={k: tuple(v) for k, v in d["kept_experts"].items()},
             solver=d["solver"],
+            pruning_damage=d.get("pruning_damage", 0.0),
         )
 
     def to_json(self) -> str:

@@ -265,7 +265,7 @@ def train(model: Qwen3MoeForCausalLM, stream: np.ndarray, args: argparse.Namespa
     ema = None
     start = time.monotonic()
     bar = tqdm(total=args.steps or int(budget_s), unit="step" if args.steps else "s",
-               desc="train", mininterval=5.0)
+               desc="train (steps)" if args.steps else "train (seconds)", mininterval=5.0)
     while True:
         elapsed = time.monotonic() - start
         progress = step / args.steps if args.steps else elapsed / budget_s
@@ -398,51 +398,57 @@ def write_model_card(report: dict, out: Path) -> None:
 
 edgemoe's bundled reference model: a tiny Qwen3-MoE trained from scratch on the Python
 standard library. It is here so the exporter, planner and llama.cpp validation can be tested
-end to end on a real, trained Mixture-of-Experts model that fits in the repository. It writes
-Python-looking code; it is not useful as a language model.
+end to end on a real, trained Mixture-of-Experts model that fits in the repository.
+It writes Python-looking code; it is not useful as a language model.
 
 ## Data
-{d['source']} ({d['train_files']} train files, {d['train_chars'] / 1e6:.1f} M characters).
-Files are split by a hash of their path: {d['heldout_files']} files ({HELDOUT_PERCENT}%) are
-held out.
+{d['source']}: {d['train_files']} train files, {d['train_chars'] / 1e6:.1f} M characters.
+A hash of each file's path holds out {d['heldout_files']} files ({HELDOUT_PERCENT}%).
 - `heldout.txt`: up to 12 KB from each held-out file, {d['heldout_txt_chars']} characters.
-  Used for every number below.
+  Every number below is measured on it.
 - `calib.txt`: up to 4 KB from each of a hash-ordered sample of *train* files,
-  {d['calib_txt_chars']} characters; use it for calibration statistics (imatrix, expert usage).
+  {d['calib_txt_chars']} characters, for calibration statistics (imatrix, expert usage).
 
 ## Tokenizer
-Byte-level BPE, {c['vocab_size']} tokens including `<|endoftext|>`, `<|im_start|>`,
-`<|im_end|>`; Qwen2's pre-tokenizer split pattern (llama.cpp pre-tokenizer `qwen2`), no
-normalizer, all 256 bytes in the base alphabet. `<|endoftext|>` separates files in training
-and is the eos and pad token. A plain ChatML chat template is included, unused in training.
+Byte-level BPE with {c['vocab_size']} tokens, including `<|endoftext|>`, `<|im_start|>` and
+`<|im_end|>`. Qwen2's pre-tokenizer split pattern (llama.cpp pre-tokenizer `qwen2`),
+no normalizer, all 256 bytes in the base alphabet.
+`<|endoftext|>` separates files in training and is the eos and pad token.
+A plain ChatML chat template is included but was not used in training.
 
-## Architecture (`Qwen3MoeForCausalLM`, {c['parameters'] / 1e6:.2f} M parameters, bfloat16)
-hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} query
-heads / {c['num_key_value_heads']} KV heads of dim {c['head_dim']}, {c['num_experts']} experts
-with top-{c['num_experts_per_tok']} routing (`norm_topk_prob=true`), expert FFN
-{c['moe_intermediate_size']}, untied embeddings, RoPE theta {c['rope_theta']:g}, context
-{c['max_position_embeddings']}.
+## Architecture
+`Qwen3MoeForCausalLM`, {c['parameters'] / 1e6:.2f} M parameters, stored in bfloat16.
+- hidden size {c['hidden_size']}, {c['num_hidden_layers']} layers
+- attention: {c['num_attention_heads']} query heads, {c['num_key_value_heads']} KV heads, \
+head dim {c['head_dim']}, RoPE theta {c['rope_theta']:g}, context {c['max_position_embeddings']}
+- MoE: {c['num_experts']} experts, top-{c['num_experts_per_tok']} routing with \
+`norm_topk_prob=true`, expert FFN size {c['moe_intermediate_size']}
+- untied input and output embeddings
 
 ## Training
-AdamW (peak lr {t['lr']:g}, warmup then cosine to 10%), {t['batch_size']} random windows of
-{t['seq_len']} tokens per step, load-balancing loss weight {t['aux_loss_coef']}, seed
-{t['seed']}. {t['steps']} steps, {t['tokens_seen'] / 1e6:.1f} M tokens
-({t['epochs']:.2f} epochs of the train stream), {t['train_minutes']:.1f} minutes on 2 CPU
-cores. Final train loss {t['final_train_loss']:.3f}.
+- AdamW, peak lr {t['lr']:g}, warmup then cosine decay to 10%, seed {t['seed']}
+- {t['batch_size']} random windows of {t['seq_len']} tokens per step; \
+load-balancing loss weight {t['aux_loss_coef']}
+- {t['steps']} steps, {t['tokens_seen'] / 1e6:.1f} M tokens \
+({t['epochs']:.2f} epochs of the {t['train_stream_tokens'] / 1e6:.1f} M-token train stream)
+- {t['train_minutes']:.1f} minutes on 2 shared CPU cores; final train loss \
+{t['final_train_loss']:.3f}
 
-## Measured (from `training_report.json`, weights as saved in bfloat16)
-| | perplexity |
+## Measured
+From `training_report.json`, with the weights as saved (bfloat16).
+
+| | held-out perplexity |
 |---|---|
-| this model, held-out tokens | **{e['heldout_ppl']:.2f}** |
+| this model | **{e['heldout_ppl']:.2f}** |
 | unigram baseline (train token frequencies, add-one) | {e['unigram_ppl']:.2f} |
 
-{e['predicted_tokens']} predicted tokens in {e['windows']} non-overlapping windows of
-{t['seq_len']}; {e['heldout_bytes_per_token']:.2f} bytes per token, so
-{e['heldout_bits_per_byte']:.3f} bits per byte. Before rounding to bfloat16 the held-out
-perplexity was {e['heldout_ppl_fp32']:.2f}.
+{e['predicted_tokens']} predicted tokens in {e['windows']} non-overlapping windows of \
+{t['seq_len']} tokens; {e['heldout_bytes_per_token']:.2f} bytes per token, so \
+{e['heldout_bits_per_byte']:.3f} bits per byte.
+Before rounding to bfloat16 the held-out perplexity was {e['heldout_ppl_fp32']:.2f}.
 
-Expert usage on the held-out text (share of the top-{c['num_experts_per_tok']} selections;
-a perfectly even layer has {1 / c['num_experts']:.3f} per expert and CV 0):
+Expert usage on the held-out text, as each expert's share of the \
+top-{c['num_experts_per_tok']} selections (perfectly even: {1 / c['num_experts']:.3f} each, CV 0):
 
 | layer | max share | min share | CV |
 |---|---|---|---|
@@ -450,15 +456,15 @@ a perfectly even layer has {1 / c['num_experts']:.3f} per expert and CV 0):
 
 Greedy continuation of `def `:
 ```python
-{report['sample_generation']}
+{report['sample_generation'].rstrip()}
 ```
 
 ## Retrain
 ```
 python scripts/train_default_model.py --minutes 30
 ```
-The step count depends on machine speed (the schedule follows the wall-clock budget); pass
-`--steps N` for a run that repeats exactly.
+The schedule follows the wall-clock budget, so the step count depends on the machine;
+pass `--steps N` for a run that repeats exactly.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
 
@@ -509,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         train_stats = train(model, stream, args)
 
         heldout_text = (out / "heldout.txt").read_text(encoding="utf-8")
-        heldout_ids = np.array(tok(heldout_text, add_special_tokens=False)["input_ids"])
+        heldout_ids = np.array(
+            tok.backend_tokenizer.encode(heldout_text, add_special_tokens=False).ids
+        )
         fp32_eval = evaluate(model, heldout_ids, args.seq_len)
         log.info("held-out ppl (fp32 weights): %.3f", fp32_eval["ppl"])
 

@@ -70,7 +70,8 @@ def training_texts() -> list[str]:
     """Documents used to train the fixture tokenizers (stdlib source, prose, non-ASCII)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in _STDLIB_FILES]
-    # Repeat the short samples so their merges make it into a small vocabulary.
+    # Repeat the short samples so their merges make it into a small vocabulary. (Other tests
+    # are calibrated on the vocabulary this exact mix gives: changing it shifts their ids.)
     return texts + [PROSE, MULTILINGUAL, TABBED_CODE] * 20
 
 
@@ -81,8 +82,16 @@ def make_bpe_tokenizer(out_dir: Path, style: str = "qwen2", vocab_size: int = 10
     Qwen2/Qwen3 checkpoints. style "gpt2": ByteLevel(use_regex=True), as in GPT-2.
     Special tokens follow the base vocabulary (ids vocab_size-3 ...), as in Qwen.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

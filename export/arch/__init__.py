@@ -8,11 +8,13 @@ from .base import (
     TensorRecipe,
     UnsupportedModelError,
 )
+from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
 from .mixtral import MixtralAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    a.model_type: a for a in (Qwen3MoeAdapter, MixtralAdapter)
+    a.model_type: a
+    for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter)
 }
 
 

@@ -35,7 +35,7 @@ def _hf_logits(model_dir, tokens) -> np.ndarray:
 def _export(model_dir, out, type_name=None, memory="10GB"):
     model = pipeline.open_model(model_dir)
     budget = pipeline.make_budget(model.adapter, memory, ctx=256)
-    plan = pipeline.make_plan(model, budget, type_name, progress=False)
+    plan, _ = pipeline.make_plan(model, budget, type_name, progress=False)
     pipeline.export(model, plan, out, progress=False)
     return plan
 
@@ -73,7 +73,7 @@ def test_budgets_exact_bytes_and_more_bits_for_more_memory(qwen3_dir, tmp_path):
     for frac in (0.15, 0.5, 0.9):
         cap = overhead + int(lo + (hi - lo) * frac)
         budget = pipeline.make_budget(model.adapter, cap, ctx=256)
-        plan = mp.solve(model.specs, damage, budget)
+        plan = mp.solve(model.specs, damage.table(model.specs), budget)
         out = tmp_path / f"cap{frac}.gguf"
         pipeline.export(model, plan, out, progress=False)
         llm = open_llama(out, n_ctx=256, logits_all=False)
@@ -91,7 +91,7 @@ def test_cap_below_minimum_fails_before_writing(qwen3_dir, tmp_path):
     budget = pipeline.make_budget(model.adapter, "1MB", ctx=256)
     out = tmp_path / "small.gguf"
     with pytest.raises(mp.BudgetTooSmallError) as e:
-        plan = pipeline.make_plan(model, budget, progress=False)
+        plan, _ = pipeline.make_plan(model, budget, progress=False)
         pipeline.export(model, plan, out, progress=False)
     assert "MB" in str(e.value) and e.value.minimum_total_bytes > budget.cap_bytes
     assert list(tmp_path.iterdir()) == []

@@ -41,7 +41,7 @@ def test_data_is_aligned():
 
 def test_failure_midway_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
     model = pipeline.open_model(qwen3_dir)
-    plan = pipeline.make_plan(model, pipeline.make_budget(model.adapter, "1GB", ctx=128),
+    plan, _ = pipeline.make_plan(model, pipeline.make_budget(model.adapter, "1GB", ctx=128),
                               "Q8_0", progress=False)
     calls = {"n": 0}
     real = writer.quantize_rows

@@ -36,7 +36,8 @@ def _brute_force(specs, damage, avail):
     options = [candidate_types(s, LADDER) for s in specs]
     best = None
     for combo in itertools.product(*options):
-        nbytes = sum(tensor_nbytes(s.n_elements, s.row_length, t) for s, (t, _) in zip(specs, combo))
+        nbytes = sum(tensor_nbytes(s.n_elements, s.row_length, t)
+                     for s, (t, _) in zip(specs, combo))
         if nbytes > avail:
             continue
         d = sum(damage[s.name][t] for s, (t, _) in zip(specs, combo) if s.quantizable)

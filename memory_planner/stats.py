@@ -1,0 +1,76 @@
+"""Calibration statistics as the planner uses them: which experts matter, which columns matter.
+
+Gathered by running the model on text (`edgemoe calibrate`), or read from a llama.cpp
+importance matrix (which has the column statistics and per-expert selection counts only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    """One MoE layer over the calibration tokens; arrays have one entry per expert."""
+
+    selected: np.ndarray  # how many tokens picked the expert (top-k)
+    weight_sum: np.ndarray  # sum of its routing weights (as the architecture normalises them)
+    saliency_sum: np.ndarray  # sum over routed tokens of weight * ||expert output||  (REAP)
+    energy_sum: np.ndarray  # sum over routed tokens of (weight * ||expert output||)^2
+    output_energy: float  # sum over tokens of ||MoE output||^2 (the layer's whole signal)
+
+    @property
+    def n_expert(self) -> int:
+        return len(self.selected)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """Share of tokens routed to each expert."""
+        return self.selected / max(1.0, float(self.selected.sum()))
+
+    @property
+    def mean_weight(self) -> np.ndarray:
+        return self.weight_sum / np.maximum(self.selected, 1)
+
+    @property
+    def saliency(self) -> np.ndarray:
+        """REAP: mean over the tokens routed to the expert of weight x output norm."""
+        return self.saliency_sum / np.maximum(self.selected, 1)
+
+    @property
+    def energy_share(self) -> np.ndarray:
+        """Each expert's share of the layer's output energy: its weight in damage sums."""
+        if self.output_energy > 0 and self.energy_sum.sum() > 0:
+            return self.energy_sum / self.output_energy
+        return np.full(self.n_expert, 1.0 / self.n_expert)
+
+
+@dataclass(frozen=True)
+class CalibStats:
+    """Everything calibration measured. Importance matrices are llama.cpp's: per tensor,
+    the sum over calibration tokens of each input column squared (`in_sum2`, one row per
+    expert for stacked expert tensors) and how many tokens went into each row (`counts`)."""
+
+    in_sum2: dict[str, np.ndarray] = field(default_factory=dict)  # (n_mat, n_per_row)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # (n_mat,)
+    experts: dict[int, ExpertStats] = field(default_factory=dict)  # MoE layer -> stats
+    n_tokens: int = 0
+    datasets: tuple[str, ...] = ()
+
+    def importance(self, name: str) -> np.ndarray | None:
+        """Mean squared input per column (n_mat x n_per_row): the quantizers' imatrix.
+
+        Rows of experts no token reached get ones, as llama-quantize does.
+        """
+        s = self.in_sum2.get(name)
+        if s is None:
+            return None
+        c = self.counts[name].reshape(-1, 1).astype(np.float64)
+        out = np.where(c > 0, s / np.maximum(c, 1), 1.0)
+        return out.astype(np.float32)
+
+    @property
+    def has_expert_stats(self) -> bool:
+        return bool(self.experts)
