@@ -50,3 +50,49 @@ def model_weight_bytes(llm) -> int:
     import llama_cpp
 
     return int(llama_cpp.llama_model_size(llm.model))
+
+
+def llama_quantize(src: str | Path, dst: str | Path, ftype: str = "Q8_0",
+                   overrides: dict[str, str] | None = None,
+                   imatrix: dict[str, np.ndarray] | None = None, threads: int | None = None,
+                   pure: bool = False) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`), the side-by-side baseline.
+
+    `ftype` is a llama_ftype name without MOSTLY_ ("Q4_K_M", "IQ2_XXS", ...); `overrides`
+    maps a regex (searched in tensor names, first match wins) to a GGUF type; `imatrix`
+    maps a tensor name to its mean squared inputs (n_expert * n_per_row for `_exps`).
+    """
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    check_version()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads or os.cpu_count()
+    params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{ftype.upper()}"])
+    params.pure = pure
+    keep: list = []  # ctypes buffers must outlive the call
+    if overrides:
+        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, type_name) in enumerate(overrides.items()):
+            tt[i].pattern = pattern.encode()
+            tt[i].type = int(gguf.GGMLQuantizationType[type_name.upper()])
+        tt[len(overrides)].pattern = None
+        params.tt_overrides = tt
+        keep.append(tt)
+    if imatrix:
+        im = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+            keep.append(values)
+            im[i].name = name.encode()
+            im[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            im[i].size = values.size
+        im[len(imatrix)].name = None
+        params.imatrix = im
+        keep.append(im)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) failed with {rc}")

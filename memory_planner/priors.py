@@ -11,19 +11,20 @@ at hand.
    (a flat one for IQ2_XXS, IQ2_XS and IQ1_S, which ggml refuses to quantize without).
    llama-cpp-python 0.3.36's libggml-base. The prior uses the mean of the two columns.
 
-2. `tensor_weight`: the share of the output's variance that passes through the tensor.
-   The last hidden state is the embedding plus 2L sublayer outputs (attention and FFN of L
-   blocks); each of those 2L + 1 terms is assumed to carry an equal share of it. A matrix
-   on a sublayer's path passes its relative error on to that sublayer's output (matrices
-   in series each count once). The MoE sublayer splits between routed and shared experts
-   in proportion to their active width (k * ff_exp vs n_shared * ff_exp); an equal split if
-   k is not given. `output.weight` feeds the logits directly: weight 1.
+2. `tensor_weight`: how much of the model's output a tensor's relative error reaches, in
+   the unit the rest of the planner uses (measured relative error, `memory_planner.joint`):
+   the relative squared error of the output of the layer part the tensor belongs to.
+   A matrix on a sublayer's path (attention or FFN; matrices in series) passes its relative
+   error on to that sublayer's output: weight 1. The MoE sublayer splits between routed and
+   shared experts in proportion to their active width (k * ff_exp vs n_shared * ff_exp), an
+   equal split if k is not given. `output.weight` feeds the logits directly, while each of
+   the 2L sublayers and the embedding is assumed to carry an equal share of the last hidden
+   state: the output counts as 2L + 1 layer parts. `token_embd` counts as one.
    Routing frequency does not enter: every token reads k slices of each stacked expert
    tensor and all slices share one type, so the tensor's relative error reaches every
    token's routed output in full. (Frequencies matter for per-expert decisions: pruning.)
 
-Units: the damage is a predicted relative variance of the final hidden state / logits, so
-priors from different tensors add up.
+Damages of different tensors add up: their sum predicts the summed relative output errors.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from .quant_types import DEFAULT_LADDER, candidate_types
 from .types import TensorSpec
 
-DAMAGE_MODEL = "prior/variance-share"
+DAMAGE_MODEL = "prior/shape-only"
 
 # Measured by scripts/measure_priors.py (see the module docstring): (gaussian, heavy_tailed)
 REL_ERROR: dict[str, tuple[float, float]] = {
@@ -77,16 +78,15 @@ def type_error(type_name: str) -> float:
 
 
 def tensor_weight(spec: TensorSpec, n_blocks: int, routed_share: float = 0.5) -> float:
-    """The share of the output's variance that this tensor's relative error reaches."""
+    """How much of a layer part's output this tensor's relative error reaches (see above)."""
     kind = spec.kind
     if kind == "output":
-        return 1.0
-    share = 1.0 / (2 * n_blocks + 1)  # one of 2L sublayer outputs, or the embedding
+        return 2.0 * n_blocks + 1.0  # the logits carry all 2L + 1 terms of the last state
     if kind.endswith("_exps"):
-        return share * routed_share
+        return routed_share
     if kind.endswith("_shexp"):
-        return share * (1.0 - routed_share)
-    return share
+        return 1.0 - routed_share
+    return 1.0
 
 
 def _routed_share(specs: Sequence[TensorSpec], experts_used: int | None) -> float:

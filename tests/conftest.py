@@ -25,6 +25,8 @@ def _init_weights(model, std: float = 0.08, seed: int = 0) -> None:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif "gate.weight" in name:  # routers: spread out, so top-k is not a tie
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif name.startswith("lm_head"):  # peaked next-token distributions, like a real LM
+                p.copy_(0.4 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 

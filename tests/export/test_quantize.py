@@ -3,7 +3,6 @@ llama.cpp's own `llama_model_quantize` on a tiny qwen3moe GGUF."""
 
 from __future__ import annotations
 
-import ctypes
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
+from edgemoe.llamacpp import llama_quantize as run_llama_quantize
 from export import quantize as q
 from memory_planner.quant_types import REQUIRES_IMATRIX, qtype
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def gaussian(*shape: int, seed: int = 0) -> np.ndarray:
@@ -279,28 +277,8 @@ def write_tiny_qwen3moe(path: Path) -> dict[str, np.ndarray]:
 
 def llama_quantize(src: Path, dst: Path, overrides: dict[str, str],
                    imatrix: dict[str, np.ndarray] | None = None) -> None:
-    """Run llama.cpp's quantizer with per-tensor regex -> type overrides (and an imatrix)."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = 2
-    tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-    for i, (pattern, type_name) in enumerate(overrides.items()):
-        tt[i].pattern, tt[i].type = pattern.encode(), qtype(type_name).value
-    tt[len(overrides)].pattern = None
-    params.tt_overrides = tt
-    keep = [tt]
-    if imatrix:
-        im = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-            keep.append(values)
-            im[i].name = name.encode()
-            im[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            im[i].size = values.size
-        im[len(imatrix)].name = None
-        params.imatrix = im
-        keep.append(im)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
+    """llama.cpp's quantizer with per-tensor overrides on top of a Q8_0 default."""
+    run_llama_quantize(src, dst, "Q8_0", overrides, imatrix, threads=2)
 
 
 def ours(w: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:

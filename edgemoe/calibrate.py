@@ -1,0 +1,213 @@
+"""Calibration: run the model in llama.cpp on text and measure what matters.
+
+Through the eval callback (`edgemoe.hooks`) every MoE layer reports, per token, the experts
+the router chose, their weights as the architecture normalises them, and each expert's
+output; every weight matrix's input is summed squared per column (llama.cpp's importance
+matrix, per expert for stacked expert tensors). The result is a `CalibStats`, written as a
+llama.cpp GGUF imatrix that also carries the expert statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import memory_planner as mp
+from export.imatrix import write_stats
+from memory_planner.stats import CalibStats, ExpertStats
+
+from . import pipeline
+from .hooks import EvalHooks, Node, attach
+from .llamacpp import open_llama
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+
+# which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
+_DENSE_INPUTS = {
+    "attn_norm": ("attn_q", "attn_k", "attn_v"),
+    "kqv_out": ("attn_output",),
+}
+
+
+class _Collector:
+    """Accumulates statistics from graph nodes, one micro-batch at a time."""
+
+    def __init__(self, n_layer: int, n_expert: int):
+        self.n_expert = n_expert
+        self.in_sum2: dict[str, np.ndarray] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        E = n_expert
+        self.selected = np.zeros((n_layer, E))
+        self.weight_sum = np.zeros((n_layer, E))
+        self.saliency_sum = np.zeros((n_layer, E))
+        self.energy_sum = np.zeros((n_layer, E))
+        self.output_energy = np.zeros(n_layer)
+        self.ids: dict[int, np.ndarray] = {}
+        self.weights: dict[int, np.ndarray] = {}
+        self.n_tokens = 0
+
+    def _dense(self, name: str, x: np.ndarray) -> None:
+        x2 = np.square(x, dtype=np.float64).sum(axis=0)
+        if name not in self.in_sum2:
+            self.in_sum2[name] = np.zeros((1, x.shape[1]))
+            self.counts[name] = np.zeros(1)
+        self.in_sum2[name][0] += x2
+        self.counts[name][0] += len(x)
+
+    def _experts(self, name: str, ids: np.ndarray, x: np.ndarray) -> None:
+        """x: (n_tokens, k, n) inputs per slot (or (n_tokens, n) shared by all slots)."""
+        n = x.shape[-1]
+        if name not in self.in_sum2:
+            self.in_sum2[name] = np.zeros((self.n_expert, n))
+            self.counts[name] = np.zeros(self.n_expert)
+        x2 = np.square(x, dtype=np.float64)
+        if x2.ndim == 2:
+            x2 = np.broadcast_to(x2[:, None, :], (*ids.shape, n))
+        np.add.at(self.in_sum2[name], ids.reshape(-1), x2.reshape(-1, n))
+        np.add.at(self.counts[name], ids.reshape(-1), 1.0)
+
+    # ---- handlers, in graph order within a layer
+    def on_input(self, node: Node) -> None:
+        for kind in _DENSE_INPUTS[node.kind]:
+            self._dense(f"blk.{node.layer}.{kind}.weight", node.matrix())
+
+    def on_result_norm(self, node: Node) -> None:
+        x = node.matrix()
+        self.n_tokens += len(x)
+        self._dense("output.weight", x)
+
+    def on_topk(self, node: Node) -> None:
+        k, n = node.ne[0], node.ne[1]
+        self.ids[node.layer] = node.read().reshape(n, k).astype(np.int64)
+
+    def on_weights(self, node: Node) -> None:
+        # later nodes (renormalised, scaled) overwrite earlier ones: the last is what is used
+        # the nodes are [1, k, n] or [k, n]: shape them like the ids of the same layer
+        ids = self.ids[node.layer]
+        self.weights[node.layer] = node.read().reshape(ids.shape).astype(np.float64)
+
+    def on_ffn_norm(self, node: Node) -> None:
+        self.ffn_in = node.matrix()
+
+    def on_act(self, node: Node) -> None:  # input of down_exps, per slot
+        ids = self.ids[node.layer]
+        self._experts(f"blk.{node.layer}.ffn_gate_exps.weight", ids, self.ffn_in)
+        self._experts(f"blk.{node.layer}.ffn_up_exps.weight", ids, self.ffn_in)
+        x = node.read().reshape(ids.shape[0], ids.shape[1], node.ne[0])
+        self._experts(f"blk.{node.layer}.ffn_down_exps.weight", ids, x)
+
+    def on_down(self, node: Node) -> None:  # each slot's expert output, before weighting
+        layer = node.layer
+        ids, w = self.ids[layer], self.weights[layer]
+        out = node.read().reshape(ids.shape[0], ids.shape[1], node.ne[0])
+        contrib = w * np.linalg.norm(out.astype(np.float64), axis=-1)
+        np.add.at(self.selected[layer], ids.reshape(-1), 1.0)
+        np.add.at(self.weight_sum[layer], ids.reshape(-1), w.reshape(-1))
+        np.add.at(self.saliency_sum[layer], ids.reshape(-1), contrib.reshape(-1))
+        np.add.at(self.energy_sum[layer], ids.reshape(-1), np.square(contrib).reshape(-1))
+
+    def on_moe_out(self, node: Node) -> None:
+        y = node.matrix().astype(np.float64)
+        self.output_energy[node.layer] += float(np.square(y).sum())
+
+    def hooks(self) -> EvalHooks:
+        h = EvalHooks()
+        for name in _DENSE_INPUTS:
+            h.add(name, self.on_input)
+        h.add("result_norm", self.on_result_norm)
+        h.add("ffn_norm", self.on_ffn_norm)
+        h.add("ffn_moe_topk", self.on_topk)
+        for name in ("ffn_moe_weights", "ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
+            h.add(name, self.on_weights)
+        h.add("ffn_moe_swiglu", self.on_act)
+        h.add("ffn_moe_down", self.on_down)
+        h.add("ffn_moe_out", self.on_moe_out)
+        return h
+
+    def stats(self, datasets: tuple[str, ...]) -> CalibStats:
+        experts = {
+            layer: ExpertStats(self.selected[layer], self.weight_sum[layer],
+                               self.saliency_sum[layer], self.energy_sum[layer],
+                               float(self.output_energy[layer]))
+            for layer in range(len(self.selected)) if self.selected[layer].sum() > 0
+        }
+        return CalibStats(in_sum2=self.in_sum2, counts=self.counts, experts=experts,
+                          n_tokens=self.n_tokens, datasets=datasets)
+
+
+def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx: int = 512,
+            max_tokens: int | None = None, progress: bool = True,
+            dataset: str = "text") -> CalibStats:
+    """Run `gguf_path` in llama.cpp over `text` in windows of `n_ctx` tokens; statistics."""
+    col = _Collector(n_layer, n_expert)
+    hooks = col.hooks()
+    hooks.record_names = True
+    llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
+                            n_ubatch=n_ctx), hooks)
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError("the calibration text is too short: no tokens to run")
+    for w in tqdm(windows, desc="calibrating in llama.cpp", disable=not progress):
+        llm.reset()
+        llm.eval(w)
+    missing = {"ffn_moe_topk", "ffn_moe_swiglu", "ffn_moe_down", "ffn_norm", "result_norm"} - {
+        n.rsplit("-", 1)[0] for n in hooks.names_seen}
+    if missing:
+        raise RuntimeError(f"llama.cpp's graph has no node named {sorted(missing)}: calibration "
+                           "depends on these names (llama-cpp-python 0.3.36)")
+    del llm
+    return col.stats((dataset,))
+
+
+def calibrate(source: str, text: str | None = None, output: str | None = None,
+              calib_model: str | None = None, n_ctx: int = 512, max_tokens: int | None = None,
+              calib_type: str = "Q8_0", progress: bool = True) -> CalibStats:
+    """Measure expert usage and importance matrices for SOURCE (an HF model directory).
+
+    Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
+    if given) in llama.cpp over `text` (default: the text shipped with edgemoe). Writes the
+    statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given.
+    """
+    text_path = Path(text) if text else DEFAULT_TEXT
+    body = text_path.read_text(encoding="utf-8", errors="replace")
+    model = pipeline.open_model(source)
+    a = model.adapter
+    with tempfile.TemporaryDirectory(prefix="edgemoe-calib-") as tmp:
+        gguf_path = calib_model
+        if gguf_path is None:
+            plan = mp.uniform_plan(model.specs, calib_type, mp.Budget(cap_bytes=2**62),
+                                   check_budget=False)
+            gguf_path = pipeline.export(model, plan, Path(tmp) / "calib.gguf",
+                                        progress=progress)
+        stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
+                        max_tokens=max_tokens, progress=progress, dataset=text_path.name)
+    if output:
+        write_stats(stats, output, chunk_size=n_ctx)
+        log.info("wrote %s", output)
+    return stats
+
+
+def summary(stats: CalibStats) -> str:
+    """Per-layer expert usage: how uneven, and how much the least salient experts carry."""
+    from .report import table
+
+    rows = []
+    for layer, e in sorted(stats.experts.items()):
+        f = e.frequency
+        share = np.sort(e.energy_share)
+        rows.append([str(layer), f"{f.max():.3f}", f"{f.min():.3f}",
+                     f"{f.std() / max(f.mean(), 1e-12):.2f}",
+                     f"{share[: max(1, e.n_expert // 4)].sum():.4f}"])
+    head = f"{stats.n_tokens} tokens; {len(stats.in_sum2)} importance matrices"
+    return head + "\n" + table(rows, ["layer", "max freq", "min freq", "freq CV",
+                                      "energy of least-salient 25%"])

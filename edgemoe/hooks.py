@@ -1,0 +1,352 @@
+"""Read and rewrite llama.cpp graph nodes while a model runs: a layer over `cb_eval`.
+
+llama.cpp calls a context's eval callback for every node of its compute graph, first to ask
+whether the node is wanted and, for the wanted ones, again once the node is computed and
+before any later node runs. A handler can then read the node, or write it back and so change
+everything computed after it. This module turns that into handlers registered by node name.
+
+Usage::
+
+    from edgemoe.hooks import EvalHooks, attach, moe_routing
+
+    counts = np.zeros((n_layer, n_expert), np.int64)
+
+    def on_weights(node):                      # node: a Node, valid during the call only
+        r = moe_routing(node)                  # ids and weights, (n_tokens, k) each
+        np.add.at(counts[node.layer], r.ids.ravel(), 1)
+
+    hooks = EvalHooks()
+    hooks.add("ffn_moe_weights", on_weights)           # every layer
+    hooks.add("ffn_moe_probs", on_probs, layers=[3])   # (n_tokens, n_expert) via node.matrix()
+    hooks.add("ffn_inp", on_input)                     # FFN input rows, for imatrix sums
+    llm = attach(open_llama(path, logits_all=True), hooks)   # any llama_cpp.Llama
+    llm.eval(tokens)                                   # handlers run inside; errors re-raised
+
+Names are llama.cpp's own (src/llama-graph.cpp `build_moe_ffn`, the model builders in
+src/models/): a layer's node is `<name>-<layer>`; nodes without a layer (`result_output`)
+are matched by the bare name. Matching is exact: `ffn_moe_weights-5 (reshaped)` is another
+node. `hooks.record_names = True` collects every name seen, to discover what a model offers.
+
+`Node` gives `name`, `kind`, `layer`, ggml `type`/`type_name`, `ne` (ggml order),
+`read()` (a 4-D numpy copy in numpy order, `ne[::-1]`, respecting strides), `matrix()`
+(the same as rows of `ne[0]`), `write(values)` (back into the graph, strides respected) and
+`src(i)` (the node's i-th operand, e.g. `ffn_moe_weights`' src(1) is `ffn_moe_topk`).
+
+Things to know when collecting statistics:
+- In the last layer llama.cpp drops the rows of tokens whose logits are not requested before
+  the FFN, so run with `logits_all=True` (every token an output) to see every token there.
+- `ffn_moe_weights` holds router probabilities gathered at the selected experts *before*
+  renormalisation; `ffn_moe_topk` is an I32 strided view of `ffn_moe_argsort`.
+- Each wanted node splits the graph computation there: a few wanted nodes per layer cost
+  little, but asking for a node between two ops ggml fuses (RMS_NORM + MUL) unfuses them.
+- Handlers run on the thread calling `llama_decode`, between graph pieces; an exception is
+  kept and re-raised when the decode returns (the rest of that graph is computed unchanged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GGML_MAX_DIMS = 4
+GGML_MAX_SRC = 10
+GGML_MAX_OP_PARAMS = 64
+GGML_MAX_NAME = 64
+GGML_OBJECT_SIZE = 32  # struct ggml_object: offs, size, next, type + 4 bytes padding
+
+
+class GGMLTensor(ctypes.Structure):
+    """`struct ggml_tensor` (ggml/include/ggml.h); checked against ggml at first use."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+NAME_OFFSET = GGMLTensor.name.offset
+
+# element types a node can be read as; quantized nodes are only available as raw bytes
+_DTYPES = {
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.F64: np.float64,
+    gguf.GGMLQuantizationType.I8: np.int8,
+    gguf.GGMLQuantizationType.I16: np.int16,
+    gguf.GGMLQuantizationType.I32: np.int32,
+    gguf.GGMLQuantizationType.I64: np.int64,
+    gguf.GGMLQuantizationType.BF16: np.uint16,  # bit patterns; read() widens to float32
+}
+
+
+class HookError(RuntimeError):
+    """A handler failed, or llama.cpp's structures are not what this module was written for."""
+
+
+class _GGML:
+    """The few libggml-base functions used here, loaded from llama-cpp-python's own copy."""
+
+    def __init__(self):
+        import llama_cpp
+
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        for fn, args, res in [
+            ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
+            ("ggml_backend_tensor_set", [vp, vp, sz, sz], None),
+            ("ggml_nbytes", [vp], sz),
+            ("ggml_tensor_overhead", [], sz),
+            ("ggml_get_name", [vp], vp),
+        ]:
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = args, res
+            setattr(self, fn, f)
+        got = self.ggml_tensor_overhead() - GGML_OBJECT_SIZE
+        if got != ctypes.sizeof(GGMLTensor):
+            raise HookError(f"struct ggml_tensor is {got} bytes in this ggml, "
+                            f"{ctypes.sizeof(GGMLTensor)} in edgemoe.hooks: layout changed")
+        self.name_checked = False
+
+
+_ggml: _GGML | None = None
+
+
+def ggml() -> _GGML:
+    global _ggml
+    if _ggml is None:
+        _ggml = _GGML()
+    return _ggml
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """`ffn_moe_topk-5` -> ("ffn_moe_topk", 5); a name without a layer suffix -> (name, None)."""
+    base, sep, tail = name.rpartition("-")
+    if sep and tail.isdigit():
+        return base, int(tail)
+    return name, None
+
+
+class Node:
+    """A graph node seen from a handler. Valid only during the handler call."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+        self.t = GGMLTensor.from_address(ptr)
+        self.name = self.t.name.decode(errors="replace")
+        self.kind, self.layer = split_name(self.name)
+
+    @property
+    def type(self) -> int:
+        return int(self.t.type)
+
+    @property
+    def type_name(self) -> str:
+        return gguf.GGMLQuantizationType(self.type).name
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        """Element counts in ggml order (ne[0] is the row length)."""
+        return tuple(int(x) for x in self.t.ne)
+
+    @property
+    def nb(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.t.nb)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes spanned by the node's data (with the gaps of a strided view)."""
+        return int(ggml().ggml_nbytes(self.ptr))
+
+    def src(self, i: int) -> Node | None:
+        p = self.t.src[i]
+        return Node(p) if p else None
+
+    def read_raw(self) -> np.ndarray:
+        """The bytes the node spans, as uint8 (any type, quantized included)."""
+        buf = np.empty(self.nbytes, np.uint8)
+        ggml().ggml_backend_tensor_get(self.ptr, buf.ctypes.data, 0, buf.nbytes)
+        return buf
+
+    def _strided(self, raw: np.ndarray) -> np.ndarray:
+        try:
+            dtype = np.dtype(_DTYPES[gguf.GGMLQuantizationType(self.type)])
+        except KeyError:
+            raise HookError(f"{self.name} is {self.type_name}; only read_raw() reads it") from None
+        return np.ndarray(self.ne[::-1], dtype, buffer=raw, strides=self.nb[::-1])
+
+    def read(self) -> np.ndarray:
+        """A copy of the node, shape (ne[3], ne[2], ne[1], ne[0]); BF16 comes as float32."""
+        out = np.array(self._strided(self.read_raw()))
+        if self.type == gguf.GGMLQuantizationType.BF16:
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    def matrix(self) -> np.ndarray:
+        """The node as rows of ne[0] elements: (ne[1] * ne[2] * ne[3], ne[0])."""
+        return self.read().reshape(-1, self.ne[0])
+
+    def write(self, values) -> None:
+        """Write `values` (broadcast to read()'s shape) into the node; strides respected."""
+        if self.type == gguf.GGMLQuantizationType.BF16:
+            raise HookError(f"{self.name}: writing BF16 nodes is not supported")
+        nbytes = self.nbytes
+        dtype = np.dtype(_DTYPES.get(gguf.GGMLQuantizationType(self.type), np.uint8))
+        contiguous = nbytes == int(np.prod(self.ne)) * dtype.itemsize
+        # a strided view spans gaps that belong to other data: read them to write them back
+        raw = np.empty(nbytes, np.uint8) if contiguous else self.read_raw()
+        view = self._strided(raw)
+        view[...] = values
+        ggml().ggml_backend_tensor_set(self.ptr, raw.ctypes.data, 0, raw.nbytes)
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.type_name}, ne={self.ne})"
+
+
+@dataclass
+class Routing:
+    """The experts chosen for a batch at one layer: ids and router weights, (n_tokens, k)."""
+
+    layer: int
+    ids: np.ndarray  # int32, column 0 is the top choice of the router
+    weights: np.ndarray  # float32, before renormalisation
+
+
+def moe_routing(weights_node: Node) -> Routing:
+    """Routing of an `ffn_moe_weights` node (F32 [1, k, n_tokens]) and its `ffn_moe_topk`."""
+    topk = weights_node.src(1)
+    if topk is None or split_name(topk.name)[0] != "ffn_moe_topk":
+        got = None if topk is None else topk.name
+        raise HookError(f"{weights_node.name}: src[1] is {got}, expected ffn_moe_topk")
+    k, n = weights_node.ne[1], weights_node.ne[2]
+    return Routing(weights_node.layer, topk.read().reshape(n, k),
+                   weights_node.read().reshape(n, k))
+
+
+Handler = Callable[[Node], None]
+
+
+class EvalHooks:
+    """Handlers by node name and layer, exposed to llama.cpp as one `cb_eval` callback."""
+
+    def __init__(self):
+        import llama_cpp
+
+        self._handlers: dict[str, list[tuple[frozenset[int] | None, Handler]]] = {}
+        self._routes: dict[bytes, list[Handler] | None] = {}
+        self.errors: list[BaseException] = []
+        self.record_names = False
+        self.names_seen: set[str] = set()
+        ggml()  # fail now, not inside llama_decode, if the struct layout is wrong
+        # keep the ctypes object referenced for the life of the hooks: llama.cpp holds its
+        # address only
+        self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+
+    def add(self, name: str, fn: Handler, layers: Iterable[int] | None = None) -> None:
+        """Call `fn(node)` after every node named `name-<layer>` (layers=None: all layers;
+        a node without layer suffix matches when its whole name is `name`)."""
+        sel = None if layers is None else frozenset(int(x) for x in layers)
+        self._handlers.setdefault(name, []).append((sel, fn))
+        self._routes.clear()
+
+    def _route(self, raw: bytes) -> list[Handler] | None:
+        name = raw.decode(errors="replace")
+        if self.record_names:
+            self.names_seen.add(name)
+        base, layer = split_name(name)
+        found = [fn for sel, fn in self._handlers.get(base, ())
+                 if sel is None or (layer is not None and layer in sel)]
+        if base != name:  # an exact registration of the full name (e.g. "foo-3") also counts
+            found += [fn for sel, fn in self._handlers.get(name, ()) if sel is None]
+        return found or None
+
+    def _callback(self, t: int, ask: bool, user_data) -> bool:
+        raw = ctypes.string_at(t + NAME_OFFSET)
+        try:
+            fns = self._routes[raw]
+        except KeyError:
+            fns = self._routes[raw] = self._route(raw)
+        if ask:
+            return fns is not None
+        if fns is not None and not self.errors:
+            try:
+                node = Node(t)
+                for fn in fns:
+                    fn(node)
+            except BaseException as exc:  # noqa: B036 - must not unwind through C
+                self.errors.append(exc)
+        return True
+
+    def raise_errors(self) -> None:
+        """Re-raise the first handler error since the last call, if any."""
+        if self.errors:
+            exc, self.errors = self.errors[0], []
+            raise HookError(f"an eval handler failed: {exc!r}") from exc
+
+
+def _hooked_context_class():
+    from llama_cpp import _internals
+
+    class HookedContext(_internals.LlamaContext):
+        """A llama_cpp LlamaContext whose decode re-raises handler errors."""
+
+        def __init__(self, *, hooks: EvalHooks, **kwargs):
+            super().__init__(**kwargs)
+            self.hooks = hooks
+
+        def decode(self, batch) -> None:
+            try:
+                super().decode(batch)
+            finally:
+                self.hooks.raise_errors()
+
+    return HookedContext
+
+
+def context_params(llm, hooks: EvalHooks):
+    """A copy of `llm`'s context parameters with `hooks` as eval callback."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_params()
+    ctypes.pointer(params)[0] = llm.context_params
+    params.cb_eval = hooks.c_callback
+    params.cb_eval_user_data = None
+    return params
+
+
+def attach(llm, hooks: EvalHooks):
+    """Give a `llama_cpp.Llama` a fresh context that runs `hooks`; returns `llm`.
+
+    The Llama keeps its model, tokenizer, sampler and chat handling; its KV cache starts
+    empty. The old context is freed first, so memory does not double.
+    """
+    old = llm._ctx
+    old.close()
+    ctx = _hooked_context_class()(model=llm._model, params=context_params(llm, hooks),
+                                  verbose=llm.verbose, hooks=hooks)
+    llm._stack.enter_context(contextlib.closing(ctx))
+    llm._ctx = ctx
+    llm._hooks = hooks  # the callback must live as long as the context
+    llm.n_tokens = 0
+    return llm

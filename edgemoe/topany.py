@@ -1,0 +1,424 @@
+"""Runtime top-any routing: per layer, drop the experts a token barely uses.
+
+Rule (MC's dynamic pruning, MC#'s top-any): at MoE layer l a token keeps its top expert and
+drops slot j when its router weight w_j < tau_l * w_top. Applied in llama.cpp through
+`edgemoe.hooks` on `ffn_moe_weights`: a dropped slot gets weight 0 (renormalisation, where
+the architecture renormalises, then runs over the kept slots) and the expert id of the
+token's top slot, so that `mul_mat_id` never reads the dropped expert's weights. tau = 0 is
+plain llama.cpp.
+
+The thresholds are calibrated here for a target (a share of expert activations removed, or
+a damage budget on calibration text) and stored in the GGUF metadata under
+`THRESHOLDS_KEY` (float32, one per block; 0 for dense blocks), so every edgemoe runtime
+applies them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .hooks import EvalHooks, HookError, Node, moe_routing
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_KEY = "edgemoe.top_any.thresholds"
+INFO_KEY = "edgemoe.top_any.info"  # JSON: how the thresholds were calibrated
+WEIGHTS_NODE = "ffn_moe_weights"
+# gating where ffn_moe_weights holds logits that are soft-maxed afterwards: a 0 weight
+# would not remove the expert there
+UNSUPPORTED_ARCHS = {"gpt-oss"}
+
+# a rule gets (layer, weights (n_tokens, k)) and returns the slots to drop (bool) or None
+DropRule = Callable[[int, np.ndarray], "np.ndarray | None"]
+
+
+# -- the rule in the graph ------------------------------------------------------------------
+
+@dataclass
+class ExpertUse:
+    """Expert slots seen and kept, per layer, since the last reset."""
+
+    slots: dict[int, int] = field(default_factory=dict)  # layer -> tokens * k
+    kept: dict[int, int] = field(default_factory=dict)  # layer -> slots not dropped
+    tokens: dict[int, int] = field(default_factory=dict)  # layer -> tokens routed
+
+    def add(self, layer: int, n_tokens: int, k: int, dropped: int) -> None:
+        self.slots[layer] = self.slots.get(layer, 0) + n_tokens * k
+        self.kept[layer] = self.kept.get(layer, 0) + n_tokens * k - dropped
+        self.tokens[layer] = self.tokens.get(layer, 0) + n_tokens
+
+    @property
+    def removed_share(self) -> float:
+        """Share of expert activations removed, over all layers and tokens."""
+        total = sum(self.slots.values())
+        return 1.0 - sum(self.kept.values()) / total if total else 0.0
+
+    @property
+    def experts_per_token(self) -> float:
+        """Mean experts computed per token and MoE layer."""
+        n = sum(self.tokens.values())
+        return sum(self.kept.values()) / n if n else 0.0
+
+    def layer_shares(self) -> dict[int, float]:
+        return {l: 1.0 - self.kept[l] / s for l, s in sorted(self.slots.items()) if s}
+
+
+class SlotDropper:
+    """An `ffn_moe_weights` handler that drops the slots `rule` marks and counts expert use.
+
+    The top slot (largest weight) of a token is never dropped, whatever the rule says.
+    """
+
+    def __init__(self, rule: DropRule | None):
+        self.rule = rule
+        self.use = ExpertUse()
+
+    def install(self, hooks: EvalHooks) -> SlotDropper:
+        hooks.add(WEIGHTS_NODE, self)
+        return self
+
+    def __call__(self, node: Node) -> None:
+        k, n = node.ne[1], node.ne[2]
+        if node.type != gguf.GGMLQuantizationType.F32 or node.ne[0] != 1:
+            raise HookError(f"{node.name} is {node.type_name} {node.ne}, expected F32 [1, k, n]")
+        w = node.read().reshape(n, k)
+        drop = self.rule(node.layer, w) if self.rule is not None else None
+        n_drop = 0
+        if drop is not None:
+            top = w.argmax(axis=1)
+            drop = np.array(drop, dtype=bool, copy=True)
+            drop[np.arange(n), top] = False
+            n_drop = int(drop.sum())
+        if n_drop:
+            r = moe_routing(node)
+            ids = r.ids.copy()
+            ids[drop] = np.broadcast_to(ids[np.arange(n), top][:, None], ids.shape)[drop]
+            w[drop] = 0.0
+            node.src(1).write(ids.reshape(node.src(1).read().shape))
+            node.write(w.reshape(node.read().shape))
+        self.use.add(node.layer, n, k, n_drop)
+
+
+def threshold_rule(thresholds: Sequence[float] | np.ndarray) -> DropRule:
+    """Drop slot j of a token when w_j < tau_l * w_top (tau_l = thresholds[layer])."""
+    tau = np.asarray(thresholds, dtype=np.float32)
+
+    def rule(layer: int, w: np.ndarray) -> np.ndarray | None:
+        t = tau[layer] if layer < len(tau) else 0.0
+        if t <= 0:
+            return None
+        return w < t * w.max(axis=1, keepdims=True)
+
+    return rule
+
+
+class TopAny(SlotDropper):
+    """The top-any rule with per-layer thresholds; `thresholds` may be changed between runs."""
+
+    def __init__(self, thresholds: Sequence[float] | np.ndarray):
+        self.thresholds = np.asarray(thresholds, dtype=np.float32)
+        super().__init__(self._rule)
+
+    def _rule(self, layer: int, w: np.ndarray) -> np.ndarray | None:
+        return threshold_rule(self.thresholds)(layer, w)
+
+    @property
+    def active(self) -> bool:
+        return bool((self.thresholds > 0).any())
+
+
+# -- thresholds in GGUF metadata ------------------------------------------------------------
+
+def add_top_any_metadata(writer: gguf.GGUFWriter, thresholds: Sequence[float],
+                         info: dict | None = None) -> None:
+    """Store per-block thresholds (and how they were found) in a GGUF being written."""
+    tau = [float(x) for x in np.asarray(thresholds, dtype=np.float32)]
+    if any(not 0.0 <= x <= 1.0 for x in tau):
+        raise ValueError(f"top-any thresholds must be in [0, 1], got {tau}")
+    writer.add_array(THRESHOLDS_KEY, tau)
+    if info is not None:
+        writer.add_string(INFO_KEY, json.dumps(info))
+
+
+def read_top_any(path: str | Path) -> tuple[np.ndarray | None, dict]:
+    """The thresholds stored in a GGUF file (None if there are none) and their info."""
+    r = gguf.GGUFReader(path)
+    f = r.get_field(THRESHOLDS_KEY)
+    tau = None if f is None else np.asarray(f.contents(), dtype=np.float32)
+    info = r.get_field(INFO_KEY)
+    return tau, (json.loads(info.contents()) if info is not None else {})
+
+
+def write_top_any(src: str | Path, dst: str | Path, thresholds: Sequence[float],
+                  info: dict | None = None) -> Path:
+    """Copy GGUF `src` to `dst` with the thresholds in its metadata (replacing old ones).
+
+    `dst` may be `src`: the copy is written under a temporary name and renamed at the end.
+    """
+    src, dst = Path(src), Path(dst)
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    part = dst.with_name(dst.name + ".part")
+    writer = gguf.GGUFWriter(part, arch=arch, endianess=reader.endianess)
+    try:
+        for f in reader.fields.values():
+            if f.name in (gguf.Keys.General.ARCHITECTURE, THRESHOLDS_KEY, INFO_KEY) or \
+                    f.name.startswith("GGUF."):
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+        add_top_any_metadata(writer, thresholds, info)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
+                                   t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+        del reader  # release the memory map before replacing src
+        os.replace(part, dst)
+    except BaseException:
+        writer.close()
+        part.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def parse_spec(spec: str | float | Sequence[float] | None, n_layer: int,
+               stored: np.ndarray | None) -> np.ndarray | None:
+    """Thresholds from a user spec: None/"file" (stored ones), "off"/0, one tau for all
+    layers ("0.3"), one per block ("0,0.2,0.3"), or a JSON file from calibrate-top-any."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "file")):
+        return stored
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s.lower() in ("off", "none"):
+            return np.zeros(n_layer, np.float32)
+        if s.endswith(".json") or Path(s).is_file():
+            return parse_spec(json.loads(Path(s).read_text())["thresholds"], n_layer, stored)
+        try:
+            values = [float(x) for x in s.split(",")]
+        except ValueError:
+            raise ValueError(f"cannot read top-any spec {spec!r}: use 'file', 'off', a tau "
+                             "like 0.3, one tau per block 0,0.2,... or a JSON file") from None
+        return parse_spec(values[0] if len(values) == 1 else values, n_layer, stored)
+    tau = np.asarray(spec, dtype=np.float32)
+    if tau.ndim == 0:
+        tau = np.full(n_layer, float(tau), np.float32)
+    if tau.shape != (n_layer,):
+        raise ValueError(f"{tau.size} top-any thresholds given, the model has {n_layer} blocks")
+    if (tau < 0).any() or (tau > 1).any():
+        raise ValueError(f"top-any thresholds must be in [0, 1], got {tau.tolist()}")
+    return tau
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds for a target and what they measured on the calibration text."""
+
+    thresholds: tuple[float, ...]
+    method: str  # "uniform": one tau for all layers; "layer": per-layer sensitivity
+    target: dict  # {"share": 0.2} or {"max_ppl_increase": 0.01} or {"max_kld": 0.01}
+    removed_share: float  # measured share of expert activations removed
+    ppl_base: float
+    ppl: float
+    kld_mean: float
+    n_tokens: int  # scored calibration tokens
+    layer_shares: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ppl_increase(self) -> float:
+        return self.ppl / self.ppl_base - 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = list(self.thresholds)
+        d["ppl_increase"] = self.ppl_increase
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def slot_ratios(routing_weights: np.ndarray) -> np.ndarray:
+    """w_j / w_top for every non-top slot: (n_tokens, k) -> (n_tokens, k - 1)."""
+    w = np.sort(routing_weights, axis=1)[:, ::-1]
+    return w[:, 1:] / np.maximum(w[:, :1], 1e-30)
+
+
+def tau_for_share(ratios: np.ndarray, share: float, k: int) -> float:
+    """The tau that removes `share` of all k slots given the non-top slot ratios."""
+    if share <= 0:
+        return 0.0
+    q = share * k / (k - 1)  # only k - 1 of k slots can go
+    if q >= 1:
+        return 1.0
+    r = np.sort(ratios.ravel())
+    i = int(np.ceil(q * len(r)))  # drop r[:i]: tau just above r[i - 1]
+    if i <= 0:
+        return 0.0
+    if i >= len(r):
+        return 1.0
+    return float(np.nextafter(np.float32(r[i - 1]), np.float32(1.0)))
+
+
+class _Runner:
+    """One llama.cpp context over calibration windows, re-run with changing thresholds."""
+
+    def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int,
+                 threads: int | None):
+        from . import textscore
+        from .hooks import attach
+        from .llamacpp import open_llama
+
+        self.hooks = EvalHooks()
+        self.topany = TopAny(np.zeros(0, np.float32)).install(self.hooks)
+        self.ratios: dict[int, list[np.ndarray]] = {}
+        self.hooks.add(WEIGHTS_NODE, self._collect)
+        self.collect = True
+        llm = open_llama(path, n_ctx=n_ctx, f32_kv=True, logits_all=True, threads=threads)
+        self.llm = attach(llm, self.hooks)
+        self.n_layer = textscore.n_layer(self.llm)
+        self.windows = textscore.windows(tokens, n_ctx, textscore.bos_token(self.llm))
+        self.base = textscore.score(self.llm, self.windows, keep_logprobs=True)
+        self.collect = False
+        self.ratios_by_layer = {l: np.concatenate(v) for l, v in self.ratios.items()}
+        self.k = next(iter(self.ratios_by_layer.values())).shape[1] + 1
+        self.moe_layers = sorted(self.ratios_by_layer)
+
+    def _collect(self, node: Node) -> None:
+        if self.collect:
+            w = node.read().reshape(node.ne[2], node.ne[1])
+            self.ratios.setdefault(node.layer, []).append(slot_ratios(w))
+
+    def run(self, thresholds: np.ndarray):
+        from . import textscore
+
+        self.topany.thresholds = np.asarray(thresholds, np.float32)
+        self.topany.use = ExpertUse()
+        s = textscore.score(self.llm, self.windows, reference=self.base)
+        return s, self.topany.use
+
+
+def _layer_thresholds(runner: _Runner, shares: dict[int, float]) -> np.ndarray:
+    tau = np.zeros(runner.n_layer, np.float32)
+    for l, s in shares.items():
+        tau[l] = tau_for_share(runner.ratios_by_layer[l], s, runner.k)
+    return tau
+
+
+def _allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> dict[int, float]:
+    """Per-layer shares averaging `share`, least summed damage (Lagrangian over the grid,
+    interpolated between the two bracketing multipliers)."""
+    layers = sorted(curves)
+
+    def pick(lam: float) -> dict[int, float]:
+        return {l: float(grid[np.argmin(curves[l] - lam * grid)]) for l in layers}
+
+    def mean(p):
+        return float(np.mean(list(p.values())))
+
+    lo, hi = 0.0, 1.0
+    while mean(pick(hi)) < share and hi < 1e9:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mean(pick(mid)) >= share:
+            hi = mid
+        else:
+            lo = mid
+    a, b = pick(lo), pick(hi)
+    ma, mb = mean(a), mean(b)
+    t = 0.0 if mb == ma else (share - ma) / (mb - ma)
+    return {l: a[l] + t * (b[l] - a[l]) for l in layers}
+
+
+def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = None,
+              max_ppl_increase: float | None = None, max_kld: float | None = None,
+              method: str = "layer", n_ctx: int = 512, grid: Sequence[float] | None = None,
+              threads: int | None = None, progress: bool = True) -> Calibration:
+    """Per-layer thresholds for one target, measured on `tokens` in llama.cpp.
+
+    `share`: remove this share of expert activations with the least damage (KL divergence
+    to the unthresholded model). `max_ppl_increase` (relative, 0.01 = 1%) or `max_kld`:
+    remove as much as the budget allows (bisection on the share, each step measured).
+    `method="layer"` spends the removals where single-layer experiments found them cheap;
+    `"uniform"` uses one tau for every layer.
+    """
+    from tqdm import tqdm
+
+    targets = {"share": share, "max_ppl_increase": max_ppl_increase, "max_kld": max_kld}
+    given = {k: v for k, v in targets.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one calibration target, got {given or 'none'}")
+    if method not in ("layer", "uniform"):
+        raise ValueError(f"unknown calibration method {method!r} (layer, uniform)")
+    runner = _Runner(path, tokens, n_ctx, threads)
+    k = runner.k
+    max_share = (k - 1) / k
+    grid = np.asarray(grid if grid is not None else
+                      [0, .05, .1, .15, .2, .25, .3, .35, .4, .45, .5, .6, .7, .8, .9],
+                      dtype=np.float64) * max_share
+    curves: dict[int, np.ndarray] = {}
+    if method == "layer":
+        steps = [(l, g) for l in runner.moe_layers for g in grid[1:]]
+        bar = tqdm(steps, desc="layer sensitivity", disable=not progress)
+        for l in runner.moe_layers:
+            curves[l] = np.zeros(len(grid))
+        for l, g in bar:
+            s, _ = runner.run(_layer_thresholds(runner, {l: g}))
+            curves[l][int(np.searchsorted(grid, g))] = s.kld_mean
+
+    def thresholds_for(s: float) -> np.ndarray:
+        if method == "uniform":
+            pooled = np.concatenate([runner.ratios_by_layer[l] for l in runner.moe_layers])
+            tau = np.zeros(runner.n_layer, np.float32)
+            tau[runner.moe_layers] = tau_for_share(pooled, s, k)
+            return tau
+        return _layer_thresholds(runner, _allocate(curves, grid, s))
+
+    def measured(s: float):
+        tau = thresholds_for(s)
+        score, use = runner.run(tau)
+        return tau, score, use
+
+    if share is not None:
+        if not 0 <= share < max_share:
+            raise ValueError(f"share {share} out of range: with k={k} at most {max_share:.3f} "
+                             "of activations can go (the top expert stays)")
+        tau, score, use = measured(share)
+    else:
+        def ok(score) -> bool:
+            if max_kld is not None:
+                return score.kld_mean <= max_kld
+            return score.ppl / runner.base.ppl - 1.0 <= max_ppl_increase
+
+        lo, hi = 0.0, max_share * 0.999
+        best = (np.zeros(runner.n_layer, np.float32), *runner.run(np.zeros(runner.n_layer)))
+        for _ in tqdm(range(10), desc="damage budget search", disable=not progress):
+            mid = (lo + hi) / 2
+            cand = measured(mid)
+            if ok(cand[1]):
+                lo, best = mid, cand
+            else:
+                hi = mid
+        tau, score, use = best
+    return Calibration(
+        thresholds=tuple(float(x) for x in tau), method=method, target=given,
+        removed_share=use.removed_share, ppl_base=runner.base.ppl, ppl=score.ppl,
+        kld_mean=score.kld_mean, n_tokens=score.n_tokens,
+        layer_shares={str(l): v for l, v in use.layer_shares().items()},
+    )

@@ -1,0 +1,88 @@
+"""Calibration in llama.cpp measures what transformers says the model does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.calibrate import calibrate
+from export.imatrix import read_stats
+from export.source import HFSource
+from tests.edgemoe.test_export_llamacpp import PROMPT
+
+N_CTX = 64
+
+
+def _reference(model_dir, tokens):
+    """Per layer: expert counts, saliency sums and the MoE input squares, from transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    src = HFSource(model_dir)
+    cfg = model.config
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda m, a, i=i: inputs.setdefault(i, []).append(a[0][0].detach().numpy()))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for s in range(0, len(tokens), N_CTX):
+            model(torch.tensor([tokens[s:s + N_CTX]]))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, xs in inputs.items():
+        x = np.concatenate(xs).astype(np.float64)
+        router = src.load(f"model.layers.{i}.mlp.gate.weight").astype(np.float64)
+        logits = x @ router.T
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ids = np.argsort(-p, axis=-1)[:, :k]
+        w = np.take_along_axis(p, ids, -1)
+        w /= w.sum(-1, keepdims=True)
+        counts, sal, sums = np.zeros(E), np.zeros(E), np.zeros((E, x.shape[1]))
+        for e in range(E):
+            g = src.load(f"model.layers.{i}.mlp.experts.{e}.gate_proj.weight")
+            u = src.load(f"model.layers.{i}.mlp.experts.{e}.up_proj.weight")
+            d = src.load(f"model.layers.{i}.mlp.experts.{e}.down_proj.weight")
+            rows, slot = np.nonzero(ids == e)
+            h = x[rows] @ g.T
+            f = ((h / (1 + np.exp(-h))) * (x[rows] @ u.T)) @ d.T
+            counts[e] = len(rows)
+            sal[e] = (w[rows, slot] * np.linalg.norm(f, axis=-1)).sum()
+            sums[e] = np.square(x[rows]).sum(0)
+        out[i] = (counts, sal, sums)
+    return out
+
+
+def test_stats_match_transformers(qwen3_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 12)
+    tokens = AutoTokenizer.from_pretrained(qwen3_dir)(text.read_text())["input_ids"]
+    stats = calibrate(str(qwen3_dir), text=str(text), output=str(tmp_path / "s.gguf"),
+                      n_ctx=N_CTX, calib_type="F32", progress=False)
+    assert stats.n_tokens == len(tokens)
+    ref = _reference(qwen3_dir, tokens)
+    for layer, (counts, sal, sums) in ref.items():
+        e = stats.experts[layer]
+        np.testing.assert_array_equal(e.selected, counts)
+        np.testing.assert_allclose(e.saliency_sum, sal, rtol=1e-3)
+        name = f"blk.{layer}.ffn_up_exps.weight"
+        np.testing.assert_array_equal(stats.counts[name], counts)
+        np.testing.assert_allclose(stats.in_sum2[name], sums, rtol=1e-3, atol=1e-6)
+    # the file on disk is the same statistics
+    back = read_stats(tmp_path / "s.gguf")
+    np.testing.assert_allclose(back.experts[1].saliency, stats.experts[1].saliency, rtol=1e-6)
+    assert set(back.in_sum2) == set(stats.in_sum2)
+    assert {"blk.0.attn_q.weight", "blk.1.attn_output.weight", "output.weight"} <= set(
+        stats.in_sum2)
+
+
+def test_empty_text_is_an_error(qwen3_dir, tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(ValueError, match="too short"):
+        calibrate(str(qwen3_dir), text=str(tmp_path / "e.txt"), calib_type="F32",
+                  progress=False)
