@@ -100,6 +100,19 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     return p
 
 
+def calibrate(source: str, text: str | None = None, output: str | None = None,
+              calib_model: str | None = None, ctx: int = 512,
+              max_tokens: int | None = None) -> None:
+    """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
+    from . import calibrate as cal
+
+    out = output or f"{Path(source).name}.stats.gguf"
+    stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
+                          max_tokens=max_tokens)
+    print(cal.summary(stats))
+    print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
+
+
 def inspect(file: str) -> None:
     """Show a GGUF file's tensor types and bits per weight by layer and tensor kind."""
     print(report.inspect_gguf(file))
@@ -135,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")
+    c = sub.add_parser("calibrate", help=calibrate.__doc__, description=calibrate.__doc__)
+    c.add_argument("source", help="Hugging Face model directory")
+    c.add_argument("--text", default=None, help="calibration text (default: shipped text)")
+    c.add_argument("-o", "--output", default=None, help="stats file (default SOURCE.stats.gguf)")
+    c.add_argument("--calib-model", default=None,
+                   help="run this GGUF of the model instead of writing a temporary Q8_0")
+    c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
     for name, verb in VERBS.items():
@@ -142,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-VERBS = {"export": export, "plan": plan, "inspect": inspect}
+VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,6 +255,9 @@ class EvalHooks:
 
         self._handlers: dict[str, list[tuple[frozenset[int] | None, Handler]]] = {}
         self._routes: dict[bytes, list[Handler] | None] = {}
+        self.required: set[str] = set()  # names that must occur in the first graph run
+        self.matched: set[str] = set()
+        self.checked = False
         self.errors: list[BaseException] = []
         self.record_names = False
         self.names_seen: set[str] = set()
@@ -263,12 +266,20 @@ class EvalHooks:
         # address only
         self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
 
-    def add(self, name: str, fn: Handler, layers: Iterable[int] | None = None) -> None:
+    def add(self, name: str, fn: Handler, layers: Iterable[int] | None = None,
+            required: bool = True) -> None:
         """Call `fn(node)` after every node named `name-<layer>` (layers=None: all layers;
-        a node without layer suffix matches when its whole name is `name`)."""
+        a node without layer suffix matches when its whole name is `name`).
+
+        `required`: the first decode raises HookError if no node of that name was computed,
+        so that a llama.cpp that renamed its nodes fails loudly instead of silently.
+        """
         sel = None if layers is None else frozenset(int(x) for x in layers)
         self._handlers.setdefault(name, []).append((sel, fn))
+        if required:
+            self.required.add(name)
         self._routes.clear()
+        self.matched.clear()
 
     def _route(self, raw: bytes) -> list[Handler] | None:
         name = raw.decode(errors="replace")
@@ -277,8 +288,13 @@ class EvalHooks:
         base, layer = split_name(name)
         found = [fn for sel, fn in self._handlers.get(base, ())
                  if sel is None or (layer is not None and layer in sel)]
+        if found:
+            self.matched.add(base)
         if base != name:  # an exact registration of the full name (e.g. "foo-3") also counts
-            found += [fn for sel, fn in self._handlers.get(name, ()) if sel is None]
+            exact = [fn for sel, fn in self._handlers.get(name, ()) if sel is None]
+            if exact:
+                self.matched.add(name)
+            found += exact
         return found or None
 
     def _callback(self, t: int, ask: bool, user_data) -> bool:
@@ -299,10 +315,19 @@ class EvalHooks:
         return True
 
     def raise_errors(self) -> None:
-        """Re-raise the first handler error since the last call, if any."""
+        """Re-raise the first handler error since the last call, if any; after the first
+        decode, fail if a required node name never occurred in the graph."""
         if self.errors:
             exc, self.errors = self.errors[0], []
             raise HookError(f"an eval handler failed: {exc!r}") from exc
+        if not self.checked:
+            self.checked = True
+            missing = sorted(self.required - self.matched)
+            if missing:
+                raise HookError(
+                    f"llama.cpp computed no node named {', '.join(missing)} (with or without a "
+                    "layer suffix): the graph was renamed, or the model has no such node. "
+                    "Set hooks.record_names = True to list the names it has.")
 
 
 def _hooked_context_class():

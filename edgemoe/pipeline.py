@@ -111,6 +111,8 @@ def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
         spec = r.spec
         types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
         imatrix = importance(stats, spec)
+        if imatrix is None:  # ggml cannot make these types without an importance matrix
+            types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
         if not spec.n_experts:
             data = r.load(model.source)
             dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=max_rows)

@@ -32,6 +32,21 @@ def tokenize(llm, text: str, max_tokens: int | None = None) -> list[int]:
     return tokens[:max_tokens] if max_tokens else tokens
 
 
+def tokenize_file(path, text: str, max_tokens: int | None = None) -> list[int]:
+    """Tokens of `text` with the tokenizer of GGUF `path` (loads the vocabulary only)."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    try:
+        tokens = model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        model.close()
+    return tokens[:max_tokens] if max_tokens else tokens
+
+
 def windows(tokens: Sequence[int], n_ctx: int, bos: int | None = None,
             min_len: int = 16) -> list[list[int]]:
     """Consecutive windows of n_ctx tokens (BOS included); a short tail is dropped."""

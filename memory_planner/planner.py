@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from .quant_types import DEFAULT_LADDER, candidate_types, format_size, legal_type, tensor_nbytes
+from .quant_types import DEFAULT_LADDER, REQUIRES_IMATRIX, candidate_types, format_size, legal_type, tensor_nbytes
 from .types import Budget, MemoryPlan, TensorPlan, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def _options(specs: Sequence[TensorSpec], damage: Damage | None, ladder: Sequenc
                 d = 0.0
             elif damage is None:
                 d = 0.0
+            elif legal in REQUIRES_IMATRIX and legal not in damage.get(s.name, {}):
+                continue  # no importance matrix for this tensor: the type is not an option
             else:
                 try:
                     d = float(damage[s.name][legal])
@@ -100,40 +102,50 @@ def uniform_plan(specs: Sequence[TensorSpec], type_name: str, budget: Budget,
     return plan
 
 
+def _classes(options) -> list[list[int]]:
+    """Tensors with identical options (same sizes and damages) are interchangeable.
+
+    A model has dozens of copies of each expert tensor; one integer count per (class,
+    type) instead of one binary per (tensor, type) removes that symmetry, which otherwise
+    makes branch-and-bound prove optimality over every permutation of the copies.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, opts in enumerate(options):
+        groups.setdefault(tuple(opts), []).append(i)
+    return list(groups.values())
+
+
 def solve(specs: Sequence[TensorSpec], damage: Damage, budget: Budget,
           ladder: Sequence[str] = DEFAULT_LADDER, damage_model: str = "relative-error",
           time_limit: float = 60.0) -> MemoryPlan:
     """The least-damage assignment of ladder types whose weights fit `budget`."""
     check_minimum(specs, budget, ladder)
     options = _options(specs, damage, ladder)
+    classes = _classes(options)
     avail = budget.weight_bytes_available
 
-    # variables: one binary per (tensor, option), laid out tensor after tensor
-    sizes = np.array([o[2] for opts in options for o in opts], dtype=np.float64)
-    cost = np.array([o[3] for opts in options for o in opts], dtype=np.float64)
+    # variables: per class, how many of its tensors take each option
+    sizes = np.array([o[2] for c in classes for o in options[c[0]]], dtype=np.float64)
+    cost = np.array([o[3] for c in classes for o in options[c[0]]], dtype=np.float64)
+    upper = np.array([len(c) for c in classes for _ in options[c[0]]], dtype=np.float64)
+    rows = [k for k, c in enumerate(classes) for _ in options[c[0]]]
     n = len(sizes)
-    rows, cols = [], []
-    j = 0
-    for i, opts in enumerate(options):
-        for _ in opts:
-            rows.append(i)
-            cols.append(j)
-            j += 1
-    choose_one = csr_array((np.ones(n), (rows, cols)), shape=(len(options), n))
+    count = np.array([len(c) for c in classes], dtype=np.float64)
+    choose = csr_array((np.ones(n), (rows, np.arange(n))), shape=(len(classes), n))
     # bytes scaled to MiB keeps the coefficients in a range HiGHS is comfortable with
     scale = float(2**20)
     slack = 0.0
     for _attempt in range(5):
         constraints = [
-            LinearConstraint(choose_one, 1, 1),
+            LinearConstraint(choose, count, count),
             LinearConstraint(sizes[None, :] / scale, -np.inf, (avail - slack) / scale),
         ]
         res = milp(cost, constraints=constraints, integrality=np.ones(n),
-                   bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+                   bounds=Bounds(0, upper), options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         if res.x is None:
             raise PlanError(f"the solver found no plan: {res.message}")
-        x = res.x > 0.5
-        used = int(sizes[x].sum())
+        x = np.round(res.x).astype(int)
+        used = int(sizes @ x)
         if used <= avail:
             break
         # solver tolerances let the byte row overshoot by a hair: tighten and solve again
@@ -141,12 +153,19 @@ def solve(specs: Sequence[TensorSpec], damage: Damage, budget: Budget,
     else:
         raise PlanError("the solver's plans kept overshooting the budget")
 
-    tensors = []
+    # hand each class's counts out to its tensors, most bits first, in file order
+    pick: dict[int, tuple] = {}
     j = 0
-    for s, opts in zip(specs, options):
-        pick = [o for k, o in enumerate(opts) if x[j + k]]
+    for c in classes:
+        opts = options[c[0]]
+        members = iter(c)
+        for k, o in enumerate(opts):
+            for _ in range(x[j + k]):
+                pick[next(members)] = o
         j += len(opts)
-        legal, asked, nbytes, d = pick[0]
+    tensors = []
+    for i, s in enumerate(specs):
+        legal, asked, nbytes, d = pick[i]
         tensors.append(TensorPlan(s.name, legal, nbytes, s.n_elements, d,
                                   asked if asked != legal else None))
     status = "optimal" if res.status == 0 else f"status {res.status}: {res.message}"

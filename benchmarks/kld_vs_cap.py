@@ -1,0 +1,204 @@
+"""Issue 3's benchmark: at several memory caps, KL divergence against the F32 model in llama.cpp
+of the calibrated plan and of the alternatives a user has.
+
+For each cap (given as bits per weight of the bundled model's weights):
+  calibrated    edgemoe: calibration stats, importance-weighted damage, pruning allowed,
+                imatrix quantization
+  uncalibrated  edgemoe without stats: plain relative error, no imatrix
+  mc-style      the joint program with expert importance = frequency x mean routing weight
+                (MC's criterion) instead of measured output energy / REAP saliency
+  uniform T     every quantizable tensor at type T, imatrix quantization, if it fits
+  llama.cpp P   llama_model_quantize preset P (Q2_K, Q3_K_M, Q4_K_M, IQ2_XXS, ...) with the
+                same imatrix, whatever its size (its size is shown)
+Then Spearman's rank correlation between predicted damage and measured KLD over the plans.
+
+    python benchmarks/kld_vs_cap.py                     # bundled model, caps 2.5 / 3 / 4 bpw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+import memory_planner as mp
+from edgemoe import pipeline, quality
+from edgemoe.calibrate import calibrate
+from edgemoe.llamacpp import llama_quantize, open_llama
+from edgemoe.report import table
+from memory_planner.stats import CalibStats, ExpertStats
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("IQ2_XXS", "IQ2_XS", "Q2_K_S", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_XS",
+           "Q4_K_S", "Q4_K_M")
+# types ggml can make without an importance matrix (token_embd has none): the others are
+# covered by llama.cpp's IQ presets
+UNIFORM = ("Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
+           "Q5_K", "Q6_K", "Q8_0")
+
+
+def mc_style(stats: CalibStats) -> CalibStats:
+    """The same statistics with expert importance = frequency x mean routing weight."""
+    experts = {}
+    for layer, e in stats.experts.items():
+        importance = e.weight_sum  # = selections x mean weight
+        experts[layer] = ExpertStats(e.selected, e.weight_sum, importance, importance,
+                                     float(importance.sum()))
+    return replace(stats, experts=experts)
+
+
+def weight_bytes(path: Path) -> int:
+    llm = open_llama(path, n_ctx=64, logits_all=False)
+    try:
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_size(llm.model))
+    finally:
+        llm.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models/stdlib-moe"))
+    ap.add_argument("--heldout", default=None, help="default: MODEL/heldout.txt")
+    ap.add_argument("--calib", default=None, help="default: MODEL/calib.txt")
+    ap.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 4.0])
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--workdir", default="/tmp/edgemoe-kld")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kld_vs_cap.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model_dir = Path(args.model)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    model = pipeline.open_model(model_dir)
+    a = model.adapter
+    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
+                                                 check_budget=False), work / "f32.gguf",
+                          progress=False)
+    text = Path(args.heldout or model_dir / "heldout.txt").read_text()
+    llm = open_llama(f32, n_ctx=64, logits_all=False)
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)[: args.tokens]
+    llm.close()
+    ref = quality.logprobs(f32, tokens, args.ctx)
+    stats = calibrate(str(model_dir), text=args.calib or str(model_dir / "calib.txt"),
+                      output=str(work / "stats.gguf"), calib_model=str(f32), progress=False)
+    imatrix_by_name = {s.name: pipeline.importance(stats, s) for s in model.specs
+                       if s.quantizable and stats.importance(s.name) is not None}
+
+    def measure(path: Path) -> dict:
+        q = quality.compare(ref, quality.logprobs(path, tokens, args.ctx), tokens, args.ctx)
+        return {"kld": q.kld_mean, "kld_p99": q.kld_p99, "top1": q.top1_agreement,
+                "ppl": q.ppl, "ppl_ref": q.ppl_reference, "weight_bytes": weight_bytes(path)}
+
+    # llama.cpp presets do not depend on the cap: measure each once
+    presets = {}
+    for p in PRESETS:
+        out = work / f"preset-{p}.gguf"
+        try:
+            llama_quantize(f32, out, p, imatrix={k: v.reshape(-1) for k, v in
+                                                  imatrix_by_name.items()})
+        except RuntimeError as exc:
+            print(f"preset {p}: {exc}")
+            continue
+        presets[p] = measure(out)
+
+    n_params = sum(s.n_elements for s in model.specs)
+    damage_cal = pipeline.measure_damage(model, stats=stats, progress=False,
+                                         ladder=mp.DEFAULT_LADDER + mp.quant_types
+                                         .IMATRIX_LADDER_EXTRA)
+    probe = pipeline.make_budget(a, 10**12, ctx=args.ctx)
+    overhead = probe.kv_bytes + probe.compute_bytes  # the same at every cap
+    results, rank_points = [], []
+    for bpw in args.bpw:
+        cap = overhead + int(bpw * n_params / 8)
+        budget = pipeline.make_budget(a, cap, ctx=args.ctx)
+        rows = {}
+
+        def run(label, plan, use_stats):
+            out = work / f"{label.replace(' ', '_')}-{bpw}.gguf"
+            pipeline.export(model, plan, out, stats=use_stats, progress=False)
+            m = measure(out)
+            m.update(predicted=plan.predicted_damage, bpw=plan.bits_per_weight,
+                     experts_kept=plan.n_experts_kept, fits=plan.total_bytes <= cap)
+            rows[label] = m
+            return m
+
+        plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
+        run("calibrated", plan, stats)
+        plan_nc, _ = pipeline.make_plan(model, budget, progress=False)
+        run("uncalibrated", plan_nc, None)
+        mc = mc_style(stats)
+        plan_mc, _ = pipeline.make_plan(model, budget, stats=mc, progress=False)
+        run("mc-style", plan_mc, stats)
+        for t in UNIFORM:
+            up = mp.uniform_plan(model.specs, t, budget, check_budget=False)
+            if up.total_bytes > cap:
+                continue
+            up = replace(up, tensors=tuple(
+                replace(tp, damage=damage_cal.table(model.specs).get(tp.name, {}).get(tp.type,
+                                                                                      0.0))
+                for tp in up.tensors))
+            run(f"uniform {t}", up, stats)
+        for p, m in presets.items():
+            rows[f"llama.cpp {p}"] = {**m, "fits": m["weight_bytes"] + overhead <= cap,
+                                      "bpw": 8 * m["weight_bytes"] / n_params}
+        results.append({"bpw_target": bpw, "cap_bytes": cap, "rows": rows,
+                        "tradeoff": [r.__dict__ for r in tradeoff]})
+        rank_points += [(r["predicted"], r["kld"]) for k, r in rows.items()
+                        if "predicted" in r and (k == "calibrated" or k.startswith("uniform"))]
+
+    # more plans for the rank correlation: the calibrated planner across a range of caps
+    for bpw in np.linspace(2.2, 6.0, 8):
+        cap = overhead + int(bpw * n_params / 8)
+        budget = pipeline.make_budget(a, cap, ctx=args.ctx)
+        plan = mp.solve(model.specs, damage_cal.table(model.specs), budget,
+                        ladder=mp.DEFAULT_LADDER + mp.quant_types.IMATRIX_LADDER_EXTRA)
+        out = work / f"rank-{bpw:.2f}.gguf"
+        pipeline.export(model, plan, out, stats=stats, progress=False)
+        rank_points.append((plan.predicted_damage, measure(out)["kld"]))
+    rho = float(spearmanr([p for p, _ in rank_points], [k for _, k in rank_points]).statistic)
+
+    lines = []
+    for res in results:
+        rows = res["rows"]
+        cal = rows["calibrated"]["kld"]
+        baseline = {k: v for k, v in rows.items() if k != "calibrated"}
+        fair = {k: v for k, v in baseline.items()
+                if v.get("fits") or (k.startswith("llama.cpp") and v["weight_bytes"] >=
+                                     rows["calibrated"]["weight_bytes"])}
+        best_k = min(fair, key=lambda k: fair[k]["kld"]) if fair else None
+        ratio = cal / fair[best_k]["kld"] if best_k else float("nan")
+        res["best_alternative"] = best_k
+        res["ratio_to_best"] = ratio
+        print(f"\ncap {mp.format_size(res['cap_bytes'])} (target {res['bpw_target']} bpw): "
+              f"calibrated KLD {cal:.4f}, best alternative {best_k} "
+              f"{fair[best_k]['kld'] if best_k else float('nan'):.4f}, ratio {ratio:.2f}")
+        t = [[k, f"{v['bpw']:.2f}", f"{v['kld']:.4f}", f"{v['kld_p99']:.3f}", f"{v['top1']:.3f}",
+              f"{v['ppl']:.3f}", "yes" if v.get("fits") else "no",
+              str(v.get("experts_kept", "")), f"{v['predicted']:.4g}" if "predicted" in v else ""]
+             for k, v in sorted(rows.items(), key=lambda kv: kv[1]["kld"])]
+        print(table(t, ["plan", "bpw", "KLD", "KLD p99", "top-1", "PPL", "fits", "experts",
+                        "predicted"]))
+        lines.append(res)
+    print(f"\nSpearman(predicted damage, measured KLD) over {len(rank_points)} plans: {rho:.3f}")
+    summary = {"model": str(model_dir), "tokens": len(tokens), "n_params": n_params,
+               "ppl_f32": results[0]["rows"]["calibrated"]["ppl_ref"] if results else None,
+               "results": lines, "spearman": rho, "rank_points": rank_points,
+               "seconds": time.time() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1, default=float))
+    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
