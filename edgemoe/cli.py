@@ -11,6 +11,7 @@ from memory_planner import MemoryPlan
 from memory_planner.stats import CalibStats
 
 from . import pipeline, report
+from .hub import fetch_config, looks_like_repo_id
 
 log = logging.getLogger("edgemoe")
 
@@ -55,6 +56,10 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            no_prune: bool = False, threads: int | None = None,
            plan_out: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
+    if looks_like_repo_id(source):
+        raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
+                         f"weights on disk (hf download {source} --local-dir DIR), then "
+                         "edgemoe export DIR; `edgemoe plan` works from the id alone")
     model = pipeline.open_model(source)
     budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
     calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
@@ -78,6 +83,8 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     made from tensor shapes alone, with documented damage priors.
     """
     tradeoff: list = []
+    if looks_like_repo_id(source):
+        source = str(fetch_config(source))
     if _is_shape_only(source):
         from .shape_plan import plan_from_config
 

@@ -35,7 +35,8 @@ def plan_heatmap(plan: MemoryPlan, path: str | Path, title: str = "") -> Path:
              if t.name.startswith("blk.") and t.type != "F32"}
 
     fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, 0.35 * len(layers) + 2.2))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.5, vmax=16)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.5,
+                   vmax=max(9.0, float(np.nanmax(grid)) if grid.size else 9.0))
     ax.set_xticks(range(len(kinds)), kinds, rotation=40, ha="right")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_ylabel("layer")

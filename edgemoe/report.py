@@ -43,6 +43,13 @@ def budget_table(plan: MemoryPlan) -> str:
     return table(rows, ["memory", "bytes", ""])
 
 
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def _kind(name: str) -> str:
     parts = name.split(".")
     return parts[2] if parts[0] == "blk" else parts[0]
@@ -62,7 +69,7 @@ def _by_kind(entries: Iterable[tuple[str, str, int, int]]) -> list[list[str]]:
     for kind, items in groups.items():
         n = sum(i[1] for i in items)
         nbytes = sum(i[2] for i in items)
-        rows.append([kind, str(len(items)), f"{n / 1e6:.2f}M", _type_summary(i[0] for i in items),
+        rows.append([kind, str(len(items)), _count(n), _type_summary(i[0] for i in items),
                      f"{8 * nbytes / n:.2f}", format_size(nbytes)])
     return rows
 
@@ -82,7 +89,7 @@ def inspect_gguf(path: str | Path) -> str:
     entries = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in r.tensors]
     n = sum(e[2] for e in entries)
     nbytes = sum(e[3] for e in entries)
-    lines = [f"{path}: arch {arch_name}, {len(entries)} tensors, {n / 1e6:.2f}M params, "
+    lines = [f"{path}: arch {arch_name}, {len(entries)} tensors, {_count(n)} params, "
              f"{format_size(nbytes)} of weights, {8 * nbytes / max(n, 1):.3f} bits/weight"]
     for key in ("expert_count", "expert_used_count", "block_count", "context_length"):
         f = r.get_field(f"{arch_name}.{key}")

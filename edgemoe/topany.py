@@ -94,7 +94,7 @@ class SlotDropper:
         n_drop = 0
         if drop is not None:
             top = w.argmax(axis=1)
-            drop = np.array(drop, dtype=bool, copy=True)
+            drop = np.array(np.broadcast_to(drop, w.shape), dtype=bool)  # a copy
             drop[np.arange(n), top] = False
             n_drop = int(drop.sum())
         if n_drop:

@@ -42,3 +42,24 @@ def test_errors_are_messages_with_exit_codes(qwen3_dir, tmp_path, capsys):
     assert "cannot read 'lots' as a size" in capsys.readouterr().err
     assert main(["export", str(qwen3_dir), "--memory", "1GB", "--type", "Q9_X"]) == 2
     assert "unknown GGUF type" in capsys.readouterr().err
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["plan", "deepseek-ai/DeepSeek-V3", "--memory", "128GB"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Hugging Face Hub" in err and "config.json" in err
+    assert main(["export", "deepseek-ai/DeepSeek-V3", "--memory", "128GB"]) == 2
+    assert "needs the weights on disk" in capsys.readouterr().err
+
+
+def test_shape_only_plan_from_config(tmp_path, capsys):
+    from tests.conftest import ROOT
+
+    cfg = ROOT / "tests" / "fixtures" / "configs" / "mixtral-8x7b.json"
+    assert main(["plan", str(cfg), "--memory", "32GB", "--ctx", "8192",
+                 "-o", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ffn_down_exps" in out and "llama-quantize" in out
+    assert (tmp_path / "p.png").stat().st_size > 1000
