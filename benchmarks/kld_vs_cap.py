@@ -2,8 +2,9 @@
 of the calibrated plan and of the alternatives a user has.
 
 For each cap (given as bits per weight of the bundled model's weights):
-  calibrated    edgemoe: calibration stats, importance-weighted damage, pruning allowed,
-                imatrix quantization
+  calibrated    edgemoe: calibration stats, importance-weighted damage scaled by measured
+                per-tensor sensitivity probes, pruning allowed, imatrix quantization
+  calibrated, no probes   the same without the sensitivity probes (ablation)
   uncalibrated  edgemoe without stats: plain relative error, no imatrix
   mc-style      the joint program with expert importance = frequency x mean routing weight
                 (MC's criterion) instead of measured output energy / REAP saliency
@@ -91,7 +92,9 @@ def main() -> None:
     llm.close()
     ref = quality.logprobs(f32, tokens, args.ctx)
     stats = calibrate(str(model_dir), text=args.calib or str(model_dir / "calib.txt"),
-                      output=str(work / "stats.gguf"), calib_model=str(f32), progress=False)
+                      output=str(work / "stats.gguf"), calib_model=str(f32), calib_type="F32",
+                      sensitivity=True, progress=False)
+    unprobed = replace(stats, scales={}, prune_scale=None)
     imatrix_by_name = {s.name: pipeline.importance(stats, s) for s in model.specs
                        if s.quantizable and stats.importance(s.name) is not None}
 
@@ -135,9 +138,11 @@ def main() -> None:
 
         plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
         run("calibrated", plan, stats)
+        plan_np, _ = pipeline.make_plan(model, budget, stats=unprobed, progress=False)
+        run("calibrated, no probes", plan_np, stats)
         plan_nc, _ = pipeline.make_plan(model, budget, progress=False)
         run("uncalibrated", plan_nc, None)
-        mc = mc_style(stats)
+        mc = mc_style(unprobed)
         plan_mc, _ = pipeline.make_plan(model, budget, stats=mc, progress=False)
         run("mc-style", plan_mc, stats)
         for t in UNIFORM:

@@ -123,8 +123,10 @@ class _Collector:
         h.add("result_norm", self.on_result_norm)
         h.add("ffn_norm", self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
-        for name in ("ffn_moe_weights", "ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
-            h.add(name, self.on_weights)
+        h.add("ffn_moe_weights", self.on_weights)
+        # present only where the architecture renormalises / scales the weights
+        for name in ("ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
+            h.add(name, self.on_weights, required=False)
         h.add("ffn_moe_swiglu", self.on_act)
         h.add("ffn_moe_down", self.on_down)
         h.add("ffn_moe_out", self.on_moe_out)
@@ -147,7 +149,6 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     """Run `gguf_path` in llama.cpp over `text` in windows of `n_ctx` tokens; statistics."""
     col = _Collector(n_layer, n_expert)
     hooks = col.hooks()
-    hooks.record_names = True
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx), hooks)
     tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -160,23 +161,21 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     for w in tqdm(windows, desc="calibrating in llama.cpp", disable=not progress):
         llm.reset()
         llm.eval(w)
-    missing = {"ffn_moe_topk", "ffn_moe_swiglu", "ffn_moe_down", "ffn_norm", "result_norm"} - {
-        n.rsplit("-", 1)[0] for n in hooks.names_seen}
-    if missing:
-        raise RuntimeError(f"llama.cpp's graph has no node named {sorted(missing)}: calibration "
-                           "depends on these names (llama-cpp-python 0.3.36)")
     del llm
     return col.stats((dataset,))
 
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, n_ctx: int = 512, max_tokens: int | None = None,
-              calib_type: str = "Q8_0", progress: bool = True) -> CalibStats:
+              calib_type: str = "Q8_0", sensitivity: bool = False,
+              probe_tokens: int = 2048, progress: bool = True) -> CalibStats:
     """Measure expert usage and importance matrices for SOURCE (an HF model directory).
 
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
-    if given) in llama.cpp over `text` (default: the text shipped with edgemoe). Writes the
-    statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given.
+    if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
+    `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
+    on the first `probe_tokens` tokens (edgemoe.sensitivity). Writes the statistics to
+    `output` (a llama.cpp-compatible GGUF imatrix) when given.
     """
     text_path = Path(text) if text else DEFAULT_TEXT
     body = text_path.read_text(encoding="utf-8", errors="replace")
@@ -191,6 +190,13 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
                                         progress=progress)
         stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
                         max_tokens=max_tokens, progress=progress, dataset=text_path.name)
+    if sensitivity:
+        from .llamacpp import tokenize
+        from .sensitivity import measure_scales
+
+        tokens = tokenize(model.source.path, body)[:probe_tokens]
+        stats = measure_scales(model, stats, tokens, base_type=calib_type, n_ctx=n_ctx,
+                               progress=progress)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)

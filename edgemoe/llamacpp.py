@@ -38,6 +38,22 @@ def open_llama(path: str | Path, n_ctx: int = 512, f32_kv: bool = False,
     )
 
 
+def tokenize(path: str | Path, text: str) -> list[int]:
+    """llama.cpp's tokens for `text` (no BOS, special tokens as text) from a GGUF file, or
+    from a Hugging Face directory's tokenizer (which llama.cpp matches exactly)."""
+    path = Path(path)
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        return list(AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)
+                    ["input_ids"])
+    llm = open_llama(path, n_ctx=8, logits_all=False, vocab_only=True)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+
+
 def eval_logits(llm, tokens: Sequence[int]) -> np.ndarray:
     """Logits (n_tokens x n_vocab, float32) of one sequence, from a fresh context."""
     llm.reset()

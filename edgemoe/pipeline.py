@@ -79,6 +79,22 @@ class Damage:
     def table(self, specs, kept=None) -> dict[str, dict[str, float]]:
         return damage_with_kept(specs, self.dense, self.per_expert, kept)
 
+    def scaled(self, scales: dict[str, float]) -> Damage:
+        """Damage in KL-divergence units, with per-tensor scales measured by probes
+        (tensors without a measured scale take the median)."""
+        if not scales:
+            return self
+        default = float(np.median(list(scales.values())))
+
+        def k(name):
+            return scales.get(name, default)
+
+        return Damage(
+            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.dense.items()},
+            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.per_expert.items()},
+            self.model + "+probed",
+        )
+
 
 def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
     """Each expert's weight in the tensor's damage: its output-energy share when calibration
@@ -165,12 +181,24 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
     # fail on an impossible cap before spending time on measurements
     mp.planner.check_minimum(adapter.tensor_specs(grid[-1]), budget, ladder)
     damage = measure_damage(model, ladder, stats, progress=progress)
+    if stats is not None:
+        damage = damage.scaled(stats.scales)
     if len(grid) == 1:
         plan = mp.solve(model.specs, damage.table(model.specs), budget, ladder=ladder,
                         damage_model=damage.model)
         return plan, []
     return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
-                       grid, ladder=ladder, damage_model=damage.model)
+                       grid, ladder=ladder, damage_model=damage.model,
+                       prune_scale=_prune_scale(stats))
+
+
+def _prune_scale(stats: CalibStats) -> float:
+    """Pruning damage in the units of the (possibly probed) quantization damage."""
+    if not stats.scales:
+        return 1.0
+    if stats.prune_scale is None:
+        return float(np.median(list(stats.scales.values())))
+    return stats.prune_scale
 
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,

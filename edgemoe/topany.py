@@ -68,7 +68,7 @@ class ExpertUse:
         return sum(self.kept.values()) / n if n else 0.0
 
     def layer_shares(self) -> dict[int, float]:
-        return {l: 1.0 - self.kept[l] / s for l, s in sorted(self.slots.items()) if s}
+        return {li: 1.0 - self.kept[li] / s for li, s in sorted(self.slots.items()) if s}
 
 
 class SlotDropper:
@@ -295,7 +295,7 @@ class _Runner:
         self.windows = textscore.windows(tokens, n_ctx, textscore.bos_token(self.llm))
         self.base = textscore.score(self.llm, self.windows, keep_logprobs=True)
         self.collect = False
-        self.ratios_by_layer = {l: np.concatenate(v) for l, v in self.ratios.items()}
+        self.ratios_by_layer = {li: np.concatenate(v) for li, v in self.ratios.items()}
         self.k = next(iter(self.ratios_by_layer.values())).shape[1] + 1
         self.moe_layers = sorted(self.ratios_by_layer)
 
@@ -315,8 +315,8 @@ class _Runner:
 
 def _layer_thresholds(runner: _Runner, shares: dict[int, float]) -> np.ndarray:
     tau = np.zeros(runner.n_layer, np.float32)
-    for l, s in shares.items():
-        tau[l] = tau_for_share(runner.ratios_by_layer[l], s, runner.k)
+    for li, s in shares.items():
+        tau[li] = tau_for_share(runner.ratios_by_layer[li], s, runner.k)
     return tau
 
 
@@ -326,7 +326,7 @@ def _allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> 
     layers = sorted(curves)
 
     def pick(lam: float) -> dict[int, float]:
-        return {l: float(grid[np.argmin(curves[l] - lam * grid)]) for l in layers}
+        return {li: float(grid[np.argmin(curves[li] - lam * grid)]) for li in layers}
 
     def mean(p):
         return float(np.mean(list(p.values())))
@@ -343,7 +343,7 @@ def _allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> 
     a, b = pick(lo), pick(hi)
     ma, mb = mean(a), mean(b)
     t = 0.0 if mb == ma else (share - ma) / (mb - ma)
-    return {l: a[l] + t * (b[l] - a[l]) for l in layers}
+    return {li: a[li] + t * (b[li] - a[li]) for li in layers}
 
 
 def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = None,
@@ -374,17 +374,17 @@ def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = Non
                       dtype=np.float64) * max_share
     curves: dict[int, np.ndarray] = {}
     if method == "layer":
-        steps = [(l, g) for l in runner.moe_layers for g in grid[1:]]
+        steps = [(li, g) for li in runner.moe_layers for g in grid[1:]]
         bar = tqdm(steps, desc="layer sensitivity", disable=not progress)
-        for l in runner.moe_layers:
-            curves[l] = np.zeros(len(grid))
-        for l, g in bar:
-            s, _ = runner.run(_layer_thresholds(runner, {l: g}))
-            curves[l][int(np.searchsorted(grid, g))] = s.kld_mean
+        for li in runner.moe_layers:
+            curves[li] = np.zeros(len(grid))
+        for li, g in bar:
+            s, _ = runner.run(_layer_thresholds(runner, {li: g}))
+            curves[li][int(np.searchsorted(grid, g))] = s.kld_mean
 
     def thresholds_for(s: float) -> np.ndarray:
         if method == "uniform":
-            pooled = np.concatenate([runner.ratios_by_layer[l] for l in runner.moe_layers])
+            pooled = np.concatenate([runner.ratios_by_layer[li] for li in runner.moe_layers])
             tau = np.zeros(runner.n_layer, np.float32)
             tau[runner.moe_layers] = tau_for_share(pooled, s, k)
             return tau
@@ -420,5 +420,5 @@ def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = Non
         thresholds=tuple(float(x) for x in tau), method=method, target=given,
         removed_share=use.removed_share, ppl_base=runner.base.ppl, ppl=score.ppl,
         kld_mean=score.kld_mean, n_tokens=score.n_tokens,
-        layer_shares={str(l): v for l, v in use.layer_shares().items()},
+        layer_shares={str(li): v for li, v in use.layer_shares().items()},
     )

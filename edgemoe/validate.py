@@ -195,7 +195,7 @@ def measure_quality(path: str | Path, text: str, top_any=None, reference=None,
         "expert_used_count": k,
         "experts_per_token": use.experts_per_token if llm.dropper else float(k),
         "removed_share": use.removed_share if llm.dropper else 0.0,
-        "layer_removed_share": {str(l): v for l, v in use.layer_shares().items()},
+        "layer_removed_share": {str(li): v for li, v in use.layer_shares().items()},
         "thresholds": [float(x) for x in llm.thresholds],
     }
     llm.close()
@@ -395,8 +395,8 @@ def calibrate_top_any(file: str, text: str, share: float | None = None,
     cal = topany.calibrate(file, tokens, share=share, max_ppl_increase=max_ppl_increase,
                            max_kld=max_kld, method=method, n_ctx=eval_ctx, threads=threads,
                            progress=progress)
-    rows = [[str(l), f"{cal.thresholds[int(l)]:.4f}", f"{100 * s:.1f}%"]
-            for l, s in cal.layer_shares.items()]
+    rows = [[str(li), f"{cal.thresholds[int(li)]:.4f}", f"{100 * s:.1f}%"]
+            for li, s in cal.layer_shares.items()]
     print(table(rows, ["layer", "tau", "removed"]))
     print(f"\n{100 * cal.removed_share:.1f}% of expert activations removed on "
           f"{cal.n_tokens} calibration tokens; perplexity {cal.ppl_base:.4f} -> {cal.ppl:.4f} "

@@ -20,6 +20,9 @@ KV_DATASETS = "imatrix.datasets"
 KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
 KV_N_TOKENS = "edgemoe.calib.n_tokens"
+KV_SCALE_NAMES = "edgemoe.sensitivity.names"
+KV_SCALES = "edgemoe.sensitivity.scales"
+KV_PRUNE_SCALE = "edgemoe.sensitivity.prune_scale"
 _EXPERT_FIELDS = ("selected", "weight_sum", "saliency_sum", "energy_sum")
 
 
@@ -37,6 +40,12 @@ def write_stats(stats: CalibStats, path: str | Path, chunk_size: int = 0) -> Pat
     w.add_uint32(KV_CHUNK_COUNT, n_chunks)
     w.add_uint32(KV_CHUNK_SIZE, chunk_size)
     w.add_uint64(KV_N_TOKENS, stats.n_tokens)
+    if stats.scales:
+        names = sorted(stats.scales)
+        w.add_array(KV_SCALE_NAMES, names)
+        w.add_array(KV_SCALES, [float(stats.scales[n]) for n in names])
+    if stats.prune_scale is not None:
+        w.add_float64(KV_PRUNE_SCALE, float(stats.prune_scale))
     for name in sorted(stats.in_sum2):
         s = np.asarray(stats.in_sum2[name], dtype=np.float32)
         s = s.reshape(len(stats.counts[name]), -1)
@@ -98,6 +107,9 @@ def _read_gguf(path: Path) -> CalibStats:
             experts.setdefault(int(layer), {})[field] = data.reshape(-1)
     ds = r.get_field(KV_DATASETS)
     nt = r.get_field(KV_N_TOKENS)
+    names, values = r.get_field(KV_SCALE_NAMES), r.get_field(KV_SCALES)
+    scales = dict(zip(names.contents(), values.contents())) if names and values else {}
+    ps = r.get_field(KV_PRUNE_SCALE)
     n_tokens = int(nt.contents()) if nt is not None else int(
         max((c.max() for c in counts.values()), default=0))
     return CalibStats(
@@ -107,6 +119,8 @@ def _read_gguf(path: Path) -> CalibStats:
                  for k, v in experts.items()},
         n_tokens=n_tokens,
         datasets=tuple(ds.contents()) if ds is not None else (),
+        scales={k: float(v) for k, v in scales.items()},
+        prune_scale=float(ps.contents()) if ps is not None else None,
     )
 
 

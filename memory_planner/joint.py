@@ -95,8 +95,12 @@ def solve_joint(
     grid: Sequence[int],
     ladder: Sequence[str] = DEFAULT_LADDER,
     damage_model: str = "calibrated",
+    prune_scale: float = 1.0,
 ) -> tuple[MemoryPlan, list[TradeOff]]:
-    """The least-damage (keep count, types) plan under `budget`, and the whole trade-off."""
+    """The least-damage (keep count, types) plan under `budget`, and the whole trade-off.
+
+    `prune_scale` converts pruning damage (output-energy share) to the units of `dense` and
+    `per_expert` when those were rescaled (e.g. to measured KL divergence)."""
     n_expert = max(s.n_experts for s in specs_for(grid[0]))
     best: MemoryPlan | None = None
     best_total = np.inf
@@ -106,7 +110,7 @@ def solve_joint(
         kept = kept_by_saliency(stats, n_keep) if n_keep < n_expert else None
         specs = specs_for(n_keep)
         table = damage_with_kept(specs, dense, per_expert, kept)
-        prune = sum(pruning_damage(stats, kept).values()) if kept else 0.0
+        prune = prune_scale * sum(pruning_damage(stats, kept).values()) if kept else 0.0
         try:
             plan = solve(specs, table, budget, ladder=ladder, damage_model=damage_model)
         except BudgetTooSmallError as exc:

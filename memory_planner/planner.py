@@ -13,7 +13,14 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from .quant_types import DEFAULT_LADDER, REQUIRES_IMATRIX, candidate_types, format_size, legal_type, tensor_nbytes
+from .quant_types import (
+    DEFAULT_LADDER,
+    REQUIRES_IMATRIX,
+    candidate_types,
+    format_size,
+    legal_type,
+    tensor_nbytes,
+)
 from .types import Budget, MemoryPlan, TensorPlan, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -58,6 +58,10 @@ class CalibStats:
     experts: dict[int, ExpertStats] = field(default_factory=dict)  # MoE layer -> stats
     n_tokens: int = 0
     datasets: tuple[str, ...] = ()
+    # measured in the runtime (edgemoe.sensitivity): KL divergence per unit of predicted
+    # damage, per tensor, and for pruning; empty / None when not measured
+    scales: dict[str, float] = field(default_factory=dict)
+    prune_scale: float | None = None
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean squared input per column (n_mat x n_per_row): the quantizers' imatrix.

@@ -293,7 +293,8 @@ def train(model: Qwen3MoeForCausalLM, stream: np.ndarray, args: argparse.Namespa
         aux_losses.append(aux)
         ema = lm if ema is None else 0.98 * ema + 0.02 * lm
         step += 1
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux:.3f}", lr=f"{lr:.2e}", step=step)
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux:.3f}", lr=f"{lr:.2e}", step=step,
+                        refresh=False)  # the bar redraws on its own every mininterval
         bar.update(1 if args.steps else int(time.monotonic() - start) - bar.n)
         if step % args.log_every == 0:
             log.info("step %d  loss %.4f (ema %.4f)  aux %.4f  lr %.2e  %.0fs",

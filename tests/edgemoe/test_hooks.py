@@ -10,7 +10,9 @@ import pytest
 from edgemoe.hooks import EvalHooks, GGMLTensor, HookError, attach, ggml, moe_routing, split_name
 from edgemoe.llamacpp import eval_logits, open_llama
 
-from .tiny_gguf import ggufs  # noqa: F401 - fixture
+from . import tiny_gguf
+
+ggufs = tiny_gguf.ggufs  # the session fixture
 
 # the nodes edgemoe's runtime and calibration read or write (llama-graph.cpp build_moe_ffn)
 REQUIRED = ("ffn_moe_logits", "ffn_moe_probs", "ffn_moe_argsort", "ffn_moe_topk",

@@ -14,7 +14,10 @@ from edgemoe.hooks import EvalHooks
 from edgemoe.llamacpp import eval_logits, open_llama
 from edgemoe.validate import chat, run
 
-from .tiny_gguf import PROMPT, TEXT, ggufs  # noqa: F401 - fixture
+from . import tiny_gguf
+from .tiny_gguf import PROMPT, TEXT
+
+ggufs = tiny_gguf.ggufs  # the session fixture
 
 
 def _tokens(path, n=48):

@@ -28,7 +28,7 @@ def export(model_dir, out: Path, type_name: str, cap: str = "10GB", ctx: int = 2
     return pipeline.export(model, plan, out, progress=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(qwen3_dir: Path, mixtral_dir: Path, root: Path) -> dict[str, Path]:
     return {
         "qwen3": export(qwen3_dir, root / "qwen3-f32.gguf", "F32"),
