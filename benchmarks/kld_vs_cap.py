@@ -127,7 +127,7 @@ def main() -> None:
         budget = pipeline.make_budget(a, cap, ctx=args.ctx)
         rows = {}
 
-        def run(label, plan, use_stats):
+        def run(label, plan, use_stats, bpw=bpw, cap=cap, rows=rows):
             out = work / f"{label.replace(' ', '_')}-{bpw}.gguf"
             pipeline.export(model, plan, out, stats=use_stats, progress=False)
             m = measure(out)

@@ -32,35 +32,59 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class TensorRecipe:
-    """How to build one GGUF tensor from HF tensors.
+    """How to build one GGUF tensor from source tensors.
 
-    For stacked expert tensors `hf_names` holds one name per output expert (in output
-    order); otherwise a single name. `rows` selects rows of the HF tensor (router rows of
-    kept experts); `transform` is applied to each loaded slice (e.g. rope permutation).
+    Stacked expert tensors come either from one source tensor per output expert (`hf_names`
+    holds one name per expert, in output order: HF checkpoints) or, with `stacked`, from one
+    stacked source tensor whose first axis is the expert (a GGUF source); `rows` then names
+    the source expert of each output expert. For other tensors `hf_names` is a single name
+    and `rows` selects rows of its first axis (router rows, correction-bias entries of kept
+    experts). `transform` is applied to each loaded slice (rope permutation, the split of a
+    fused tensor); `hf_shape` is the shape the source tensor must have when it is not the
+    GGUF tensor's own.
     """
 
     spec: TensorSpec
     hf_names: tuple[str, ...]
     rows: tuple[int, ...] | None = None
     transform: Transform | None = None
+    hf_shape: tuple[int, ...] | None = None
+    stacked: bool = False
+
+    @property
+    def source_shape(self) -> tuple[int, ...]:
+        """The shape each source tensor named in `hf_names` must have."""
+        if self.hf_shape is not None:
+            return tuple(self.hf_shape)
+        if self.spec.n_experts and not self.stacked:
+            return tuple(self.spec.shape[1:])
+        return tuple(self.spec.shape)
 
     def load(self, source) -> np.ndarray:
         """The whole GGUF tensor as float32, in GGUF (numpy) orientation."""
         if self.spec.n_experts:
             return np.stack([self.load_expert(source, e) for e in range(self.spec.n_experts)])
-        a = source.load(self.hf_names[0])
-        if self.rows is not None:
-            a = a[list(self.rows)]
+        a = source.load(self.hf_names[0], self.rows)
         if self.transform is not None:
             a = self.transform(a)
         return np.ascontiguousarray(a, dtype=np.float32)
 
     def load_expert(self, source, e: int) -> np.ndarray:
         """Expert slice `e` (output numbering) of a stacked tensor, 2-D float32."""
-        a = source.load(self.hf_names[e])
+        if self.stacked:
+            a = source.load(self.hf_names[0], e if self.rows is None else self.rows[e])
+        else:
+            a = source.load(self.hf_names[e])
         if self.transform is not None:
             a = self.transform(a)
         return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def blk_spec(i: int, kind: str, shape: tuple[int, ...], quantizable: bool = True,
+             suffix: str = "weight", n_experts: int = 0) -> TensorSpec:
+    """The spec of tensor `kind` of block i: "blk.{i}.{kind}.{suffix}"."""
+    return TensorSpec(f"blk.{i}.{kind}.{suffix}", tuple(shape), kind, i, n_experts=n_experts,
+                      quantizable=quantizable)
 
 
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(.+?)(\.weight)?$")
@@ -73,6 +97,8 @@ class Adapter:
     arch: ClassVar[gguf.MODEL_ARCH]
     # HF tensors that carry no weights llama.cpp needs (e.g. cached rotary tables)
     ignored_tensors: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq$",)
+    # non-stacked tensors whose first axis is the expert: their rows follow the kept experts
+    expert_row_kinds: ClassVar[tuple[str, ...]] = ("ffn_gate_inp",)
 
     def __init__(self, config: dict):
         self.config = config
@@ -194,6 +220,19 @@ class Adapter:
         """A per-slice transform of the HF weights for this GGUF tensor (default: none)."""
         return None
 
+    def ignores(self, hf_name: str) -> bool:
+        """True for HF tensors that are not exported (cached tables, extra prediction heads)."""
+        return any(re.match(p, hf_name) for p in self.ignored_tensors)
+
+    def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
+        """The GGUF name of a (non-expert) HF tensor; subclasses add spellings gguf-py lacks."""
+        return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def derived_recipe(self, spec: TensorSpec, direct: dict[str, str]) -> TensorRecipe | None:
+        """A recipe for a GGUF tensor that no HF tensor is named after (e.g. one half of a
+        fused HF tensor); `direct` maps GGUF names to HF names. Default: none."""
+        return None
+
     def recipes(self, hf_names: Iterable[str],
                 kept_experts: dict[int, Sequence[int]] | None = None) -> list[TensorRecipe]:
         """Bind every GGUF tensor to its HF tensors; raise if anything is missing.
@@ -206,7 +245,7 @@ class Adapter:
         experts: dict[str, dict[int, str]] = {}  # gguf stacked name -> expert id -> hf name
         unknown = []
         for name in hf_names:
-            if any(re.match(p, name) for p in self.ignored_tensors):
+            if self.ignores(name):
                 continue
             m = _EXPERT_RE.match(name)
             if m:
@@ -215,7 +254,7 @@ class Adapter:
                 if gname is not None:
                     experts.setdefault(gname + ".weight", {})[int(m.group(2))] = name
                     continue
-            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            gname = self.gguf_name(tmap, name)
             if gname is None:
                 unknown.append(name)
             else:
@@ -226,12 +265,7 @@ class Adapter:
                 + ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
             )
 
-        kept = {i: tuple(kept_experts[i]) for i in (kept_experts or {})}
-        n_kept = {len(v) for v in kept.values()}
-        if len(n_kept) > 1 or (n_kept and len(kept) != self.n_layer):
-            raise ValueError("pruning must keep the same number of experts in every MoE layer")
-        E_out = n_kept.pop() if n_kept else self.n_expert
-
+        kept, E_out = self._kept(kept_experts)
         out, missing = [], []
         for spec in self.tensor_specs(E_out):
             ids = kept.get(spec.layer, tuple(range(self.n_expert))) if spec.layer is not None \
@@ -245,9 +279,14 @@ class Adapter:
                 names = tuple(have[e] for e in ids)
                 out.append(TensorRecipe(spec, names, transform=self.transform_for(spec.name)))
             elif spec.name in direct:
-                rows = ids if spec.kind == "ffn_gate_inp" and E_out != self.n_expert else None
+                rows = hf_shape = None
+                if spec.kind in self.expert_row_kinds and E_out != self.n_expert:
+                    rows, hf_shape = ids, (self.n_expert, *spec.shape[1:])
                 out.append(TensorRecipe(spec, (direct[spec.name],), rows=rows,
-                                        transform=self.transform_for(spec.name)))
+                                        transform=self.transform_for(spec.name),
+                                        hf_shape=hf_shape))
+            elif (derived := self.derived_recipe(spec, direct)) is not None:
+                out.append(derived)
             else:
                 missing.append(spec.name)
         if missing:
@@ -256,6 +295,26 @@ class Adapter:
                 + "; ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             )
         return out
+
+    def _kept(self, kept_experts: dict[int, Sequence[int]] | None
+              ) -> tuple[dict[int, tuple[int, ...]], int]:
+        """Kept expert ids per layer (checked) and the number of experts the file will have."""
+        kept = {int(i): tuple(int(e) for e in kept_experts[i]) for i in (kept_experts or {})}
+        n_kept = {len(v) for v in kept.values()}
+        if len(n_kept) > 1 or (n_kept and len(kept) != len(self.moe_layers())):
+            raise ValueError("pruning must keep the same number of experts in every MoE layer")
+        for i, ids in kept.items():
+            if i not in self.moe_layers():
+                raise ValueError(f"layer {i} has no experts to prune")
+            bad = [e for e in ids if not 0 <= e < self.n_expert]
+            if bad or len(set(ids)) != len(ids):
+                raise ValueError(f"layer {i}: kept experts {list(ids)} must be distinct ids "
+                                 f"below {self.n_expert}")
+        return kept, (n_kept.pop() if n_kept else self.n_expert)
+
+    def moe_layers(self) -> list[int]:
+        """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
+        return list(range(self.n_layer))
 
     # ---- memory the runtime needs besides weights
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
@@ -280,6 +339,12 @@ class Adapter:
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """Hyperparameter keys llama.cpp reads for this architecture."""
         raise NotImplementedError
+
+    def add_tokenizer(self, w: gguf.GGUFWriter, source) -> None:
+        """The tokenizer keys: from the HF checkpoint's tokenizer files by default."""
+        from export.tokenizer import add_tokenizer
+
+        add_tokenizer(w, source.path, vocab_size=self.n_vocab)
 
 
 def _ranges(ids: list[int]) -> str:
