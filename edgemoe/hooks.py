@@ -18,7 +18,8 @@ Usage::
     hooks = EvalHooks()
     hooks.add("ffn_moe_weights", on_weights)           # every layer
     hooks.add("ffn_moe_probs", on_probs, layers=[3])   # (n_tokens, n_expert) via node.matrix()
-    hooks.add("ffn_inp", on_input)                     # FFN input rows, for imatrix sums
+    hooks.add("ffn_norm", on_input)                    # the experts' input rows (imatrix)
+    hooks.add("ffn_moe_down", on_out)                  # expert outputs [n_embd, k, n_tokens]
     llm = attach(open_llama(path, logits_all=True), hooks)   # any llama_cpp.Llama
     llm.eval(tokens)                                   # handlers run inside; errors re-raised
 
@@ -26,11 +27,15 @@ Names are llama.cpp's own (src/llama-graph.cpp `build_moe_ffn`, the model builde
 src/models/): a layer's node is `<name>-<layer>`; nodes without a layer (`result_output`)
 are matched by the bare name. Matching is exact: `ffn_moe_weights-5 (reshaped)` is another
 node. `hooks.record_names = True` collects every name seen, to discover what a model offers.
+A registered name that never occurs raises HookError after the first decode (unless added
+with `required=False`), so a llama.cpp that renames its nodes fails loudly.
 
 `Node` gives `name`, `kind`, `layer`, ggml `type`/`type_name`, `ne` (ggml order),
 `read()` (a 4-D numpy copy in numpy order, `ne[::-1]`, respecting strides), `matrix()`
 (the same as rows of `ne[0]`), `write(values)` (back into the graph, strides respected) and
 `src(i)` (the node's i-th operand, e.g. `ffn_moe_weights`' src(1) is `ffn_moe_topk`).
+During a decode through an attached context, `hooks.batch` is (position of the batch's first
+token, number of tokens), so rows can be mapped to positions.
 
 Things to know when collecting statistics:
 - In the last layer llama.cpp drops the rows of tokens whose logits are not requested before
@@ -50,7 +55,6 @@ import ctypes
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -108,10 +112,10 @@ class _GGML:
     """The few libggml-base functions used here, loaded from llama-cpp-python's own copy."""
 
     def __init__(self):
-        import llama_cpp
+        from export.quantize import ggml_library_path
 
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        # the same file libllama links (and ggml's quantizer uses): one ggml in the process
+        lib = ctypes.CDLL(str(ggml_library_path()))
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         for fn, args, res in [
             ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
@@ -127,7 +131,6 @@ class _GGML:
         if got != ctypes.sizeof(GGMLTensor):
             raise HookError(f"struct ggml_tensor is {got} bytes in this ggml, "
                             f"{ctypes.sizeof(GGMLTensor)} in edgemoe.hooks: layout changed")
-        self.name_checked = False
 
 
 _ggml: _GGML | None = None
@@ -261,6 +264,9 @@ class EvalHooks:
         self.errors: list[BaseException] = []
         self.record_names = False
         self.names_seen: set[str] = set()
+        # (position of the first token, number of tokens) of the batch being decoded, when
+        # the context is an `attach`ed one; in the last layer only output rows remain
+        self.batch: tuple[int, int] | None = None
         ggml()  # fail now, not inside llama_decode, if the struct layout is wrong
         # keep the ctypes object referenced for the life of the hooks: llama.cpp holds its
         # address only
@@ -341,9 +347,12 @@ def _hooked_context_class():
             self.hooks = hooks
 
         def decode(self, batch) -> None:
+            b = batch.batch
+            self.hooks.batch = (int(b.pos[0]), int(b.n_tokens)) if b.n_tokens else None
             try:
                 super().decode(batch)
             finally:
+                self.hooks.batch = None
                 self.hooks.raise_errors()
 
     return HookedContext

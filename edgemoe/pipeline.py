@@ -14,10 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 import memory_planner as mp
-from export.arch import Adapter, TensorRecipe, adapter_for
+from export.arch import Adapter, TensorRecipe, adapter_for_source
 from export.quantize import relative_error
-from export.source import HFSource
-from export.tokenizer import add_tokenizer
+from export.source import GGUFSource, HFSource, open_source
 from export.writer import write_gguf
 from memory_planner.joint import damage_with_kept, keep_grid, solve_joint
 from memory_planner.stats import CalibStats
@@ -32,7 +31,7 @@ DEFAULT_KV_TYPE = "f16"
 class Model:
     """An opened source: its tensors, its adapter and the recipes binding the two."""
 
-    source: HFSource
+    source: HFSource | GGUFSource
     adapter: Adapter
     recipes: list[TensorRecipe]
 
@@ -42,14 +41,15 @@ class Model:
 
 
 def open_model(path: str | Path) -> Model:
-    """Open an HF checkpoint directory; raises if the architecture or a tensor is missing."""
-    source = HFSource(path)
-    adapter = adapter_for(source.config)
+    """Open an HF checkpoint directory or a GGUF file; raises if the architecture or a tensor
+    is missing."""
+    source = open_source(path)
+    adapter = adapter_for_source(source)
     recipes = adapter.recipes(source.names)
     for r in recipes:  # shapes promised by the config must be the checkpoint's
         got = source.shape(r.hf_names[0])
-        want = r.spec.shape[1:] if r.spec.n_experts else r.spec.shape
-        if r.rows is None and tuple(got) != tuple(want):
+        want = r.source_shape
+        if tuple(got) != tuple(want):
             raise ValueError(f"{r.hf_names[0]} has shape {tuple(got)}, config implies {want}")
     return Model(source, adapter, recipes)
 
@@ -218,9 +218,9 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
                     kept and r.spec.n_experts) else im
 
     def metadata(w) -> None:
-        w.add_name(source.path.name)
+        w.add_name(source.name)
         adapter.add_metadata(w, plan.n_experts_kept or None)
-        add_tokenizer(w, source.path, vocab_size=adapter.n_vocab)
+        adapter.add_tokenizer(w, source)
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, imatrix=imatrix or None,

@@ -77,8 +77,8 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
         _EdgeLlama = _llama_class()
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("n_gpu_layers", 0)
-    return _EdgeLlama(str(path), top_any=top_any, hooks=hooks, n_ctx=n_ctx,
-                      n_threads=threads or os.cpu_count(), **kwargs)
+    kwargs.setdefault("n_threads", threads or os.cpu_count())
+    return _EdgeLlama(str(path), top_any=top_any, hooks=hooks, n_ctx=n_ctx, **kwargs)
 
 
 # -- what llama.cpp allocated ----------------------------------------------------------------

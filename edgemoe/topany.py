@@ -77,13 +77,24 @@ class SlotDropper:
     The top slot (largest weight) of a token is never dropped, whatever the rule says.
     """
 
-    def __init__(self, rule: DropRule | None):
+    def __init__(self, rule: DropRule | None, protect_first: int = 0):
         self.rule = rule
+        self.protect_first = protect_first  # positions that always keep all their experts
         self.use = ExpertUse()
+        self.hooks: EvalHooks | None = None
 
     def install(self, hooks: EvalHooks) -> SlotDropper:
         hooks.add(WEIGHTS_NODE, self)
+        self.hooks = hooks
         return self
+
+    def _positions(self, n: int) -> np.ndarray | None:
+        batch = self.hooks.batch if self.hooks is not None else None
+        if batch is None:
+            return None
+        first, n_batch = batch
+        # the last layer only sees output rows: with fewer rows, they are the batch's last
+        return first + (n_batch - n) + np.arange(n)
 
     def __call__(self, node: Node) -> None:
         k, n = node.ne[1], node.ne[2]
@@ -96,6 +107,10 @@ class SlotDropper:
             top = w.argmax(axis=1)
             drop = np.array(np.broadcast_to(drop, w.shape), dtype=bool)  # a copy
             drop[np.arange(n), top] = False
+            if self.protect_first:
+                pos = self._positions(n)
+                if pos is not None:
+                    drop[pos < self.protect_first] = False
             n_drop = int(drop.sum())
         if n_drop:
             r = moe_routing(node)
@@ -123,9 +138,9 @@ def threshold_rule(thresholds: Sequence[float] | np.ndarray) -> DropRule:
 class TopAny(SlotDropper):
     """The top-any rule with per-layer thresholds; `thresholds` may be changed between runs."""
 
-    def __init__(self, thresholds: Sequence[float] | np.ndarray):
+    def __init__(self, thresholds: Sequence[float] | np.ndarray, protect_first: int = 0):
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
-        super().__init__(self._rule)
+        super().__init__(self._rule, protect_first)
 
     def _rule(self, layer: int, w: np.ndarray) -> np.ndarray | None:
         return threshold_rule(self.thresholds)(layer, w)
@@ -275,36 +290,40 @@ def tau_for_share(ratios: np.ndarray, share: float, k: int) -> float:
     return float(np.nextafter(np.float32(r[i - 1]), np.float32(1.0)))
 
 
-class _Runner:
-    """One llama.cpp context over calibration windows, re-run with changing thresholds."""
+class Evaluator:
+    """A model on fixed text windows in llama.cpp, re-run with changing thresholds.
 
-    def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int,
-                 threads: int | None):
+    The first run (tau = 0) keeps its log-probabilities as the reference for KL divergence
+    and collects, per MoE layer, the ratios w_j / w_top of every non-top slot.
+    """
+
+    def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
+                 threads: int | None = None, protect_first: int = 0):
         from . import textscore
         from .hooks import attach
         from .llamacpp import open_llama
 
         self.hooks = EvalHooks()
-        self.topany = TopAny(np.zeros(0, np.float32)).install(self.hooks)
-        self.ratios: dict[int, list[np.ndarray]] = {}
+        self.topany = TopAny(np.zeros(0, np.float32), protect_first).install(self.hooks)
+        self._ratios: dict[int, list[np.ndarray]] | None = {}
         self.hooks.add(WEIGHTS_NODE, self._collect)
-        self.collect = True
         llm = open_llama(path, n_ctx=n_ctx, f32_kv=True, logits_all=True, threads=threads)
         self.llm = attach(llm, self.hooks)
         self.n_layer = textscore.n_layer(self.llm)
         self.windows = textscore.windows(tokens, n_ctx, textscore.bos_token(self.llm))
         self.base = textscore.score(self.llm, self.windows, keep_logprobs=True)
-        self.collect = False
-        self.ratios_by_layer = {li: np.concatenate(v) for li, v in self.ratios.items()}
-        self.k = next(iter(self.ratios_by_layer.values())).shape[1] + 1
-        self.moe_layers = sorted(self.ratios_by_layer)
+        self.ratios = {li: np.concatenate(v) for li, v in self._ratios.items()}
+        self._ratios = None
+        self.moe_layers = sorted(self.ratios)
+        self.k = self.ratios[self.moe_layers[0]].shape[1] + 1
 
     def _collect(self, node: Node) -> None:
-        if self.collect:
+        if self._ratios is not None:
             w = node.read().reshape(node.ne[2], node.ne[1])
-            self.ratios.setdefault(node.layer, []).append(slot_ratios(w))
+            self._ratios.setdefault(node.layer, []).append(slot_ratios(w))
 
-    def run(self, thresholds: np.ndarray):
+    def run(self, thresholds: Sequence[float] | np.ndarray):
+        """Score the windows with `thresholds`: (TextScore against tau = 0, ExpertUse)."""
         from . import textscore
 
         self.topany.thresholds = np.asarray(thresholds, np.float32)
@@ -312,17 +331,47 @@ class _Runner:
         s = textscore.score(self.llm, self.windows, reference=self.base)
         return s, self.topany.use
 
+    def uniform(self, share: float) -> np.ndarray:
+        """One tau for every MoE layer, removing `share` of the slots on this text."""
+        pooled = np.concatenate([self.ratios[li] for li in self.moe_layers])
+        tau = np.zeros(self.n_layer, np.float32)
+        tau[self.moe_layers] = tau_for_share(pooled, share, self.k)
+        return tau
 
-def _layer_thresholds(runner: _Runner, shares: dict[int, float]) -> np.ndarray:
-    tau = np.zeros(runner.n_layer, np.float32)
-    for li, s in shares.items():
-        tau[li] = tau_for_share(runner.ratios_by_layer[li], s, runner.k)
-    return tau
+    def per_layer(self, shares: dict[int, float]) -> np.ndarray:
+        """Per-layer taus removing shares[layer] of that layer's slots on this text."""
+        tau = np.zeros(self.n_layer, np.float32)
+        for li, s in shares.items():
+            tau[li] = tau_for_share(self.ratios[li], s, self.k)
+        return tau
 
 
-def _allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> dict[int, float]:
-    """Per-layer shares averaging `share`, least summed damage (Lagrangian over the grid,
-    interpolated between the two bracketing multipliers)."""
+DEFAULT_GRID = (0, .05, .1, .15, .2, .25, .3, .35, .4, .45, .5, .6, .7, .8, .9)
+
+
+class Calibrator:
+    """Per-layer sensitivity curves (KLD when only that layer drops a share of its slots)
+    and the least-damage allocation of a total share across layers."""
+
+    def __init__(self, evaluator: Evaluator, grid: Sequence[float] = DEFAULT_GRID,
+                 progress: bool = True):
+        from tqdm import tqdm
+
+        self.ev = evaluator
+        self.grid = np.asarray(grid, dtype=np.float64) * (evaluator.k - 1) / evaluator.k
+        self.curves = {li: np.zeros(len(self.grid)) for li in evaluator.moe_layers}
+        steps = [(li, i) for li in evaluator.moe_layers for i in range(1, len(self.grid))]
+        for li, i in tqdm(steps, desc="layer sensitivity", disable=not progress):
+            s, _ = evaluator.run(evaluator.per_layer({li: self.grid[i]}))
+            self.curves[li][i] = s.kld_mean
+
+    def thresholds(self, share: float) -> np.ndarray:
+        return self.ev.per_layer(allocate(self.curves, self.grid, share))
+
+
+def allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> dict[int, float]:
+    """Per-layer shares averaging `share` with the least summed damage: a Lagrangian over
+    the grid, interpolated between the two bracketing multipliers."""
     layers = sorted(curves)
 
     def pick(lam: float) -> dict[int, float]:
@@ -348,7 +397,7 @@ def _allocate(curves: dict[int, np.ndarray], grid: np.ndarray, share: float) -> 
 
 def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = None,
               max_ppl_increase: float | None = None, max_kld: float | None = None,
-              method: str = "layer", n_ctx: int = 512, grid: Sequence[float] | None = None,
+              method: str = "layer", n_ctx: int = 512, grid: Sequence[float] = DEFAULT_GRID,
               threads: int | None = None, progress: bool = True) -> Calibration:
     """Per-layer thresholds for one target, measured on `tokens` in llama.cpp.
 
@@ -358,67 +407,58 @@ def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = Non
     `method="layer"` spends the removals where single-layer experiments found them cheap;
     `"uniform"` uses one tau for every layer.
     """
-    from tqdm import tqdm
+    if method not in ("layer", "uniform"):
+        raise ValueError(f"unknown calibration method {method!r} (layer, uniform)")
+    _check_target(share, max_ppl_increase, max_kld)
+    ev = Evaluator(path, tokens, n_ctx, threads)
+    thresholds = ev.uniform if method == "uniform" else \
+        Calibrator(ev, grid, progress=progress).thresholds
+    return fit(ev, thresholds, method, share, max_ppl_increase, max_kld, progress)
 
+
+def _check_target(share, max_ppl_increase, max_kld) -> dict:
     targets = {"share": share, "max_ppl_increase": max_ppl_increase, "max_kld": max_kld}
     given = {k: v for k, v in targets.items() if v is not None}
     if len(given) != 1:
         raise ValueError(f"give exactly one calibration target, got {given or 'none'}")
-    if method not in ("layer", "uniform"):
-        raise ValueError(f"unknown calibration method {method!r} (layer, uniform)")
-    runner = _Runner(path, tokens, n_ctx, threads)
-    k = runner.k
-    max_share = (k - 1) / k
-    grid = np.asarray(grid if grid is not None else
-                      [0, .05, .1, .15, .2, .25, .3, .35, .4, .45, .5, .6, .7, .8, .9],
-                      dtype=np.float64) * max_share
-    curves: dict[int, np.ndarray] = {}
-    if method == "layer":
-        steps = [(li, g) for li in runner.moe_layers for g in grid[1:]]
-        bar = tqdm(steps, desc="layer sensitivity", disable=not progress)
-        for li in runner.moe_layers:
-            curves[li] = np.zeros(len(grid))
-        for li, g in bar:
-            s, _ = runner.run(_layer_thresholds(runner, {li: g}))
-            curves[li][int(np.searchsorted(grid, g))] = s.kld_mean
+    return given
 
-    def thresholds_for(s: float) -> np.ndarray:
-        if method == "uniform":
-            pooled = np.concatenate([runner.ratios_by_layer[li] for li in runner.moe_layers])
-            tau = np.zeros(runner.n_layer, np.float32)
-            tau[runner.moe_layers] = tau_for_share(pooled, s, k)
-            return tau
-        return _layer_thresholds(runner, _allocate(curves, grid, s))
 
-    def measured(s: float):
-        tau = thresholds_for(s)
-        score, use = runner.run(tau)
-        return tau, score, use
+def fit(ev: Evaluator, thresholds: Callable[[float], np.ndarray], method: str,
+        share: float | None = None, max_ppl_increase: float | None = None,
+        max_kld: float | None = None, progress: bool = True) -> Calibration:
+    """Thresholds for one target, from `thresholds(share)` (Evaluator.uniform or
+    Calibrator.thresholds), measured with `ev`."""
+    from tqdm import tqdm
 
+    given = _check_target(share, max_ppl_increase, max_kld)
+    max_share = (ev.k - 1) / ev.k
     if share is not None:
         if not 0 <= share < max_share:
-            raise ValueError(f"share {share} out of range: with k={k} at most {max_share:.3f} "
-                             "of activations can go (the top expert stays)")
-        tau, score, use = measured(share)
+            raise ValueError(f"share {share} out of range: with k={ev.k} at most "
+                             f"{max_share:.3f} of activations can go (the top expert stays)")
+        tau = thresholds(share)
+        score, use = ev.run(tau)
     else:
         def ok(score) -> bool:
             if max_kld is not None:
                 return score.kld_mean <= max_kld
-            return score.ppl / runner.base.ppl - 1.0 <= max_ppl_increase
+            return score.ppl / ev.base.ppl - 1.0 <= max_ppl_increase
 
         lo, hi = 0.0, max_share * 0.999
-        best = (np.zeros(runner.n_layer, np.float32), *runner.run(np.zeros(runner.n_layer)))
+        tau = np.zeros(ev.n_layer, np.float32)
+        score, use = ev.run(tau)
         for _ in tqdm(range(10), desc="damage budget search", disable=not progress):
             mid = (lo + hi) / 2
-            cand = measured(mid)
-            if ok(cand[1]):
-                lo, best = mid, cand
+            cand = thresholds(mid)
+            s, u = ev.run(cand)
+            if ok(s):
+                lo, tau, score, use = mid, cand, s, u
             else:
                 hi = mid
-        tau, score, use = best
     return Calibration(
         thresholds=tuple(float(x) for x in tau), method=method, target=given,
-        removed_share=use.removed_share, ppl_base=runner.base.ppl, ppl=score.ppl,
+        removed_share=use.removed_share, ppl_base=ev.base.ppl, ppl=score.ppl,
         kld_mean=score.kld_mean, n_tokens=score.n_tokens,
         layer_shares={str(li): v for li, v in use.layer_shares().items()},
     )

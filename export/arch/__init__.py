@@ -9,12 +9,16 @@ from .base import (
     UnsupportedModelError,
 )
 from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
+from .from_gguf import GGUFAdapter
 from .mixtral import MixtralAdapter
+from .olmoe import OlmoeAdapter
+from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
-    for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter)
+    for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
+              Qwen2MoeAdapter, OlmoeAdapter)
 }
 
 
@@ -29,7 +33,15 @@ def adapter_for(config: dict) -> Adapter:
     return ADAPTERS[model_type](config)
 
 
+def adapter_for_source(source) -> Adapter:
+    """The adapter for an opened source: a GGUF describes itself, an HF checkpoint through
+    its config.json."""
+    if source.kind == "gguf":
+        return GGUFAdapter.from_source(source)
+    return adapter_for(source.config)
+
+
 __all__ = [
-    "ADAPTERS", "Adapter", "IncompleteCheckpointError", "TensorRecipe", "UnsupportedModelError",
-    "adapter_for",
+    "ADAPTERS", "Adapter", "GGUFAdapter", "IncompleteCheckpointError", "TensorRecipe",
+    "UnsupportedModelError", "adapter_for", "adapter_for_source",
 ]

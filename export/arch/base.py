@@ -18,6 +18,8 @@ import numpy as np
 from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
+from ..tokenizer import add_tokenizer
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint uses an architecture or an option edgemoe cannot export."""
@@ -342,8 +344,6 @@ class Adapter:
 
     def add_tokenizer(self, w: gguf.GGUFWriter, source) -> None:
         """The tokenizer keys: from the HF checkpoint's tokenizer files by default."""
-        from export.tokenizer import add_tokenizer
-
         add_tokenizer(w, source.path, vocab_size=self.n_vocab)
 
 

@@ -12,19 +12,26 @@ The first `first_k_dense_replace` blocks have a dense FFN; the rest are MoE with
 expert. V3 routes with sigmoid scores plus a selection-only correction bias (`exp_probs_b`)
 and group-limited top-k; V2 with softmax. The multi-token-prediction block(s) after the last
 layer (`num_nextn_predict_layers`) are not exported, as llama.cpp's converter skips them.
+Pruning slices the router rows and the correction bias with the experts.
+
+Rope: DeepSeek's rope dimensions are interleaved pairs, llama.cpp's "normal" rope, so no
+permutation is needed; a transformers config with `rope_interleave: false` (rotate-half rope)
+has the rope rows of q and of the shared k_pe reordered into pairs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import re
 
 import gguf
+import numpy as np
 
 from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
-from .base import Adapter, TensorRecipe, UnsupportedModelError
+from .base import Adapter, TensorRecipe, UnsupportedModelError, blk_spec
+from .mixtral import _rope_permute
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ class DeepseekV3Adapter(Adapter):
     arch = gguf.MODEL_ARCH.DEEPSEEK2
     default_scoring_func = "sigmoid"
     default_topk_method = "noaux_tc"
+    expert_row_kinds = ("ffn_gate_inp", "exp_probs_b")
 
     # ---- hyperparameters
     @property
@@ -90,6 +98,15 @@ class DeepseekV3Adapter(Adapter):
         p = self.rope_params
         return p.get("rope_type") or p.get("type") or "default"
 
+    @property
+    def rope_interleaved(self) -> bool:
+        """DeepSeek's own layout (pairs); transformers' `rope_interleave: false` rotates halves."""
+        return bool(self.cfg("rope_interleave", default=True))
+
+    @property
+    def n_group(self) -> int:
+        return int(self.cfg("n_group", default=1))
+
     def expert_ff(self) -> int:
         return int(self.cfg("moe_intermediate_size"))
 
@@ -114,7 +131,12 @@ class DeepseekV3Adapter(Adapter):
         act = self.cfg("hidden_act", default="silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r}: llama.cpp's deepseek2 uses silu")
-        n_group = int(self.cfg("n_group", default=1))
+        for key in ("attention_bias", "mlp_bias"):
+            if self.config.get(key):
+                raise UnsupportedModelError(f"{key}=true: llama.cpp's deepseek2 has no such biases")
+        if self.rope_type == "yarn" and self.rope_params.get("factor") is None:
+            raise UnsupportedModelError("yarn rope scaling without a factor")
+        n_group = self.n_group
         if n_group > 1 and self.cfg("topk_method", default="") == "group_limited_greedy":
             # llama.cpp ranks groups by the sum of their top-2 scores (V3's rule); V2's
             # group_limited_greedy ranks them by their best score. Rarely a different pick.
@@ -142,65 +164,133 @@ class DeepseekV3Adapter(Adapter):
     def _attention(self, i: int) -> list[TensorSpec]:
         d, H, rank = self.n_embd, self.n_head, self.kv_lora_rank
         qk_head = self.qk_nope_dim + self.qk_rope_dim
-        out = [_blk(i, "attn_norm", (d,), quantizable=False)]
+        out = [blk_spec(i, "attn_norm", (d,), quantizable=False)]
         if self.q_lora_rank:
             out += [
-                _blk(i, "attn_q_a_norm", (self.q_lora_rank,), quantizable=False),
-                _blk(i, "attn_kv_a_norm", (rank,), quantizable=False),
-                _blk(i, "attn_q_a", (self.q_lora_rank, d)),
-                _blk(i, "attn_q_b", (H * qk_head, self.q_lora_rank)),
+                blk_spec(i, "attn_q_a_norm", (self.q_lora_rank,), quantizable=False),
+                blk_spec(i, "attn_kv_a_norm", (rank,), quantizable=False),
+                blk_spec(i, "attn_q_a", (self.q_lora_rank, d)),
+                blk_spec(i, "attn_q_b", (H * qk_head, self.q_lora_rank)),
             ]
         else:
             out += [
-                _blk(i, "attn_kv_a_norm", (rank,), quantizable=False),
-                _blk(i, "attn_q", (H * qk_head, d)),
+                blk_spec(i, "attn_kv_a_norm", (rank,), quantizable=False),
+                blk_spec(i, "attn_q", (H * qk_head, d)),
             ]
         return out + [
-            _blk(i, "attn_kv_a_mqa", (rank + self.qk_rope_dim, d)),
+            blk_spec(i, "attn_kv_a_mqa", (rank + self.qk_rope_dim, d)),
             # per head: k_b maps a q_nope row into the latent (rows of length qk_nope: 128,
             # not a multiple of 256, so K-quants fall back), v_b maps the latent to v
-            _blk(i, "attn_k_b", (H, rank, self.qk_nope_dim)),
-            _blk(i, "attn_v_b", (H, self.v_head_dim, rank)),
-            _blk(i, "attn_output", (d, H * self.v_head_dim)),
+            blk_spec(i, "attn_k_b", (H, rank, self.qk_nope_dim)),
+            blk_spec(i, "attn_v_b", (H, self.v_head_dim, rank)),
+            blk_spec(i, "attn_output", (d, H * self.v_head_dim)),
         ]
 
     def _dense_ffn(self, i: int) -> list[TensorSpec]:
         d, ff = self.n_embd, self.dense_ff
         return [
-            _blk(i, "ffn_norm", (d,), quantizable=False),
-            _blk(i, "ffn_gate", (ff, d)),
-            _blk(i, "ffn_up", (ff, d)),
-            _blk(i, "ffn_down", (d, ff)),
+            blk_spec(i, "ffn_norm", (d,), quantizable=False),
+            blk_spec(i, "ffn_gate", (ff, d)),
+            blk_spec(i, "ffn_up", (ff, d)),
+            blk_spec(i, "ffn_down", (d, ff)),
         ]
 
     def _moe_ffn(self, i: int, E: int) -> list[TensorSpec]:
         d, ff, sh = self.n_embd, self.expert_ff(), self.expert_ff() * self.n_shared
         out = [
-            _blk(i, "ffn_norm", (d,), quantizable=False),
-            _blk(i, "ffn_gate_inp", (E, d), quantizable=False),  # router: F32, as llama.cpp
+            blk_spec(i, "ffn_norm", (d,), quantizable=False),
+            blk_spec(i, "ffn_gate_inp", (E, d), quantizable=False),  # router: F32, as llama.cpp
         ]
         if self.has_correction_bias:
-            out.append(_blk(i, "exp_probs_b", (E,), quantizable=False, suffix="bias"))
+            out.append(blk_spec(i, "exp_probs_b", (E,), quantizable=False, suffix="bias"))
         out += [
-            _blk(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
-            _blk(i, "ffn_up_exps", (E, ff, d), n_experts=E),
-            _blk(i, "ffn_down_exps", (E, d, ff), n_experts=E),
+            blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
+            blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
+            blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E),
         ]
         if sh:
             out += [
-                _blk(i, "ffn_gate_shexp", (sh, d)),
-                _blk(i, "ffn_up_shexp", (sh, d)),
-                _blk(i, "ffn_down_shexp", (d, sh)),
+                blk_spec(i, "ffn_gate_shexp", (sh, d)),
+                blk_spec(i, "ffn_up_shexp", (sh, d)),
+                blk_spec(i, "ffn_down_shexp", (d, sh)),
             ]
         return out
 
-    def recipes(self, hf_names: Iterable[str],
-                kept_experts: dict[int, Sequence[int]] | None = None) -> list[TensorRecipe]:
-        raise UnsupportedModelError(
-            f"exporting {self.model_type} weights is not yet supported (FP8 dequantisation and "
-            "the kv_b_proj -> attn_k_b / attn_v_b split are still to come); shape-only "
-            "planning (`plan_from_config`) works"
-        )
+    def moe_layers(self) -> list[int]:
+        return list(range(self.n_dense_lead, self.n_layer))
+
+    def ignores(self, hf_name: str) -> bool:
+        """Also the multi-token-prediction block(s): layers from num_hidden_layers on."""
+        m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+        return super().ignores(hf_name) or (m is not None and int(m.group(1)) >= self.n_layer)
+
+    def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
+        # gguf-py knows the correction bias as "...gate.e_score_correction" + ".bias"
+        if hf_name.endswith(".gate.e_score_correction_bias"):
+            hf_name = hf_name.removesuffix("_bias") + ".bias"
+        return super().gguf_name(tmap, hf_name)
+
+    def transform_for(self, gguf_name: str):
+        if self.rope_interleaved:
+            return None
+        kind = gguf_name.split(".")[-2]
+        if kind in ("attn_q", "attn_q_b"):
+            return self._permute_q_rope
+        if kind == "attn_kv_a_mqa":
+            return self._permute_kv_rope
+        return None
+
+    def _permute_q_rope(self, w: np.ndarray) -> np.ndarray:
+        """Per head [nope | rope] rows: the rope rows from halves to interleaved pairs."""
+        heads = w.reshape(self.n_head, self.qk_nope_dim + self.qk_rope_dim, -1).copy()
+        rope = heads[:, self.qk_nope_dim:]
+        flat = rope.reshape(self.n_head * self.qk_rope_dim, -1)
+        heads[:, self.qk_nope_dim:] = _rope_permute(flat, self.n_head).reshape(rope.shape)
+        return heads.reshape(w.shape)
+
+    def _permute_kv_rope(self, w: np.ndarray) -> np.ndarray:
+        """[latent | k_pe] rows: the shared k_pe rows from halves to interleaved pairs."""
+        out = w.copy()
+        out[self.kv_lora_rank:] = _rope_permute(w[self.kv_lora_rank:], 1)
+        return out
+
+    def derived_recipe(self, spec: TensorSpec, direct: dict[str, str]) -> TensorRecipe | None:
+        """attn_k_b / attn_v_b: the per-head halves of HF's kv_b_proj, as llama.cpp splits it.
+
+        kv_b_proj rows are, per head, qk_nope rows of k then v_head_dim rows of v, each a
+        vector over the latent (kv_lora_rank). k_b is stored transposed, (head, latent, nope),
+        so that llama.cpp multiplies q_nope into the latent ("absorbed" MLA).
+        """
+        if spec.kind not in ("attn_k_b", "attn_v_b"):
+            return None
+        kv_b = direct.get(f"blk.{spec.layer}.attn_kv_b.weight")
+        if kv_b is None:
+            return None
+        H, nope, v, rank = self.n_head, self.qk_nope_dim, self.v_head_dim, self.kv_lora_rank
+
+        def split(w: np.ndarray) -> np.ndarray:
+            per_head = w.reshape(H, nope + v, rank)
+            if spec.kind == "attn_k_b":
+                return per_head[:, :nope, :].transpose(0, 2, 1)
+            return per_head[:, nope:, :]
+
+        return TensorRecipe(spec, (kv_b,), transform=split, hf_shape=(H * (nope + v), rank))
+
+    def _kept(self, kept_experts):
+        kept, E = super()._kept(kept_experts)
+        if kept and E % self.n_group:
+            raise ValueError(f"{E} experts per layer cannot be split into the model's "
+                             f"{self.n_group} routing groups: keep a multiple of {self.n_group}")
+        if kept and self.n_group > 1:
+            size, new_size = self.n_expert // self.n_group, E // self.n_group
+            for i, ids in kept.items():
+                per_group = [[e for e in ids if e // size == g] for g in range(self.n_group)]
+                if any(len(g) != new_size for g in per_group) or list(ids) != sorted(ids):
+                    # llama.cpp regroups the kept experts in order: routing groups change
+                    log.warning("layer %d: kept experts do not keep %d of each routing group "
+                                "in order; group-limited routing will see different groups",
+                                i, new_size)
+        return kept, E
 
     # ---- memory the runtime needs besides weights
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
@@ -272,14 +362,20 @@ class DeepseekV3Adapter(Adapter):
             w.add_expert_group_used_count(int(self.cfg("topk_group")))
 
     def _add_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        """YaRN keys as llama.cpp's converter writes them (both spellings of each key read)."""
         p = self.rope_params
         if self.rope_type != "yarn":
             return
+        orig = p.get("original_max_position_embeddings") or self.cfg(
+            "original_max_position_embeddings")
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(p["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(p["original_max_position_embeddings"]))
-        if p.get("attention_factor") is not None:
-            w.add_rope_scaling_yarn_attn_factor(float(p["attention_factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(orig))
+        if p.get("extrapolation_factor") is not None:
+            w.add_rope_scaling_yarn_ext_factor(float(p["extrapolation_factor"]))
+        attn_factor = p.get("attention_factor", p.get("attn_factor"))
+        if attn_factor is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(attn_factor))
         if p.get("beta_fast") is not None:
             w.add_rope_scaling_yarn_beta_fast(float(p["beta_fast"]))
         if p.get("beta_slow") is not None:
@@ -290,14 +386,14 @@ class DeepseekV3Adapter(Adapter):
 
 
 class DeepseekV2Adapter(DeepseekV3Adapter):
-    """DeepSeek-V2 / V2-Lite: softmax routing, no correction bias, same tensors otherwise."""
+    """DeepSeek-V2 / V2-Lite: softmax routing, no correction bias, same tensors otherwise.
+
+    `norm_topk_prob` is honoured as DeepSeek's own code does (llama.cpp's expert_weights_norm);
+    transformers' DeepseekV2 never renormalises, so the two agree only when it is false, as
+    in the published V2 / V2-Lite configs.
+    """
 
     model_type = "deepseek_v2"
     default_scoring_func = "softmax"
     default_topk_method = "greedy"
 
-
-def _blk(i: int, kind: str, shape: tuple[int, ...], quantizable: bool = True,
-         suffix: str = "weight", n_experts: int = 0) -> TensorSpec:
-    return TensorSpec(f"blk.{i}.{kind}.{suffix}", shape, kind, i, n_experts=n_experts,
-                      quantizable=quantizable)

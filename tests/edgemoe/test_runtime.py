@@ -78,6 +78,20 @@ def test_thresholds_drop_small_weights_and_keep_the_top(ggufs):
     assert llm.expert_use.removed_share == pytest.approx(share)
 
 
+def test_protected_positions_keep_all_their_experts(ggufs):
+    path = ggufs["qwen3"]
+    tokens = _tokens(path, 20)
+    hooks = EvalHooks()
+    keep_top = topany.TopAny([1.0, 1.0], protect_first=5).install(hooks)
+    llm = runtime.load(path, top_any=0, n_ctx=64, hooks=hooks)
+    llm.eval(tokens[:12])  # one batch: positions 0..11
+    llm.eval(tokens[12:])  # then 12..19; the last layer sees only the output row
+    use = keep_top.use
+    assert use.tokens == {0: 20, 1: 2}
+    assert use.kept[0] == 20 + 5  # tau = 1 keeps only the top, except at positions 0-4
+    assert use.kept[1] == 2
+
+
 def test_thresholds_stored_in_the_file_are_used(ggufs, tmp_path):
     src = ggufs["qwen3"]
     dst = tmp_path / "with-tau.gguf"

@@ -1,0 +1,224 @@
+"""Tiny checkpoints of the other MoE families, built with transformers' own config classes.
+
+DeepSeek-V3 / V2 (MLA, shared experts, leading dense block), Qwen2-MoE (shared expert with a
+sigmoid gate, QKV biases) and OLMoE (whole-projection Q/K norms), with random weights drawn
+as in conftest (`_init_weights`). Also: the pruned HF reference of a checkpoint, and an FP8
+block-scaled copy of a DeepSeek checkpoint laid out like the DeepSeek-V3 release.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from tests.conftest import _init_weights, _save
+
+
+def _finish(model, tok_dir: Path, out: Path, seed: int, dtype=None, **save_kwargs) -> Path:
+    import torch
+
+    _init_weights(model, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            # DeepSeek-V3's selection-only correction bias: non-zero, of the order of the
+            # sigmoid scores' spread, so that it changes which experts are picked
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
+    if dtype is not None:
+        model = model.to(dtype)
+    return _save(model, tok_dir, out, **save_kwargs)
+
+
+def deepseek_v3_config(vocab: int, n_layers: int = 3, n_experts: int = 16, **overrides):
+    """V3 in miniature: q/kv LoRA, one leading dense block, 4 routing groups of which 2 are
+    used, sigmoid + correction bias, renormalised top-k scaled by 2.5, one shared expert."""
+    from transformers import DeepseekV3Config
+
+    kw = dict(
+        vocab_size=vocab, hidden_size=256, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=n_experts, num_experts_per_tok=4, n_group=4, topk_group=2,
+        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
+        v_head_dim=48, first_k_dense_replace=1, max_position_embeddings=512,
+        rms_norm_eps=1e-6, rope_scaling=None, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return DeepseekV3Config(**kw)
+
+
+def build_deepseek_v3(out: Path, tok_dir: Path, dtype=None, **overrides) -> Path:
+    import torch
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = deepseek_v3_config(len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, **overrides)
+    torch.manual_seed(3)
+    return _finish(DeepseekV3ForCausalLM(cfg), tok_dir, out, seed=3, dtype=dtype)
+
+
+def build_deepseek_v2(out: Path, tok_dir: Path, dtype=None) -> Path:
+    """V2-Lite in miniature: full-rank Q, softmax greedy top-k (no groups: transformers ranks
+    V2 groups by their best score, llama.cpp by the sum of the top two), no renormalisation
+    (transformers' V2 ignores norm_topk_prob), routed weights scaled by 1.5, 2 shared experts."""
+    import torch
+    from transformers import AutoTokenizer, DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = DeepseekV2Config(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, routed_scaling_factor=1.5,
+        norm_topk_prob=False, topk_method="greedy", kv_lora_rank=64, q_lora_rank=None,
+        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=48, first_k_dense_replace=1,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(4)
+    return _finish(DeepseekV2ForCausalLM(cfg), tok_dir, out, seed=4, dtype=dtype)
+
+
+def build_qwen2_moe(out: Path, tok_dir: Path, dtype=None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+        shared_expert_intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(5)
+    return _finish(Qwen2MoeForCausalLM(cfg), tok_dir, out, seed=5, dtype=dtype)
+
+
+def build_olmoe(out: Path, tok_dir: Path, dtype=None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = OlmoeConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(6)
+    return _finish(OlmoeForCausalLM(cfg), tok_dir, out, seed=6, dtype=dtype)
+
+
+# ---- derived checkpoints ---------------------------------------------------------------------
+
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) -> Path:
+    """The checkpoint with only `kept` experts per layer, renumbered in order; router rows and
+    the correction bias sliced the same way. The reference a pruned export must match."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    new = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)", name)
+        if m:
+            layer, e = int(m.group(1)), int(m.group(3))
+            if e in kept[layer]:
+                i = kept[layer].index(e)
+                new[f"model.layers.{layer}.{m.group(2)}.experts.{i}.{m.group(4)}"] = t
+            continue
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$", name)
+        if m:
+            t = t[list(kept[int(m.group(1))])].clone()
+        new[name] = t
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    for key in _EXPERT_KEYS:
+        if key in cfg:
+            cfg[key] = len(next(iter(kept.values())))
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+FP8_BLOCK = 128
+
+
+def _fp8_linear(name: str) -> bool:
+    """The tensors DeepSeek-V3 ships in FP8: every linear weight of the blocks, not the
+    router, the norms, the embeddings or the output head."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def _scales(w, g):
+    """One scale per 128x128 block, with at most 4 significant bits: times an e4m3 value (4
+    significant bits) the product has at most 8, so BF16 holds it exactly."""
+    import torch
+
+    rows, cols = -(-w.shape[0] // FP8_BLOCK), -(-w.shape[1] // FP8_BLOCK)
+    absmax = torch.zeros(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            blk = w[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK]
+            absmax[i, j] = blk.abs().max()
+    base = torch.exp2(torch.floor(torch.log2(absmax / 448.0)) + 1)  # power of 2 >= absmax/448
+    mant = 1.0 + torch.randint(0, 8, (rows, cols), generator=g) / 8.0
+    return base * mant
+
+
+def _expand(scale, shape):
+    s = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return s[: shape[0], : shape[1]]
+
+
+def make_fp8_twins(src: Path, fp8_out: Path, bf16_out: Path, mtp_layer: bool = True):
+    """An FP8 e4m3 checkpoint with 128x128 `weight_scale_inv` blocks and the
+    `quantization_config` of the DeepSeek-V3 release, and a BF16 twin holding exactly its
+    dequantized values. Other tensors are BF16 in both (the correction bias F32, as released).
+
+    With `mtp_layer`, the FP8 copy also carries a multi-token-prediction block after the
+    last layer (as V3 does: layer 61 of 61), which an export must ignore.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(8)
+    fp8, twin = {}, {}
+    for name, t in tensors.items():
+        t = t.float()
+        if _fp8_linear(name):
+            scale = _scales(t, g)
+            q = (t / _expand(scale, t.shape)).to(torch.float8_e4m3fn)
+            deq = q.float() * _expand(scale, t.shape)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            twin[name] = deq.to(torch.bfloat16)
+            assert torch.equal(twin[name].float(), deq), f"{name} is not exact in BF16"
+        else:
+            keep = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+            fp8[name] = twin[name] = t.to(keep)
+    cfg = json.loads((src / "config.json").read_text())
+    if mtp_layer:
+        n = cfg["num_hidden_layers"]
+        for name in [k for k in fp8 if k.startswith("model.layers.1.")]:
+            fp8[name.replace("model.layers.1.", f"model.layers.{n}.")] = fp8[name].clone()
+        d = cfg["hidden_size"]
+        fp8[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(d, 2 * d, dtype=torch.bfloat16)
+        for extra in ("enorm", "hnorm", "shared_head.norm"):
+            fp8[f"model.layers.{n}.{extra}.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    for out, data, quant in ((fp8_out, fp8, True), (bf16_out, twin, False)):
+        shutil.copytree(src, out)
+        save_file(data, out / "model.safetensors", metadata={"format": "pt"})
+        c = {**cfg, "dtype": "bfloat16"}
+        if quant:
+            c["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                        "quant_method": "fp8",
+                                        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+        (out / "config.json").write_text(json.dumps(c, indent=2))
+    return fp8_out, bf16_out
