@@ -126,7 +126,9 @@ def inspect(file: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgemoe", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="edgemoe",
+        description="Fit a Mixture-of-Experts model into a memory cap as a GGUF for llama.cpp.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -171,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     for name, verb in VERBS.items():
         sub.choices[name].set_defaults(func=verb)
+    from .validate import add_cli  # validate, run, chat, calibrate-top-any
+
+    add_cli(sub)
     return p
 
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 import memory_planner as mp
 from export.arch import adapter_for
-from memory_planner.priors import DAMAGE_MODEL, prior_damage
+from memory_planner.joint import keep_grid, solve_joint
+from memory_planner.priors import DAMAGE_MODEL, prior_damage, prior_expert_shares, type_error
+from memory_planner.stats import CalibStats, ExpertStats
 
 from .pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
 
@@ -32,7 +37,8 @@ def read_config(config_path: str | Path) -> dict:
 def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFAULT_CTX,
                      kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
                      type_name: str | None = None,
-                     ladder: Sequence[str] = mp.DEFAULT_LADDER) -> mp.MemoryPlan:
+                     ladder: Sequence[str] = mp.DEFAULT_LADDER,
+                     prune: bool = True) -> mp.MemoryPlan:
     """The least-damage plan under `memory` predicted from shapes alone, or a uniform one.
 
     With `type_name` every quantizable tensor gets that type (llama.cpp's fallbacks apply);
@@ -44,6 +50,33 @@ def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFA
     budget = make_budget(adapter, memory, ctx, kv_type, reserve)
     if type_name is not None:
         return mp.uniform_plan(specs, type_name, budget)
-    mp.planner.check_minimum(specs, budget, ladder)
     damage = prior_damage(specs, ladder, experts_used=adapter.n_expert_used)
-    return mp.solve(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)
+    if not prune or adapter.n_expert <= adapter.n_expert_used:
+        mp.planner.check_minimum(specs, budget, ladder)
+        return mp.solve(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)
+    return _plan_with_pruning(adapter, damage, budget, ladder)
+
+
+def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryPlan:
+    """The joint program on priors: experts of a layer are assumed to carry log-normal
+    shares of its output energy (memory_planner.priors). It decides how many experts to
+    keep; which ones is a calibration question, so the plan names no expert ids."""
+    specs = adapter.tensor_specs()
+    grid = keep_grid(adapter.n_expert, adapter.n_expert_used)
+    mp.planner.check_minimum(adapter.tensor_specs(grid[-1]), budget, ladder)
+    shares = prior_expert_shares(adapter.n_expert)
+    moe_layers = sorted({s.layer for s in specs if s.n_experts})
+    ones = np.ones(adapter.n_expert)
+    stats = CalibStats(experts={layer: ExpertStats(ones, ones, shares, shares, 1.0)
+                                for layer in moe_layers})
+    per_expert = {s.name: {t: d * shares for t, d in damage[s.name].items()}
+                  for s in specs if s.n_experts}
+    dense = {n: d for n, d in damage.items() if n not in per_expert}
+    routed = next((damage[s.name][t] / type_error(t) for s in specs if s.n_experts
+                   for t in damage[s.name]), 1.0)  # the routed share, as the priors weigh it
+    plan, _ = solve_joint(adapter.tensor_specs, dense, per_expert, stats, budget, grid,
+                          ladder=ladder, damage_model=DAMAGE_MODEL, prune_scale=routed)
+    if plan.n_experts_kept < plan.n_experts:
+        plan = replace(plan, kept_experts={},
+                       solver=plan.solver + " (which experts: calibrate to choose)")
+    return plan

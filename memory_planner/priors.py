@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .quant_types import DEFAULT_LADDER, candidate_types
 from .types import TensorSpec
 
@@ -118,3 +120,20 @@ def prior_damage(specs: Sequence[TensorSpec], ladder: Sequence[str] = DEFAULT_LA
         out[s.name] = {legal: w * type_error(legal)
                        for legal, _ in candidate_types(s, tuple(ladder)) if legal != "F32"}
     return out
+
+
+# Spread of experts' output-energy shares within a layer, as the standard deviation of their
+# logarithm. Measured on the bundled stdlib-moe model's calibration (8 experts per layer;
+# see BENCHMARKS.md); real routers trained with load balancing are in the same range.
+# Used only when no calibration exists: it says how much the least important experts carry.
+EXPERT_ENERGY_LOG_SIGMA = 0.6
+
+
+def prior_expert_shares(n_expert: int, sigma: float = EXPERT_ENERGY_LOG_SIGMA) -> np.ndarray:
+    """Expected output-energy shares of a layer's experts, most important first: log-normal
+    quantiles (median rank positions), normalised to sum to 1."""
+    from scipy.stats import norm
+
+    q = norm.ppf((np.arange(n_expert)[::-1] + 0.5) / n_expert)
+    shares = np.exp(sigma * q)
+    return shares / shares.sum()
