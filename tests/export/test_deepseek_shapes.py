@@ -21,7 +21,7 @@ import pytest
 
 import memory_planner as mp
 from edgemoe.shape_plan import plan_from_config, read_config
-from export.arch import ADAPTERS, UnsupportedModelError, adapter_for
+from export.arch import ADAPTERS, adapter_for
 from memory_planner.priors import DAMAGE_MODEL, REL_ERROR, prior_damage
 from memory_planner.quant_types import DEFAULT_LADDER, IMATRIX_LADDER_EXTRA
 
@@ -136,24 +136,32 @@ def test_v3_metadata_keys():
     assert kv["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1)
 
 
-def test_weights_export_is_refused_clearly():
-    with pytest.raises(UnsupportedModelError, match="not yet"):
-        adapter_for(_v3()).recipes(["model.embed_tokens.weight"])
+def test_deepseek_adapters_are_registered():
     assert {"deepseek_v2", "deepseek_v3"} <= set(ADAPTERS)
 
 
 # ---- (b) DeepSeek-V3 under a memory cap
 
-def test_v3_at_128gb_is_refused_with_the_smallest_total():
+def test_v3_at_128gb_needs_pruning():
     """671e9 weights at IQ1_S (1.5625 bpw) alone are 131.7 GB: 128 GB needs pruning."""
     with pytest.raises(mp.BudgetTooSmallError, match="128.00 GB") as e:
-        plan_from_config(V3, "128GB", ctx=8192, ladder=IQ_LADDER)
+        plan_from_config(V3, "128GB", ctx=8192, ladder=IQ_LADDER, prune=False)
     assert 131.6 * GB < e.value.minimum_total_bytes < 136 * GB
+    plan = plan_from_config(V3, "128GB", ctx=8192)
+    b = plan.budget
+    assert plan.n_experts == 256 and plan.n_experts_kept < 256
+    assert plan.kept_experts == {}  # which experts: only calibration can say
+    assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
+    assert 0.99 * b.cap_bytes < plan.total_bytes <= b.cap_bytes == 128 * GB
+    assert b.kv_bytes == 61 * (512 + 64) * 8192 * 2
+    exps = [t for t in plan.tensors if t.name == "blk.10.ffn_up_exps.weight"][0]
+    assert exps.n_elements == plan.n_experts_kept * 2048 * 7168
+    assert plan.pruning_damage > 0
 
 
 @pytest.mark.parametrize("cap, ladder", [("200GB", IQ_LADDER), ("256GB", DEFAULT_LADDER)])
 def test_v3_plan_totals_add_up_and_kv_is_the_mla_latent(cap, ladder):
-    plan = plan_from_config(V3, cap, ctx=8192, ladder=ladder)
+    plan = plan_from_config(V3, cap, ctx=8192, ladder=ladder, prune=False)
     b = plan.budget
     assert b.kv_bytes == 61 * (512 + 64) * 8192 * 2  # K-only f16 cache: 576 per token, layer
     assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
