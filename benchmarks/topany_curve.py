@@ -43,6 +43,29 @@ def export_f32(model_dir: Path, out: Path) -> Path:
     return pipeline.export(model, plan, out)
 
 
+def check_exactness(path: Path, tokens: list[int], threads: int | None) -> dict:
+    import gguf
+
+    from edgemoe import runtime
+    from edgemoe.hooks import EvalHooks
+    from edgemoe.llamacpp import eval_logits, open_llama
+
+    arch = gguf.GGUFReader(path).get_field("general.architecture").contents()
+    plain = eval_logits(open_llama(path, n_ctx=len(tokens), threads=threads), tokens)
+    hooked = runtime.load(path, top_any=0, n_ctx=len(tokens), threads=threads, logits_all=True,
+                          hooks=EvalHooks())
+    k1 = open_llama(path, n_ctx=len(tokens), threads=threads,
+                    kv_overrides={f"{arch}.expert_used_count": 1})
+    hooks = EvalHooks()
+    topany.SlotDropper(lambda layer, w: np.arange(w.shape[1])[None, :] % 2 == 1).install(hooks)
+    dropped = runtime.load(path, top_any=0, n_ctx=len(tokens), threads=threads,
+                           logits_all=True, hooks=hooks)
+    return {"tokens": len(tokens),
+            "tau0_bit_identical": bool(np.array_equal(eval_logits(hooked, tokens), plain)),
+            "drop_second_equals_k1": bool(np.array_equal(eval_logits(dropped, tokens),
+                                                         eval_logits(k1, tokens)))}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "stdlib-moe"))
@@ -69,6 +92,12 @@ def main(argv=None) -> dict:
     held = textscore.tokenize_file(path, (model_dir / "heldout.txt").read_text(),
                                    args.heldout_tokens)
     print(f"{path.name}: {len(calib)} calibration tokens, {len(held)} held-out tokens", flush=True)
+
+    # exactness on this model: the callback with tau = 0 against plain llama-cpp-python,
+    # and dropping every second slot against expert_used_count = 1
+    exact = check_exactness(path, held[:256], args.threads)
+    print(f"tau = 0 bit-identical: {exact['tau0_bit_identical']}; every second slot dropped "
+          f"== expert_used_count 1: {exact['drop_second_equals_k1']}", flush=True)
 
     ev_cal = topany.Evaluator(path, calib, args.ctx, args.threads)
     ev_held = topany.Evaluator(path, held, args.ctx, args.threads)
@@ -135,7 +164,7 @@ def main(argv=None) -> dict:
         "sensitivity": {"grid": cal.grid.tolist(),
                         "kld": {str(li): c.tolist() for li, c in cal.curves.items()},
                         "seconds": t_sens},
-        "curve": curve, "damage_budget_1pct": budget,
+        "exactness": exact, "curve": curve, "damage_budget_1pct": budget,
         "best_within_1pct": best, "calibrated_1pct_heldout": honest,
         "goal": ">= 20% fewer expert activations for <= 1% perplexity increase",
         "seconds": time.time() - t_start, "threads": args.threads or os.cpu_count(),

@@ -225,7 +225,15 @@ def validate(file: str, reference: str | None = None, text: str | None = None,
     if max_kld is not None and reference is None:
         raise ValueError("--max-kld needs a --reference to measure KL divergence against")
 
-    report: dict = {"file": str(path), "top_any_spec": top_any}
+    stored, info = topany.read_top_any(path)
+    header = gguf.GGUFReader(path)
+    arch = header.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    n_layer = int(header.get_field(f"{arch}.block_count").contents())
+    del header
+    tau = topany.parse_spec(top_any, n_layer, stored)
+    report: dict = {"file": str(path), "top_any": {
+        "spec": top_any, "thresholds": None if tau is None else [float(x) for x in tau],
+        "stored_in_file": stored is not None, "info": info}}
     if text is not None:
         body = Path(text).read_text(encoding="utf-8", errors="replace")
         report["quality"] = measure_quality(path, body, top_any, reference, eval_ctx,

@@ -193,7 +193,7 @@ class GGUFSource:
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             self.metadata[key] = GGUFValue(field.contents(), field.types[0], sub)
         self.config = {k: v.value for k, v in self.metadata.items()}  # config-like access
-        n_split = int(self.config.get(gguf.Keys.Split.COUNT, 1))
+        n_split = int(self.config.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1))
         if n_split > 1:
             raise SourceError(f"{self.path} is one of {n_split} split GGUF files; merge them "
                               "first (llama-gguf-split --merge)")

@@ -222,3 +222,18 @@ def make_fp8_twins(src: Path, fp8_out: Path, bf16_out: Path, mtp_layer: bool = T
                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
         (out / "config.json").write_text(json.dumps(c, indent=2))
     return fp8_out, bf16_out
+
+
+def tensor_differences(path_a: Path, path_b: Path) -> list[str]:
+    """Tensors present in one GGUF file only, or with another type or other data (order and
+    trailing dimensions of 1 ignored: llama-quantize sorts tensors and drops those dims)."""
+    import gguf
+    import numpy as np
+
+    a = {t.name: t for t in gguf.GGUFReader(path_a).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(path_b).tensors}
+    return sorted(set(a) ^ set(b)) + [
+        n for n in a if n in b and (
+            a[n].tensor_type != b[n].tensor_type
+            or not np.array_equal(np.asarray(a[n].data).reshape(-1),
+                                  np.asarray(b[n].data).reshape(-1)))]

@@ -7,6 +7,7 @@ HF tensors of a real checkpoint, checking that every expert of every layer is th
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from ..tokenizer import add_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
@@ -161,6 +164,18 @@ class Adapter:
     @property
     def rms_eps(self) -> float:
         return float(self.cfg("rms_norm_eps"))
+
+    @property
+    def n_expert_groups(self) -> int:
+        """Routing groups of group-limited routing (DeepSeek-V3: 8); 1 when there are none.
+        llama.cpp splits the experts of a file into this many equal groups, in order, so a
+        pruned file must keep a multiple of it, ideally the same number from each group."""
+        return 1
+
+    @property
+    def shared_ff(self) -> int:
+        """Width of the always-active shared expert(s) beside the routed ones (0: none)."""
+        return 0
 
     @property
     def tied_embeddings(self) -> bool:
@@ -312,7 +327,21 @@ class Adapter:
             if bad or len(set(ids)) != len(ids):
                 raise ValueError(f"layer {i}: kept experts {list(ids)} must be distinct ids "
                                  f"below {self.n_expert}")
-        return kept, (n_kept.pop() if n_kept else self.n_expert)
+        E = n_kept.pop() if n_kept else self.n_expert
+        G = self.n_expert_groups
+        if kept and E % G:
+            raise ValueError(f"{E} experts per layer cannot be split into the model's {G} "
+                             f"routing groups: keep a multiple of {G}")
+        if kept and G > 1:
+            size = self.n_expert // G
+            for i, ids in kept.items():
+                per_group = [sum(1 for e in ids if e // size == g) for g in range(G)]
+                if set(per_group) != {E // G} or list(ids) != sorted(ids):
+                    # llama.cpp regroups the kept experts in order: the groups change
+                    log.warning("layer %d keeps %s experts of its %d routing groups (or out of "
+                                "order): group-limited routing will see other groups", i,
+                                per_group, G)
+        return kept, E
 
     def moe_layers(self) -> list[int]:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
@@ -333,7 +362,8 @@ class Adapter:
         ub = min(n_ubatch, ctx)
         logits = ub * self.n_vocab * 4
         scores = ub * ctx * self.n_head * 4
-        ffn = ub * self.n_expert_used * self.expert_ff() * 4 * 3 + ub * self.n_expert * 4 * 4
+        ffn = ub * (self.n_expert_used * self.expert_ff() + self.shared_ff) * 4 * 3 \
+            + ub * self.n_expert * 4 * 4
         stream = ub * max(self.n_embd, self.n_head * self.head_dim) * 4 * 8
         return logits + scores + ffn + stream
 

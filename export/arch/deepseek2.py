@@ -104,7 +104,7 @@ class DeepseekV3Adapter(Adapter):
         return bool(self.cfg("rope_interleave", default=True))
 
     @property
-    def n_group(self) -> int:
+    def n_expert_groups(self) -> int:
         return int(self.cfg("n_group", default=1))
 
     def expert_ff(self) -> int:
@@ -136,7 +136,7 @@ class DeepseekV3Adapter(Adapter):
                 raise UnsupportedModelError(f"{key}=true: llama.cpp's deepseek2 has no such biases")
         if self.rope_type == "yarn" and self.rope_params.get("factor") is None:
             raise UnsupportedModelError("yarn rope scaling without a factor")
-        n_group = self.n_group
+        n_group = self.n_expert_groups
         if n_group > 1 and self.cfg("topk_method", default="") == "group_limited_greedy":
             # llama.cpp ranks groups by the sum of their top-2 scores (V3's rule); V2's
             # group_limited_greedy ranks them by their best score. Rarely a different pick.
@@ -275,22 +275,6 @@ class DeepseekV3Adapter(Adapter):
             return per_head[:, nope:, :]
 
         return TensorRecipe(spec, (kv_b,), transform=split, hf_shape=(H * (nope + v), rank))
-
-    def _kept(self, kept_experts):
-        kept, E = super()._kept(kept_experts)
-        if kept and E % self.n_group:
-            raise ValueError(f"{E} experts per layer cannot be split into the model's "
-                             f"{self.n_group} routing groups: keep a multiple of {self.n_group}")
-        if kept and self.n_group > 1:
-            size, new_size = self.n_expert // self.n_group, E // self.n_group
-            for i, ids in kept.items():
-                per_group = [[e for e in ids if e // size == g] for g in range(self.n_group)]
-                if any(len(g) != new_size for g in per_group) or list(ids) != sorted(ids):
-                    # llama.cpp regroups the kept experts in order: routing groups change
-                    log.warning("layer %d: kept experts do not keep %d of each routing group "
-                                "in order; group-limited routing will see different groups",
-                                i, new_size)
-        return kept, E
 
     # ---- memory the runtime needs besides weights
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:

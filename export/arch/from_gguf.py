@@ -19,6 +19,7 @@ from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from .base import Adapter, IncompleteCheckpointError, TensorRecipe, UnsupportedModelError
+from .deepseek2 import DeepseekV3Adapter
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _PLAIN_RE = re.compile(r"^(.+)\.(weight|bias)$")
@@ -121,7 +122,7 @@ class GGUFAdapter(Adapter):
         return int(self.key("expert_used_count", default=0))
 
     @property
-    def n_group(self) -> int:
+    def n_expert_groups(self) -> int:
         return int(self.key("expert_group_count", default=1))
 
     def expert_ff(self) -> int:
@@ -131,9 +132,32 @@ class GGUFAdapter(Adapter):
         return int(self.key("expert_feed_forward_length", default=self.key("feed_forward_length")))
 
     @property
+    def shared_ff(self) -> int:
+        for name, shape in self.shapes.items():
+            if _kind(name)[0] == "ffn_up_shexp":
+                return shape[0]
+        return 0
+
+    # ---- DeepSeek-style latent attention (MLA): llama.cpp caches K only
+    @property
     def is_mla(self) -> bool:
-        """DeepSeek-style latent attention: llama.cpp caches K only."""
         return f"{self._arch_name}.attention.kv_lora_rank" in self.config
+
+    @property
+    def kv_lora_rank(self) -> int:
+        return int(self.key("attention.kv_lora_rank"))
+
+    @property
+    def qk_rope_dim(self) -> int:
+        return int(self.key("rope.dimension_count"))
+
+    @property
+    def n_shared(self) -> int:
+        return int(self.key("expert_shared_count", default=0))
+
+    @property
+    def dense_ff(self) -> int:
+        return int(self.key("feed_forward_length", default=0))
 
     def check_supported(self) -> None:
         if self.n_expert <= 0:
@@ -174,9 +198,6 @@ class GGUFAdapter(Adapter):
         experts."""
         have = set(hf_names)
         kept, E_out = self._kept(kept_experts)
-        if kept and E_out % self.n_group:
-            raise ValueError(f"{E_out} experts per layer cannot be split into the model's "
-                             f"{self.n_group} routing groups: keep a multiple of {self.n_group}")
         out, missing = [], []
         for spec in self.tensor_specs(E_out):
             if spec.name not in have:
@@ -197,6 +218,11 @@ class GGUFAdapter(Adapter):
         v = 0 if self.is_mla else self.value_dim
         per_token = self.n_layer * self.n_head_kv * (self.head_dim + v)
         return int(round(per_token * ctx * kv_bytes_per_element(kv_type)))
+
+    def compute_bytes(self, ctx: int, n_ubatch: int = 512) -> int:
+        if self.is_mla:  # the DeepSeek adapter's estimate, from the same hyperparameters
+            return DeepseekV3Adapter.compute_bytes(self, ctx, n_ubatch)
+        return super().compute_bytes(ctx, n_ubatch)
 
     # ---- metadata: copied through
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:

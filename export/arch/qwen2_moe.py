@@ -81,10 +81,6 @@ class Qwen2MoeAdapter(Adapter):
             specs.append(TensorSpec("output.weight", (self.n_vocab, d), "output"))
         return specs
 
-    def compute_bytes(self, ctx: int, n_ubatch: int = 512) -> int:
-        ub = min(n_ubatch, ctx)
-        return super().compute_bytes(ctx, n_ubatch) + ub * self.shared_ff * 4 * 3
-
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """The keys llama.cpp's converter writes for Qwen2MoeForCausalLM."""
         E = n_experts_kept or self.n_expert

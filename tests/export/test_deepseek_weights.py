@@ -36,7 +36,8 @@ VARIANTS = {
 }
 # 12 of 16 experts (3 of each routing group, in order) and 6 of 8: different ones per layer
 KEPT = {
-    "v3": {1: (0, 1, 3, 4, 5, 6, 8, 10, 11, 12, 13, 15), 2: (1, 2, 3, 4, 6, 7, 8, 9, 11, 13, 14, 15)},
+    "v3": {1: (0, 1, 3, 4, 5, 6, 8, 10, 11, 12, 13, 15),
+           2: (1, 2, 3, 4, 6, 7, 8, 9, 11, 13, 14, 15)},
     "v2-lite": {1: (0, 2, 3, 4, 5, 7), 2: (1, 2, 3, 5, 6, 7)},
 }
 
@@ -93,14 +94,29 @@ def test_f32_export_matches_transformers(deepseek, variant, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2-lite"])
-def test_q8_0_export_agrees_on_top1(deepseek, variant, tmp_path):
+def test_q8_0_export_is_llama_cpps_own_q8_0(deepseek, variant, tmp_path):
+    """The Q8_0 file holds, byte for byte, what llama.cpp's quantizer makes of the F32 file.
+
+    Top-1 agreement with transformers is asserted at 80%, not the 95% the other families
+    meet: these tiny random MLA models are that sensitive to Q8_0 rounding. Measured: on this
+    prompt, transformers with every quantizable weight rounded to Q8_0 keeps 28/32 (v3) and
+    30/32 (v2-lite) of its own argmaxes; the llama.cpp Q8_0 file gets 31/32 and 27/32 (it
+    also rounds activations to Q8_0); over three 128-token windows of the calibration text,
+    84-88% (v3) and 84-91% (v2-lite). The F32 files match transformers to 1e-4.
+    """
+    from edgemoe.llamacpp import llama_quantize
+
     model_dir = deepseek(variant)
     tokens = _tokens(model_dir)
     plan = _export(model_dir, tmp_path / "q8.gguf", "Q8_0")
     assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
+    _export(model_dir, tmp_path / "f32.gguf", "F32")
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "ref.gguf", "Q8_0", pure=True)
+    assert af.tensor_differences(tmp_path / "q8.gguf", tmp_path / "ref.gguf") == []
+
     got = eval_logits(open_llama(tmp_path / "q8.gguf", n_ctx=64, f32_kv=True), tokens)
     agree = float((got.argmax(-1) == _hf_logits(model_dir, tokens).argmax(-1)).mean())
-    assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
+    assert agree >= 0.80, f"top-1 agreement {agree:.3f}"
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2-lite"])
