@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     def budget_flags(sp):
-        sp.add_argument("source", help="Hugging Face model directory")
+        sp.add_argument("source", help="Hugging Face model directory or F32/F16/BF16/Q8_0 GGUF "
+                        "(plan: also a config.json or a Hub model id)")
         sp.add_argument("--memory", required=True, help="memory cap: 128GB, 120GiB, 500MB")
         sp.add_argument("--ctx", type=int, default=pipeline.DEFAULT_CTX,
                         help="context length the KV cache must hold (default %(default)s)")
@@ -158,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")
     c = sub.add_parser("calibrate", help=calibrate.__doc__, description=calibrate.__doc__)
-    c.add_argument("source", help="Hugging Face model directory")
+    c.add_argument("source", help="Hugging Face model directory or GGUF")
     c.add_argument("--text", default=None, help="calibration text (default: shipped text)")
     c.add_argument("-o", "--output", default=None, help="stats file (default SOURCE.stats.gguf)")
     c.add_argument("--calib-model", default=None,

@@ -177,7 +177,8 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
     adapter = model.adapter
     grid = [adapter.n_expert]
     if prune and stats is not None and stats.has_expert_stats:
-        grid = keep_grid(adapter.n_expert, adapter.n_expert_used)
+        grid = keep_grid(adapter.n_expert, adapter.n_expert_used,
+                         n_groups=adapter.n_expert_groups)
     # fail on an impossible cap before spending time on measurements
     mp.planner.check_minimum(adapter.tensor_specs(grid[-1]), budget, ladder)
     damage = measure_damage(model, ladder, stats, progress=progress)
@@ -189,7 +190,7 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
         return plan, []
     return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
                        grid, ladder=ladder, damage_model=damage.model,
-                       prune_scale=_prune_scale(stats))
+                       prune_scale=_prune_scale(stats), n_groups=adapter.n_expert_groups)
 
 
 def _prune_scale(stats: CalibStats) -> float:

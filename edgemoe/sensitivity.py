@@ -80,8 +80,8 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
         prune_scale = None
         a = model.adapter
         if stats.has_expert_stats and a.n_expert > a.n_expert_used:
-            n_keep = keep_grid(a.n_expert, a.n_expert_used)[1]
-            kept = kept_by_saliency(stats, n_keep)
+            n_keep = keep_grid(a.n_expert, a.n_expert_used, n_groups=a.n_expert_groups)[1]
+            kept = kept_by_saliency(stats, n_keep, a.n_expert_groups)
             predicted = sum(pruning_damage(stats, kept).values())
             specs_k = a.tensor_specs(n_keep)
             plan = mp.uniform_plan(specs_k, base_type, mp.Budget(2**62), check_budget=False)

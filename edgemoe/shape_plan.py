@@ -62,7 +62,7 @@ def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryP
     shares of its output energy (memory_planner.priors). It decides how many experts to
     keep; which ones is a calibration question, so the plan names no expert ids."""
     specs = adapter.tensor_specs()
-    grid = keep_grid(adapter.n_expert, adapter.n_expert_used)
+    grid = keep_grid(adapter.n_expert, adapter.n_expert_used, n_groups=adapter.n_expert_groups)
     mp.planner.check_minimum(adapter.tensor_specs(grid[-1]), budget, ladder)
     shares = prior_expert_shares(adapter.n_expert)
     moe_layers = sorted({s.layer for s in specs if s.n_experts})
@@ -75,7 +75,8 @@ def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryP
     routed = next((damage[s.name][t] / type_error(t) for s in specs if s.n_experts
                    for t in damage[s.name]), 1.0)  # the routed share, as the priors weigh it
     plan, _ = solve_joint(adapter.tensor_specs, dense, per_expert, stats, budget, grid,
-                          ladder=ladder, damage_model=DAMAGE_MODEL, prune_scale=routed)
+                          ladder=ladder, damage_model=DAMAGE_MODEL, prune_scale=routed,
+                          n_groups=adapter.n_expert_groups)
     if plan.n_experts_kept < plan.n_experts:
         plan = replace(plan, kept_experts={},
                        solver=plan.solver + " (which experts: calibrate to choose)")

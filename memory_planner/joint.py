@@ -27,12 +27,23 @@ from .types import Budget, MemoryPlan, TensorSpec
 ExpertDamage = Mapping[str, Mapping[str, np.ndarray]]  # _exps tensor -> type -> per expert
 
 
-def kept_by_saliency(stats: CalibStats, n_keep: int) -> dict[int, tuple[int, ...]]:
-    """Per MoE layer, the `n_keep` most salient experts (ids ascending)."""
+def kept_by_saliency(stats: CalibStats, n_keep: int,
+                     n_groups: int = 1) -> dict[int, tuple[int, ...]]:
+    """Per MoE layer, the `n_keep` most salient experts (ids ascending).
+
+    With group-limited routing (DeepSeek: experts in `n_groups` contiguous groups) each
+    group keeps the same number, its most salient, so the pruned model has the same groups.
+    """
+    if n_keep % n_groups:
+        raise ValueError(f"keeping {n_keep} experts does not divide into {n_groups} groups")
     kept = {}
     for layer, e in stats.experts.items():
-        order = np.argsort(-e.saliency, kind="stable")[:n_keep]
-        kept[layer] = tuple(sorted(int(i) for i in order))
+        size = e.n_expert // n_groups
+        ids = []
+        for g in range(n_groups):
+            sal = e.saliency[g * size:(g + 1) * size]
+            ids += [g * size + int(i) for i in np.argsort(-sal, kind="stable")[:n_keep // n_groups]]
+        kept[layer] = tuple(sorted(ids))
     return kept
 
 
@@ -80,10 +91,14 @@ class TradeOff:
         return self.quant_damage + self.prune_damage
 
 
-def keep_grid(n_expert: int, n_used: int, ratios: Sequence[float] = (1.0, 0.875, 0.75, 0.625,
-                                                                     0.5)) -> list[int]:
-    """Keep counts for the given ratios, never below the router's top-k."""
-    return sorted({max(n_used, int(round(n_expert * r))) for r in ratios}, reverse=True)
+def keep_grid(n_expert: int, n_used: int,
+              ratios: Sequence[float] = (1.0, 0.875, 0.75, 0.625, 0.5),
+              n_groups: int = 1) -> list[int]:
+    """Keep counts for the given ratios: multiples of the routing groups, never below the
+    router's top-k."""
+    floor = -(-max(n_used, n_groups) // n_groups) * n_groups
+    counts = {max(floor, int(round(n_expert * r / n_groups)) * n_groups) for r in ratios}
+    return sorted((c for c in counts if c <= n_expert), reverse=True)
 
 
 def solve_joint(
@@ -96,6 +111,7 @@ def solve_joint(
     ladder: Sequence[str] = DEFAULT_LADDER,
     damage_model: str = "calibrated",
     prune_scale: float = 1.0,
+    n_groups: int = 1,
 ) -> tuple[MemoryPlan, list[TradeOff]]:
     """The least-damage (keep count, types) plan under `budget`, and the whole trade-off.
 
@@ -107,7 +123,7 @@ def solve_joint(
     rows = []
     smallest_error: BudgetTooSmallError | None = None
     for n_keep in grid:
-        kept = kept_by_saliency(stats, n_keep) if n_keep < n_expert else None
+        kept = kept_by_saliency(stats, n_keep, n_groups) if n_keep < n_expert else None
         specs = specs_for(n_keep)
         table = damage_with_kept(specs, dense, per_expert, kept)
         prune = prune_scale * sum(pruning_damage(stats, kept).values()) if kept else 0.0

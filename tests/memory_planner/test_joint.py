@@ -84,3 +84,12 @@ def test_tight_cap_prunes_dead_experts_generous_cap_keeps_all():
     roomy, _ = solve_joint(specs_for, dense, per_expert, stats_with_dead_experts(0),
                            Budget(10**9), grid, ladder=LADDER)
     assert roomy.n_experts_kept == E and roomy.kept_experts == {}
+
+
+def test_grouped_routing_keeps_the_same_number_per_group():
+    grid = keep_grid(16, 2, n_groups=4)
+    assert all(n % 4 == 0 for n in grid) and grid[0] == 16
+    e = ExpertStats(np.ones(16), np.ones(16), np.arange(16.0)[::-1], np.ones(16), 16.0)
+    kept = kept_by_saliency(CalibStats(experts={0: e}), 8, n_groups=4)
+    # saliency falls with the id: each group of 4 keeps its first two
+    assert kept[0] == (0, 1, 4, 5, 8, 9, 12, 13)
