@@ -11,6 +11,9 @@ For each cap (given as bits per weight of the bundled model's weights):
   uniform T     every quantizable tensor at type T, imatrix quantization, if it fits
   llama.cpp P   llama_model_quantize preset P (Q2_K, Q3_K_M, Q4_K_M, IQ2_XXS, ...) with the
                 same imatrix, whatever its size (its size is shown)
+The comparison set at a cap: every alternative that fits it, plus the smallest llama.cpp
+preset no smaller than the calibrated file (which may not fit). bpw is weight bits over the
+unpruned model's parameters, the same scale for every row.
 Then Spearman's rank correlation between predicted damage and measured KLD over the plans.
 
     python benchmarks/kld_vs_cap.py                     # bundled model, caps 2.5 / 3 / 4 bpw
@@ -138,13 +141,15 @@ def main() -> None:
 
         plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
         run("calibrated", plan, stats)
-        plan_np, _ = pipeline.make_plan(model, budget, stats=unprobed, progress=False)
-        run("calibrated, no probes", plan_np, stats)
-        plan_nc, _ = pipeline.make_plan(model, budget, progress=False)
-        run("uncalibrated", plan_nc, None)
-        mc = mc_style(unprobed)
-        plan_mc, _ = pipeline.make_plan(model, budget, stats=mc, progress=False)
-        run("mc-style", plan_mc, stats)
+        for label, plan_stats, quant_stats in (("calibrated, no probes", unprobed, stats),
+                                               ("uncalibrated", None, None),
+                                               ("mc-style", mc_style(unprobed), stats)):
+            try:
+                p, _ = pipeline.make_plan(model, budget, stats=plan_stats, progress=False)
+            except mp.BudgetTooSmallError as exc:  # e.g. no IQ2 types without an imatrix
+                print(f"{label} at {bpw} bpw: {exc}")
+                continue
+            run(label, p, quant_stats)
         for t in UNIFORM:
             up = mp.uniform_plan(model.specs, t, budget, check_budget=False)
             if up.total_bytes > cap:
@@ -176,24 +181,29 @@ def main() -> None:
     lines = []
     for res in results:
         rows = res["rows"]
-        cal = rows["calibrated"]["kld"]
-        baseline = {k: v for k, v in rows.items() if k != "calibrated"}
-        fair = {k: v for k, v in baseline.items()
-                if v.get("fits") or (k.startswith("llama.cpp") and v["weight_bytes"] >=
-                                     rows["calibrated"]["weight_bytes"])}
-        best_k = min(fair, key=lambda k: fair[k]["kld"]) if fair else None
-        ratio = cal / fair[best_k]["kld"] if best_k else float("nan")
-        res["best_alternative"] = best_k
-        res["ratio_to_best"] = ratio
+        ours = rows["calibrated"]
+        for v in rows.values():  # one scale for every row: bits over the unpruned model
+            v["bpw_model"] = 8 * v["weight_bytes"] / n_params
+        alternatives = {k: v for k, v in rows.items() if not k.startswith("calibrated")}
+        fitting = {k: v for k, v in alternatives.items() if v.get("fits")}
+        larger = [(v["weight_bytes"], k) for k, v in alternatives.items()
+                  if k.startswith("llama.cpp") and v["weight_bytes"] >= ours["weight_bytes"]]
+        nearest = min(larger)[1] if larger else None
+        field = dict(fitting, **({nearest: alternatives[nearest]} if nearest else {}))
+        best = min(field, key=lambda k: field[k]["kld"])
+        ratio = ours["kld"] / field[best]["kld"]
+        res.update(best_alternative=best, ratio_to_best=ratio, nearest_larger_preset=nearest)
         print(f"\ncap {mp.format_size(res['cap_bytes'])} (target {res['bpw_target']} bpw): "
-              f"calibrated KLD {cal:.4f}, best alternative {best_k} "
-              f"{fair[best_k]['kld'] if best_k else float('nan'):.4f}, ratio {ratio:.2f}")
-        t = [[k, f"{v['bpw']:.2f}", f"{v['kld']:.4f}", f"{v['kld_p99']:.3f}", f"{v['top1']:.3f}",
-              f"{v['ppl']:.3f}", "yes" if v.get("fits") else "no",
-              str(v.get("experts_kept", "")), f"{v['predicted']:.4g}" if "predicted" in v else ""]
+              f"calibrated KLD {ours['kld']:.4f}; best alternative that fits, or the smallest "
+              f"llama.cpp preset no smaller than ours ({nearest}): {best} "
+              f"{field[best]['kld']:.4f}; ratio {ratio:.2f}")
+        t = [[k, f"{v['bpw_model']:.2f}", f"{v['weight_bytes'] / 1e6:.2f}", f"{v['kld']:.4f}",
+              f"{v['kld_p99']:.3f}", f"{v['top1']:.3f}", f"{v['ppl']:.3f}",
+              "yes" if v.get("fits") else "no", str(v.get("experts_kept", "")),
+              f"{v['predicted']:.4g}" if "predicted" in v else ""]
              for k, v in sorted(rows.items(), key=lambda kv: kv[1]["kld"])]
-        print(table(t, ["plan", "bpw", "KLD", "KLD p99", "top-1", "PPL", "fits", "experts",
-                        "predicted"]))
+        print(table(t, ["plan", "bpw", "MB", "KLD", "KLD p99", "top-1", "PPL", "fits",
+                        "experts", "predicted"]))
         lines.append(res)
     print(f"\nSpearman(predicted damage, measured KLD) over {len(rank_points)} plans: {rho:.3f}")
     summary = {"model": str(model_dir), "tokens": len(tokens), "n_params": n_params,
