@@ -2,13 +2,16 @@
 
 Sizes are known from the plan, so the header is complete before any weight is read. Data
 is produced expert slice by expert slice on a thread pool (ggml's quantizer releases the
-GIL) with a bounded number of slices in flight, so memory stays near one slice per worker.
-The file is written under a temporary name and renamed only when complete.
+GIL) with a bounded number of slices in flight (threads + 1); dense tensors are read and
+quantized in row blocks no larger than the largest expert slice. Memory thus stays near one
+slice per worker, whatever the model's size. The file is written under a temporary name and
+renamed only when complete.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +29,10 @@ from .arch.base import TensorRecipe
 from .quantize import default_threads, quantize_rows
 
 log = logging.getLogger(__name__)
+
+# Dense row blocks hold at least this many weights (and at most the largest expert slice's
+# count, if larger): big enough that per-block overhead is nothing next to the quantizer.
+MIN_BLOCK_ELEMENTS = 1 << 20
 
 PLAN_KEY = "edgemoe.plan"  # the plan JSON, stored in the file's metadata
 VERSION_KEY = "edgemoe.version"
@@ -142,6 +149,8 @@ def write_gguf(
         infos.append((r.spec.name, tp.nbytes))
 
     threads = threads or default_threads()
+    block = max([MIN_BLOCK_ELEMENTS] + [math.prod(r.spec.shape[1:]) for r in recipes
+                                        if r.spec.n_experts])
     total = sum(n for _, n in infos)
     try:
         w.write_header_to_file(part)
@@ -156,9 +165,10 @@ def write_gguf(
                 type_name = types[r.spec.name].type
                 im = None if imatrix is None else imatrix.get(r.spec.name)
                 stream.begin(r.spec.name)
-                for chunk in _tensor_chunks(r, source, type_name, im, pool, threads):
+                for chunk in _tensor_chunks(r, source, type_name, im, pool, threads, block):
                     stream.write(chunk)
                     bar.update(chunk.nbytes)
+                    del chunk  # not held while the next one is awaited
                 stream.end()
         stream.close_check()
         w.close()
@@ -172,8 +182,15 @@ def write_gguf(
 
 
 def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray | None,
-                   pool: Executor, threads: int) -> Iterator[np.ndarray]:
-    """The bytes of one tensor, in file order, a bounded number of pieces in flight."""
+                   pool: Executor, threads: int, block: int) -> Iterator[np.ndarray]:
+    """The bytes of one tensor, in file order, at most threads + 1 pieces in flight.
+
+    Expert tensors come one expert slice at a time. Dense tensors that are read as they are
+    (no transform, no row selection) come in row blocks of at most `block` weights, read and
+    quantized on the workers; the others are loaded whole and split into `threads` blocks.
+    ggml quantizes row by row, so the blocks never change the bytes.
+    """
+    window = threads + 1
     if r.spec.n_experts:
         def one(e: int) -> np.ndarray:
             row_im = None
@@ -181,7 +198,19 @@ def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray 
                 row_im = imatrix[e] if imatrix.ndim == 2 else imatrix
             return quantize_rows(r.load_expert(source, e), type_name, row_im)
 
-        yield from _ordered(pool, one, range(r.spec.n_experts), window=threads + 1)
+        yield from _ordered(pool, one, range(r.spec.n_experts), window)
+        return
+    name = r.hf_names[0]
+    shape = tuple(source.shape(name))
+    if r.transform is None and r.rows is None and len(shape) > 1:
+        per_index = math.prod(shape[1:])  # weights under one index of the first axis
+        step = max(1, min(-(-shape[0] // threads), block // per_index))
+
+        def part(start: int) -> np.ndarray:
+            a = source.load(name, range(start, min(start + step, shape[0])))
+            return quantize_rows(a.reshape(-1, a.shape[-1]), type_name, imatrix)
+
+        yield from _ordered(pool, part, range(0, shape[0], step), window)
         return
     data = r.load(source)
     rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
@@ -189,5 +218,4 @@ def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray 
     n = rows.shape[0]
     step = max(1, -(-n // threads))
     blocks = [rows[i:i + step] for i in range(0, n, step)]
-    yield from _ordered(pool, lambda b: quantize_rows(b, type_name, imatrix), blocks,
-                        window=threads + 1)
+    yield from _ordered(pool, lambda b: quantize_rows(b, type_name, imatrix), blocks, window)
