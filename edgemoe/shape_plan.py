@@ -18,7 +18,13 @@ import numpy as np
 import memory_planner as mp
 from export.arch import adapter_for
 from memory_planner.joint import keep_grid, solve_joint
-from memory_planner.priors import DAMAGE_MODEL, prior_damage, prior_expert_shares, type_error
+from memory_planner.priors import (
+    DAMAGE_MODEL,
+    PRUNING_COST_RATIO,
+    prior_damage,
+    prior_expert_shares,
+    type_error,
+)
 from memory_planner.stats import CalibStats, ExpertStats
 
 from .pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
@@ -75,7 +81,8 @@ def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryP
     routed = next((damage[s.name][t] / type_error(t) for s in specs if s.n_experts
                    for t in damage[s.name]), 1.0)  # the routed share, as the priors weigh it
     plan, _ = solve_joint(adapter.tensor_specs, dense, per_expert, stats, budget, grid,
-                          ladder=ladder, damage_model=DAMAGE_MODEL, prune_scale=routed,
+                          ladder=ladder, damage_model=DAMAGE_MODEL,
+                          prune_scale=routed * PRUNING_COST_RATIO,
                           n_groups=adapter.n_expert_groups)
     if plan.n_experts_kept < plan.n_experts:
         plan = replace(plan, kept_experts={},
