@@ -1,4 +1,9 @@
-"""Quality of a GGUF against a reference, measured in llama.cpp: KL divergence, top-1, PPL."""
+"""Quality of a GGUF against a reference over whole windows, for the planner's probes and
+benchmarks that compare many files with one cached reference.
+
+`edgemoe.textscore` scores like llama-perplexity (second half of each window, BOS first)
+for `edgemoe validate`; this module scores every position of plain windows, which suits
+short calibration texts."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .llamacpp import eval_logits, open_llama
+from .textscore import log_softmax
 
 
 def windows(tokens: Sequence[int], n_ctx: int) -> list[list[int]]:
@@ -17,18 +23,12 @@ def windows(tokens: Sequence[int], n_ctx: int) -> list[list[int]]:
     return [w for w in out if len(w) > 1]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def logprobs(path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
              f32_kv: bool = True, **kwargs) -> list[np.ndarray]:
     """Per window, log-probabilities (n_tokens x n_vocab, float32) from llama.cpp."""
     llm = open_llama(path, n_ctx=n_ctx, f32_kv=f32_kv, n_batch=n_ctx, **kwargs)
     try:
-        return [_log_softmax(eval_logits(llm, w)).astype(np.float32)
+        return [log_softmax(eval_logits(llm, w))
                 for w in windows(tokens, n_ctx)]
     finally:
         llm.close()
