@@ -39,6 +39,7 @@ from export.tokenizer import (
     recognise_pre_tokenizer,
     split_regexes,
 )
+from tests.conftest import BUNDLED_MODEL
 from tests.tokenizer_fixtures import (
     MULTILINGUAL,
     PROSE,
@@ -48,7 +49,6 @@ from tests.tokenizer_fixtures import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_MODEL = ROOT / "models" / "stdlib-moe"
 K = gguf.Keys.Tokenizer
 
 CODE = (
@@ -504,8 +504,6 @@ def test_table_matches_llama_cpp_source():
 
 # --- the bundled model --------------------------------------------------------------------
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "tokenizer.json").is_file(),
-                    reason="models/stdlib-moe has no tokenizer.json yet")
 @pytest.mark.parametrize("add_special", [False, True])
 def test_bundled_model_tokenizer(tmp_path, add_special):
     config_file = BUNDLED_MODEL / "config.json"
