@@ -86,3 +86,40 @@ def test_empty_text_is_an_error(qwen3_dir, tmp_path):
     with pytest.raises(ValueError, match="too short"):
         calibrate(str(qwen3_dir), text=str(tmp_path / "e.txt"), calib_type="F32",
                   progress=False)
+
+
+def test_stats_file_drives_llama_cpps_own_quantizer(qwen3_dir, tmp_path):
+    """Our stats file, read back as llama-quantize reads an imatrix (sums / counts per
+    expert), makes llama_model_quantize accept types that need an imatrix, and it quantizes
+    each expert slice exactly as our exporter does with the same statistics."""
+    from dataclasses import replace
+
+    import gguf
+
+    import memory_planner as mp
+    from edgemoe import pipeline
+    from edgemoe.llamacpp import llama_quantize
+
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 12)
+    calibrate(str(qwen3_dir), text=str(text), output=str(tmp_path / "s.gguf"), n_ctx=N_CTX,
+              calib_type="F32", progress=False)
+    stats = read_stats(tmp_path / "s.gguf")
+    model = pipeline.open_model(qwen3_dir)
+    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62)),
+                          tmp_path / "f32.gguf", progress=False)
+    imatrix = {s.name: pipeline.importance(stats, s).reshape(-1) for s in model.specs
+               if s.quantizable and stats.importance(s.name) is not None}
+    assert "blk.0.ffn_down_exps.weight" in imatrix
+    llama_quantize(f32, tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=imatrix)
+
+    ours = mp.uniform_plan(model.specs, "IQ2_XXS", mp.Budget(2**62)).by_name()
+    name = "blk.1.ffn_down_exps.weight"
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "iq2.gguf").tensors}[name]
+    assert theirs.tensor_type.name == "IQ2_XXS" == ours[name].type
+    plan = mp.uniform_plan(model.specs, "Q8_0", mp.Budget(2**62))
+    plan = replace(plan, tensors=tuple(ours[name] if t.name == name else t
+                                       for t in plan.tensors))
+    mine = pipeline.export(model, plan, tmp_path / "ours.gguf", stats=stats, progress=False)
+    mine_t = {t.name: t for t in gguf.GGUFReader(mine).tensors}[name]
+    assert bytes(mine_t.data.tobytes()) == bytes(theirs.data.tobytes())
