@@ -134,7 +134,8 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
                 i = kept[layer].index(e)
                 new[f"model.layers.{layer}.{m.group(2)}.experts.{i}.{m.group(4)}"] = t
             continue
-        m = re.match(r"model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$", name)
+        m = re.match(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
+                     r"(weight|e_score_correction_bias)$", name)
         if m:
             t = t[list(kept[int(m.group(1))])].clone()
         new[name] = t

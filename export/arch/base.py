@@ -372,6 +372,20 @@ class Adapter:
         """Hyperparameter keys llama.cpp reads for this architecture."""
         raise NotImplementedError
 
+    def add_common_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
+        """The keys every MoE architecture here writes alike: sizes, heads, rope base, norm
+        epsilon, and the expert counts (after pruning)."""
+        E = n_experts_kept or self.n_expert
+        w.add_context_length(int(self.cfg("max_position_embeddings")))
+        w.add_embedding_length(self.n_embd)
+        w.add_block_count(self.n_layer)
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_rope_freq_base(self.rope_theta)
+        w.add_layer_norm_rms_eps(self.rms_eps)
+        w.add_expert_count(E)
+        w.add_expert_used_count(min(self.n_expert_used, E))
+
     def add_tokenizer(self, w: gguf.GGUFWriter, source) -> None:
         """The tokenizer keys: from the HF checkpoint's tokenizer files by default."""
         add_tokenizer(w, source.path, vocab_size=self.n_vocab)

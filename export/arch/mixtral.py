@@ -36,17 +36,9 @@ class MixtralAdapter(Adapter):
 
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         w.add_vocab_size(self.n_vocab)
-        w.add_context_length(int(self.cfg("max_position_embeddings")))
-        w.add_embedding_length(self.n_embd)
-        w.add_block_count(self.n_layer)
+        self.add_common_metadata(w, n_experts_kept)
         w.add_feed_forward_length(self.expert_ff())
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
         w.add_rope_dimension_count(self.head_dim)
         if self.head_dim != self.n_embd // self.n_head:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
-        w.add_rope_freq_base(self.rope_theta)
-        w.add_layer_norm_rms_eps(self.rms_eps)
-        w.add_expert_count(n_experts_kept or self.n_expert)
-        w.add_expert_used_count(min(self.n_expert_used, n_experts_kept or self.n_expert))

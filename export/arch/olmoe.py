@@ -46,14 +46,5 @@ class OlmoeAdapter(Adapter):
 
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """The keys llama.cpp's converter writes for OlmoeForCausalLM."""
-        E = n_experts_kept or self.n_expert
-        w.add_context_length(int(self.cfg("max_position_embeddings")))
-        w.add_embedding_length(self.n_embd)
-        w.add_block_count(self.n_layer)
+        self.add_common_metadata(w, n_experts_kept)
         w.add_feed_forward_length(self.expert_ff())
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_rope_freq_base(self.rope_theta)
-        w.add_layer_norm_rms_eps(self.rms_eps)
-        w.add_expert_count(E)
-        w.add_expert_used_count(min(self.n_expert_used, E))
