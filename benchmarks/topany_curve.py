@@ -36,7 +36,8 @@ def export_f32(model_dir: Path, out: Path) -> Path:
     import memory_planner as mp
     from edgemoe import pipeline
 
-    if out.exists():
+    weights = max(f.stat().st_mtime for f in model_dir.glob("*.safetensors"))
+    if out.exists() and out.stat().st_mtime > weights:  # exported from these weights
         return out
     model = pipeline.open_model(model_dir)
     plan = mp.uniform_plan(model.specs, "F32", mp.Budget(cap_bytes=1 << 62), check_budget=False)
@@ -157,8 +158,11 @@ def main(argv=None) -> dict:
     print(f"calibrated for <= 1% on calib.txt, measured on held-out: "
           f"{100 * honest['removed_share']:.1f}% removed, {100 * honest['ppl_increase']:+.2f}% "
           f"perplexity ({honest['method']})")
+    report = model_dir / "training_report.json"
     result = {
-        "model": str(path), "calib_tokens": len(calib), "heldout_tokens": len(held),
+        "model": str(path),
+        "training_report": json.loads(report.read_text()) if report.exists() else None,
+        "calib_tokens": len(calib), "heldout_tokens": len(held),
         "eval_ctx": args.ctx, "k": k, "moe_layers": ev_cal.moe_layers,
         "ppl_base_heldout": ev_held.base.ppl, "scored_heldout_tokens": ev_held.base.n_tokens,
         "sensitivity": {"grid": cal.grid.tolist(),

@@ -7,10 +7,12 @@ meaningless here; only speed is measured. The threshold is the one that removes 
 share of expert activations on this model (by default the share the curve benchmark found
 within 1% perplexity on the bundled model, else 20%).
 
-All configurations run in one process, interleaved, `--reps` times; medians are reported:
+All configurations run in one process, interleaved, `--reps` times; medians are reported
+(threads: 1 by default, see --threads):
   plain     llama-cpp-python, no callback
   hooked    the callback installed, tau = 0 (its overhead)
-  top-any   the thresholds
+  top-any   the thresholds (dropped slots cut from the expert matmuls when the batch agrees)
+  no skip   the thresholds, dropped slots pointed at the top expert (bytes saved, not FLOPs)
   k=1       expert_used_count overridden to 1 (the bound for dropping every non-top slot)
 
     python benchmarks/topany_decode_speed.py [--share 0.2] [--out-dir /tmp/edgemoe-bench]
@@ -141,9 +143,8 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
-def decode_tps(llm, prompt: list[int], stream: list[int]) -> float:
-    llm.reset()
-    llm.eval(prompt)
+def decode_tps(llm, stream: list[int]) -> float:
+    """Tokens/s decoding `stream` one token per llama_decode, after what llm already holds."""
     t0 = time.perf_counter()
     for t in stream:
         llm.eval([t])
@@ -168,7 +169,9 @@ def main(argv=None) -> dict:
     p.add_argument("--share", type=float, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--tokens", type=int, default=24, help="decoded tokens per measurement")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="decode threads (default 1: with 2 threads on 2 cores shared with "
+                        "other jobs, barrier waits make runs vary 10x)")
     p.add_argument("--layers", type=int, default=12)
     args = p.parse_args(argv)
     share = args.share if args.share is not None else default_share()
@@ -190,14 +193,15 @@ def main(argv=None) -> dict:
 
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 4000, 64).tolist()
-    stream = rng.integers(0, 4000, args.tokens).tolist()
+    stream = rng.integers(0, 4000, 2 + args.reps * args.tokens).tolist()
 
     # the threshold for the share, from this model's routing while decoding the stream
     ratios: list[np.ndarray] = []
     hooks = EvalHooks()
     hooks.add("ffn_moe_weights", lambda n: ratios.append(
         topany.slot_ratios(n.read().reshape(n.ne[2], n.ne[1]))))
-    probe = runtime.load(path, top_any=0, n_ctx=256, threads=args.threads, hooks=hooks)
+    n_ctx = len(prompt) + len(stream) + 8
+    probe = runtime.load(path, top_any=0, n_ctx=n_ctx, threads=args.threads, hooks=hooks)
     probe.eval(prompt)
     ratios.clear()
     for t in stream:
@@ -209,18 +213,21 @@ def main(argv=None) -> dict:
         "plain": dict(top_any=0),
         "hooked tau=0": dict(top_any=0, hooks=EvalHooks()),
         f"top-any tau={tau:.3f}": dict(top_any=tau),
+        "top-any, no skip": dict(top_any=tau, skip_dropped=False),
         "k=1 override": dict(top_any=0, kv_overrides={"qwen3moe.expert_used_count": 1}),
     }
-    llms = {name: runtime.load(path, n_ctx=256, threads=args.threads, **kw)
+    llms = {name: runtime.load(path, n_ctx=n_ctx, threads=args.threads, **kw)
             for name, kw in configs.items()}
     speeds: dict[str, list[float]] = {name: [] for name in llms}
-    for llm in llms.values():  # warm-up
-        decode_tps(llm, prompt, stream[:4])
+    for llm in llms.values():  # the same prompt in every context, then warm-up tokens
+        llm.eval(prompt)
+        decode_tps(llm, stream[:2])
+        if llm.dropper is not None:  # count decode tokens only
+            llm.dropper.use = topany.ExpertUse()
     for rep in range(args.reps):
+        chunk = stream[2 + rep * args.tokens: 2 + (rep + 1) * args.tokens]
         for name, llm in llms.items():
-            if llm.dropper is not None:
-                llm.dropper.use = topany.ExpertUse()
-            speeds[name].append(decode_tps(llm, prompt, stream))
+            speeds[name].append(decode_tps(llm, chunk))
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{n} {s[-1]:.2f}" for n, s in speeds.items()), flush=True)
     topany_name = next(n for n in llms if n.startswith("top-any"))
@@ -235,7 +242,7 @@ def main(argv=None) -> dict:
           f"{100 * exp_bytes / size:.0f}% of the bytes; ~{per_token / 1e9:.2f} GB read per "
           f"token; {args.threads or os.cpu_count()} threads")
     print(f"top-any: tau {tau:.4f} for a target share {share:.3f}; measured in decode: "
-          f"{100 * use.removed_share:.1f}% removed (last rep), "
+          f"{100 * use.removed_share:.1f}% removed, "
           f"{use.experts_per_token:.2f} experts per token and layer\n")
     print(table(rows, ["decode", "tok/s (median)", "range", "vs plain"]))
     result = {

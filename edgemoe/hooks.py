@@ -28,7 +28,9 @@ src/models/): a layer's node is `<name>-<layer>`; nodes without a layer (`result
 are matched by the bare name. Matching is exact: `ffn_moe_weights-5 (reshaped)` is another
 node. `hooks.record_names = True` collects every name seen, to discover what a model offers.
 A registered name that never occurs raises HookError after the first decode (unless added
-with `required=False`), so a llama.cpp that renames its nodes fails loudly.
+with `required=False`), so a llama.cpp that renames its nodes fails loudly. `add(...,
+when=pred)` asks `pred(layer)` just before the node runs (False: no handler, no graph split);
+`add_cleanup(fn)` runs `fn()` after every decode (to undo edits to graph structures).
 
 `Node` gives `name`, `kind`, `layer`, ggml `type`/`type_name`, `ne` (ggml order),
 `read()` (a 4-D numpy copy in numpy order, `ne[::-1]`, respecting strides), `matrix()`
@@ -92,7 +94,7 @@ class GGMLTensor(ctypes.Structure):
 NAME_OFFSET = GGMLTensor.name.offset
 
 # element types a node can be read as; quantized nodes are only available as raw bytes
-_DTYPES = {
+_DTYPES: dict[gguf.GGMLQuantizationType, type] = {
     gguf.GGMLQuantizationType.F32: np.float32,
     gguf.GGMLQuantizationType.F16: np.float16,
     gguf.GGMLQuantizationType.F64: np.float64,
@@ -102,6 +104,7 @@ _DTYPES = {
     gguf.GGMLQuantizationType.I64: np.int64,
     gguf.GGMLQuantizationType.BF16: np.uint16,  # bit patterns; read() widens to float32
 }
+_NP_DTYPES = {int(t): np.dtype(d) for t, d in _DTYPES.items()}
 
 
 class HookError(RuntimeError):
@@ -120,6 +123,7 @@ class _GGML:
         for fn, args, res in [
             ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
             ("ggml_backend_tensor_set", [vp, vp, sz, sz], None),
+            ("ggml_backend_tensor_memset", [vp, ctypes.c_uint8, sz, sz], None),
             ("ggml_nbytes", [vp], sz),
             ("ggml_tensor_overhead", [], sz),
             ("ggml_get_name", [vp], vp),
@@ -154,28 +158,24 @@ def split_name(name: str) -> tuple[str, int | None]:
 class Node:
     """A graph node seen from a handler. Valid only during the handler call."""
 
-    def __init__(self, ptr: int):
+    def __init__(self, ptr: int, name: str | None = None):
         self.ptr = ptr
-        self.t = GGMLTensor.from_address(ptr)
-        self.name = self.t.name.decode(errors="replace")
+        self.t = t = GGMLTensor.from_address(ptr)
+        self.name = t.name.decode(errors="replace") if name is None else name
         self.kind, self.layer = split_name(self.name)
+        self.type = t.type
+        self.ne = tuple(t.ne)  # element counts in ggml order (ne[0] is the row length)
+        self.nb = tuple(t.nb)
+        self.shape = self.ne[::-1]  # what read() returns: (ne[3], ne[2], ne[1], ne[0])
+        self._dtype = _NP_DTYPES.get(self.type)
 
-    @property
-    def type(self) -> int:
-        return int(self.t.type)
+    def memset(self, value: int, offset: int, size: int) -> None:
+        """Set `size` bytes at byte `offset` of the node's data to `value` (no read)."""
+        ggml().ggml_backend_tensor_memset(self.ptr, value, offset, size)
 
     @property
     def type_name(self) -> str:
         return gguf.GGMLQuantizationType(self.type).name
-
-    @property
-    def ne(self) -> tuple[int, ...]:
-        """Element counts in ggml order (ne[0] is the row length)."""
-        return tuple(int(x) for x in self.t.ne)
-
-    @property
-    def nb(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in self.t.nb)
 
     @property
     def nbytes(self) -> int:
@@ -193,15 +193,29 @@ class Node:
         return buf
 
     def _strided(self, raw: np.ndarray) -> np.ndarray:
-        try:
-            dtype = np.dtype(_DTYPES[gguf.GGMLQuantizationType(self.type)])
-        except KeyError:
-            raise HookError(f"{self.name} is {self.type_name}; only read_raw() reads it") from None
-        return np.ndarray(self.ne[::-1], dtype, buffer=raw, strides=self.nb[::-1])
+        if self._dtype is None:
+            raise HookError(f"{self.name} is {self.type_name}; only read_raw() reads it")
+        return np.ndarray(self.shape, self._dtype, buffer=raw, strides=self.nb[::-1])
+
+    @property
+    def contiguous(self) -> bool:
+        """Elements packed in ggml order, no gaps (not a strided or permuted view)."""
+        if self._dtype is None:
+            return False
+        step = self._dtype.itemsize
+        for n, b in zip(self.ne, self.nb):
+            if n > 1 and b != step:
+                return False
+            step *= n
+        return True
 
     def read(self) -> np.ndarray:
         """A copy of the node, shape (ne[3], ne[2], ne[1], ne[0]); BF16 comes as float32."""
-        out = np.array(self._strided(self.read_raw()))
+        raw = self.read_raw()
+        if self.contiguous:
+            out = raw.view(self._dtype).reshape(self.shape)
+        else:
+            out = np.array(self._strided(raw))
         if self.type == gguf.GGMLQuantizationType.BF16:
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out
@@ -212,16 +226,15 @@ class Node:
 
     def write(self, values) -> None:
         """Write `values` (broadcast to read()'s shape) into the node; strides respected."""
-        if self.type == gguf.GGMLQuantizationType.BF16:
-            raise HookError(f"{self.name}: writing BF16 nodes is not supported")
+        if self._dtype is None or self.type == gguf.GGMLQuantizationType.BF16:
+            raise HookError(f"{self.name}: writing {self.type_name} nodes is not supported")
         nbytes = self.nbytes
-        dtype = np.dtype(_DTYPES.get(gguf.GGMLQuantizationType(self.type), np.uint8))
-        contiguous = nbytes == int(np.prod(self.ne)) * dtype.itemsize
-        # a strided view spans gaps that belong to other data: read them to write them back
-        raw = np.empty(nbytes, np.uint8) if contiguous else self.read_raw()
-        view = self._strided(raw)
-        view[...] = values
-        ggml().ggml_backend_tensor_set(self.ptr, raw.ctypes.data, 0, raw.nbytes)
+        if self.contiguous:
+            raw = np.ascontiguousarray(np.broadcast_to(values, self.shape), self._dtype)
+        else:  # a strided view spans gaps that belong to other data: keep them as they are
+            raw = self.read_raw()
+            self._strided(raw)[...] = values
+        ggml().ggml_backend_tensor_set(self.ptr, raw.ctypes.data, 0, nbytes)
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.type_name}, ne={self.ne})"
@@ -262,6 +275,7 @@ class EvalHooks:
         self.matched: set[str] = set()
         self.checked = False
         self.errors: list[BaseException] = []
+        self._cleanups: list[Callable[[], None]] = []
         self.record_names = False
         self.names_seen: set[str] = set()
         # (position of the first token, number of tokens) of the batch being decoded, when
@@ -273,49 +287,70 @@ class EvalHooks:
         self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
 
     def add(self, name: str, fn: Handler, layers: Iterable[int] | None = None,
-            required: bool = True) -> None:
+            required: bool = True, when: Callable[[int | None], bool] | None = None) -> None:
         """Call `fn(node)` after every node named `name-<layer>` (layers=None: all layers;
         a node without layer suffix matches when its whole name is `name`).
 
         `required`: the first decode raises HookError if no node of that name was computed,
         so that a llama.cpp that renamed its nodes fails loudly instead of silently.
+        `when(layer)`: asked just before the node is computed; False skips the handler and
+        spares the graph split (for handlers needed only some of the time).
         """
         sel = None if layers is None else frozenset(int(x) for x in layers)
-        self._handlers.setdefault(name, []).append((sel, fn))
+        self._handlers.setdefault(name, []).append((sel, fn, when))
         if required:
             self.required.add(name)
         self._routes.clear()
         self.matched.clear()
 
-    def _route(self, raw: bytes) -> list[Handler] | None:
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` when each decode returns, normally or not (to undo graph edits)."""
+        self._cleanups.append(fn)
+
+    def end_decode(self) -> None:
+        for fn in self._cleanups:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: B036 - reported by raise_errors
+                self.errors.append(exc)
+
+    def _route(self, raw: bytes) -> tuple[int | None, list, bool, str] | None:
+        """(layer, [(fn, when)], any when, name) of the handlers for a node name, or None."""
         name = raw.decode(errors="replace")
         if self.record_names:
             self.names_seen.add(name)
         base, layer = split_name(name)
-        found = [fn for sel, fn in self._handlers.get(base, ())
+        found = [(fn, when) for sel, fn, when in self._handlers.get(base, ())
                  if sel is None or (layer is not None and layer in sel)]
         if found:
             self.matched.add(base)
         if base != name:  # an exact registration of the full name (e.g. "foo-3") also counts
-            exact = [fn for sel, fn in self._handlers.get(name, ()) if sel is None]
+            exact = [(fn, when) for sel, fn, when in self._handlers.get(name, ()) if sel is None]
             if exact:
                 self.matched.add(name)
             found += exact
-        return found or None
+        if not found:
+            return None
+        return layer, found, any(when is not None for _, when in found), name
 
     def _callback(self, t: int, ask: bool, user_data) -> bool:
+        # called for every graph node: keep the common path (an unwanted node) short
         raw = ctypes.string_at(t + NAME_OFFSET)
         try:
-            fns = self._routes[raw]
+            route = self._routes[raw]
         except KeyError:
-            fns = self._routes[raw] = self._route(raw)
+            route = self._routes[raw] = self._route(raw)
+        if route is None:
+            return not ask
+        layer, entries, conditional, name = route
         if ask:
-            return fns is not None
-        if fns is not None and not self.errors:
+            return not conditional or any(w is None or w(layer) for _, w in entries)
+        if not self.errors:
             try:
-                node = Node(t)
-                for fn in fns:
-                    fn(node)
+                node = Node(t, name)
+                for fn, when in entries:
+                    if when is None or when(layer):
+                        fn(node)
             except BaseException as exc:  # noqa: B036 - must not unwind through C
                 self.errors.append(exc)
         return True
@@ -353,6 +388,7 @@ def _hooked_context_class():
                 super().decode(batch)
             finally:
                 self.hooks.batch = None
+                self.hooks.end_decode()
                 self.hooks.raise_errors()
 
     return HookedContext

@@ -35,7 +35,7 @@ def _llama_class():
         """A `llama_cpp.Llama` applying top-any thresholds; see `load`."""
 
         def __init__(self, model_path: str, *, top_any=None, hooks: EvalHooks | None = None,
-                     **kwargs):
+                     skip_dropped: bool = True, **kwargs):
             super().__init__(model_path=model_path, **kwargs)
             n_layer = int(llama_cpp.llama_model_n_layer(self.model))
             stored, self.top_any_info = topany.read_top_any(model_path)
@@ -47,7 +47,8 @@ def _llama_class():
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds).install(hooks)
+                self.dropper = topany.TopAny(self.thresholds,
+                                             skip=skip_dropped).install(hooks)
                 attach(self, hooks)
 
         @property
@@ -63,12 +64,14 @@ _EdgeLlama = None
 
 def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
          n_ctx: int = 4096, threads: int | None = None, hooks: EvalHooks | None = None,
-         **kwargs):
+         skip_dropped: bool = True, **kwargs):
     """Open a GGUF on the CPU as an `EdgeLlama` (a `llama_cpp.Llama`).
 
     `top_any`: None uses the thresholds stored in the file (none: plain llama.cpp); a float
     is one tau for every MoE layer, a sequence one per block, 0 or "off" plain llama.cpp.
     `hooks` adds your own eval handlers (the callback is then installed even at tau = 0).
+    `skip_dropped=False` keeps dropped slots in the expert matmuls (pointing at the top
+    expert: no weight bytes read, but their FLOPs spent); the results are identical.
     Other keyword arguments go to `llama_cpp.Llama`.
     """
     global _EdgeLlama
@@ -78,7 +81,8 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("n_gpu_layers", 0)
     kwargs.setdefault("n_threads", threads or os.cpu_count())
-    return _EdgeLlama(str(path), top_any=top_any, hooks=hooks, n_ctx=n_ctx, **kwargs)
+    return _EdgeLlama(str(path), top_any=top_any, hooks=hooks, n_ctx=n_ctx,
+                      skip_dropped=skip_dropped, **kwargs)
 
 
 # -- what llama.cpp allocated ----------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_pinned_llama_cpp_still_has_the_moe_node_names(ggufs, arch):
         seen[node.layer] = r
 
     hooks.add("ffn_moe_weights", on_weights)
-    llm = attach(open_llama(ggufs[arch], n_ctx=64, logits_all=True), hooks)
+    llm = attach(open_llama(ggufs[arch], n_ctx=64, logits_all=True, threads=1), hooks)
     llm.eval(_tokens(llm))
     n_layer = 2
     for name in REQUIRED:
@@ -66,7 +66,7 @@ def test_reads_respect_strides_and_agree_with_each_other(ggufs):
     hooks = EvalHooks()
     for name in ("ffn_moe_probs", "ffn_moe_argsort", "ffn_moe_topk"):
         hooks.add(name, lambda n, name=name: got.setdefault(name, n.matrix()), layers=[1])
-    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, logits_all=True), hooks)
+    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, logits_all=True, threads=1), hooks)
     llm.eval(_tokens(llm, 24))
     probs, argsort, topk = got["ffn_moe_probs"], got["ffn_moe_argsort"], got["ffn_moe_topk"]
     assert probs.shape == (24, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -78,15 +78,15 @@ def test_reads_respect_strides_and_agree_with_each_other(ggufs):
 def test_writes_change_the_rest_of_the_graph(ggufs):
     """Writing the final norm's output changes the logits; reading alone does not."""
     tokens = list(range(5, 25))
-    plain = eval_logits(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True), tokens)
+    plain = eval_logits(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True, threads=1), tokens)
     hooks = EvalHooks()
     hooks.add("ffn_moe_probs", lambda n: n.read())
-    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True), hooks)
+    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True, threads=1), hooks)
     np.testing.assert_array_equal(eval_logits(llm, tokens), plain)
 
     hooks = EvalHooks()
     hooks.add("result_norm", lambda n: n.write(np.zeros(n.read().shape, np.float32)))
-    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True), hooks)
+    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, f32_kv=True, threads=1), hooks)
     zeroed = eval_logits(llm, tokens)
     assert np.abs(plain).max() > 1 and np.abs(zeroed).max() == 0  # no output bias
 
@@ -98,12 +98,12 @@ def test_handler_errors_and_missing_nodes_raise(ggufs):
         raise ValueError("boom")
 
     hooks.add("ffn_moe_weights", broken)
-    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64), hooks)
+    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, threads=1), hooks)
     with pytest.raises(HookError, match="boom"):
         llm.eval([5, 6, 7])
 
     hooks = EvalHooks()
     hooks.add("ffn_moe_weights_renamed", lambda n: None)
-    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64), hooks)
+    llm = attach(open_llama(ggufs["qwen3"], n_ctx=64, threads=1), hooks)
     with pytest.raises(HookError, match="no node named ffn_moe_weights_renamed"):
         llm.eval([5, 6, 7])

@@ -30,13 +30,13 @@ def _tokens(path, n=48):
 def test_tau_zero_is_bit_identical_to_plain_llama_cpp(ggufs, arch):
     path = ggufs[arch]
     tokens = _tokens(path)
-    plain = eval_logits(open_llama(path, n_ctx=64), tokens)
+    plain = eval_logits(open_llama(path, n_ctx=64, threads=1), tokens)
     # the callback installed and running, dropping nothing
-    hooked = runtime.load(path, top_any=0, n_ctx=64, logits_all=True, hooks=EvalHooks())
+    hooked = runtime.load(path, threads=1, top_any=0, n_ctx=64, logits_all=True, hooks=EvalHooks())
     assert hooked.dropper is not None
     np.testing.assert_array_equal(eval_logits(hooked, tokens), plain)
     assert hooked.expert_use.experts_per_token == 2.0
-    off = runtime.load(path, top_any="off", n_ctx=64, logits_all=True)
+    off = runtime.load(path, threads=1, top_any="off", n_ctx=64, logits_all=True)
     assert off.dropper is None  # no callback at all
     np.testing.assert_array_equal(eval_logits(off, tokens), plain)
 
@@ -46,17 +46,47 @@ def test_dropping_every_second_slot_is_expert_used_count_one(ggufs, arch):
     path = ggufs[arch]
     tokens = _tokens(path)
     arch_name = gguf.GGUFReader(path).get_field("general.architecture").contents()
-    k1 = open_llama(path, n_ctx=64, kv_overrides={f"{arch_name}.expert_used_count": 1})
+    k1 = open_llama(path, n_ctx=64, kv_overrides={f"{arch_name}.expert_used_count": 1}, threads=1)
     want = eval_logits(k1, tokens)
-    full = eval_logits(open_llama(path, n_ctx=64), tokens)
+    full = eval_logits(open_llama(path, n_ctx=64, threads=1), tokens)
     assert np.abs(want - full).max() > 0.1, "top-1 routing should change these logits"
 
     hooks = EvalHooks()
     dropper = topany.SlotDropper(lambda layer, w: np.arange(w.shape[1])[None, :] % 2 == 1)
     dropper.install(hooks)
-    llm = runtime.load(path, top_any=0, n_ctx=64, logits_all=True, hooks=hooks)
+    llm = runtime.load(path, threads=1, top_any=0, n_ctx=64, logits_all=True, hooks=hooks)
     np.testing.assert_array_equal(eval_logits(llm, tokens), want)
     assert dropper.use.removed_share == 0.5 and dropper.use.experts_per_token == 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mixtral"])
+def test_skipping_slots_every_token_drops_changes_no_bit(ggufs, arch):
+    """Cutting dropped slots from mul_mat_id (decode) = pointing them at the top expert;
+    the one-token fast path decides as the batched rule."""
+    path = ggufs[arch]
+    tokens = _tokens(path, 24)
+
+    def decode(skip: bool, generic: bool = False):
+        hooks = EvalHooks()
+        if generic:  # the batched numpy path, also for one token
+            dropper = topany.SlotDropper(topany.threshold_rule([0.3, 0.3]), skip=skip)
+        else:  # TopAny has a plain-Python path for one token
+            dropper = topany.TopAny([0.3, 0.3], skip=skip)
+        dropper.install(hooks)
+        llm = runtime.load(path, threads=1, top_any=0, n_ctx=64, logits_all=True, hooks=hooks)
+        llm.eval(tokens[:8])
+        for t in tokens[8:]:
+            llm.eval([t])
+        return np.array(llm.scores[:len(tokens)]), dropper
+
+    want, plain_dropper = decode(False, generic=True)
+    got, skipper = decode(True)
+    assert skipper.n_skips > 5 and plain_dropper.n_skips == 0
+    assert skipper.use == plain_dropper.use
+    np.testing.assert_array_equal(got, want)
+    got, generic_skipper = decode(True, generic=True)
+    assert generic_skipper.n_skips == skipper.n_skips
+    np.testing.assert_array_equal(got, want)
 
 
 def test_thresholds_drop_small_weights_and_keep_the_top(ggufs):
@@ -65,7 +95,7 @@ def test_thresholds_drop_small_weights_and_keep_the_top(ggufs):
     seen = []
     hooks = EvalHooks()
     hooks.add("ffn_moe_weights_norm", lambda n: seen.append(n.matrix()), required=True)
-    llm = runtime.load(path, top_any=0.5, n_ctx=64, logits_all=True, hooks=hooks)
+    llm = runtime.load(path, threads=1, top_any=0.5, n_ctx=64, logits_all=True, hooks=hooks)
     eval_logits(llm, tokens)
     w = np.concatenate(seen)  # renormalised weights after the rule, (tokens * layers, k)
     dropped = w == 0
@@ -83,7 +113,7 @@ def test_protected_positions_keep_all_their_experts(ggufs):
     tokens = _tokens(path, 20)
     hooks = EvalHooks()
     keep_top = topany.TopAny([1.0, 1.0], protect_first=5).install(hooks)
-    llm = runtime.load(path, top_any=0, n_ctx=64, hooks=hooks)
+    llm = runtime.load(path, threads=1, top_any=0, n_ctx=64, hooks=hooks)
     llm.eval(tokens[:12])  # one batch: positions 0..11
     llm.eval(tokens[12:])  # then 12..19; the last layer sees only the output row
     use = keep_top.use
@@ -103,13 +133,13 @@ def test_thresholds_stored_in_the_file_are_used(ggufs, tmp_path):
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
     tokens = _tokens(src)
-    stored = runtime.load(dst, n_ctx=64, logits_all=True)
-    explicit = runtime.load(src, top_any=[0.3, 0.6], n_ctx=64, logits_all=True)
+    stored = runtime.load(dst, threads=1, n_ctx=64, logits_all=True)
+    explicit = runtime.load(src, threads=1, top_any=[0.3, 0.6], n_ctx=64, logits_all=True)
     np.testing.assert_array_equal(eval_logits(stored, tokens), eval_logits(explicit, tokens))
     assert 0 < stored.expert_use.removed_share < 0.5
-    off = runtime.load(dst, top_any="off", n_ctx=64, logits_all=True)
+    off = runtime.load(dst, threads=1, top_any="off", n_ctx=64, logits_all=True)
     np.testing.assert_array_equal(eval_logits(off, tokens),
-                                  eval_logits(open_llama(src, n_ctx=64), tokens))
+                                  eval_logits(open_llama(src, n_ctx=64, threads=1), tokens))
 
 
 def test_add_top_any_metadata_for_the_exporter(tmp_path):
@@ -141,11 +171,11 @@ def test_parse_spec():
 def test_completion_chat_and_verbs_stream(ggufs, tmp_path):
     path = ggufs["qwen3"]
     greedy = {"max_tokens": 6, "temperature": 0.0}
-    plain = open_llama(path, n_ctx=128, logits_all=False)
+    plain = open_llama(path, n_ctx=128, logits_all=False, threads=1)
     want = plain(PROMPT[:40], **greedy)["choices"][0]["text"]
-    llm = runtime.load(path, top_any=0, n_ctx=128, hooks=EvalHooks())
+    llm = runtime.load(path, threads=1, top_any=0, n_ctx=128, hooks=EvalHooks())
     assert llm(PROMPT[:40], **greedy)["choices"][0]["text"] == want
-    llm = runtime.load(path, top_any=0.3, n_ctx=128)
+    llm = runtime.load(path, threads=1, top_any=0.3, n_ctx=128)
     pieces = [c["choices"][0]["text"] for c in llm(PROMPT[:40], stream=True, **greedy)]
     assert len(pieces) >= 1 and llm.expert_use.experts_per_token < 2.0
     msg = llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], **greedy)
@@ -153,10 +183,10 @@ def test_completion_chat_and_verbs_stream(ggufs, tmp_path):
 
     out = io.StringIO()
     text = run(str(path), PROMPT[:40], top_any="0.3", max_tokens=6, temperature=0.0, ctx=128,
-               out=out)
+               threads=1, out=out)
     assert out.getvalue().startswith(text) and text
     out = io.StringIO()
-    messages = chat(str(path), top_any="0.3", max_tokens=4, temperature=0.0, ctx=128,
+    messages = chat(str(path), threads=1, top_any="0.3", max_tokens=4, temperature=0.0, ctx=128,
                     inp=io.StringIO("hello\nhow are you\n\n"), out=out)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert out.getvalue().count("> ") == 3
@@ -168,15 +198,16 @@ def test_calibration_hits_a_share_and_a_damage_budget(ggufs, tmp_path):
     path = ggufs["qwen3"]
     tokens = tokenize_file(path, TEXT)[:512]
     grid = [0, 0.2, 0.4, 0.6, 0.8]
-    cal = topany.calibrate(path, tokens, share=0.25, n_ctx=128, grid=grid, progress=False)
+    cal = topany.calibrate(path, tokens, share=0.25, n_ctx=128, grid=grid, threads=1,
+                           progress=False)
     assert cal.removed_share == pytest.approx(0.25, abs=0.03)
     assert cal.kld_mean > 0 and cal.ppl != cal.ppl_base
-    uni = topany.calibrate(path, tokens, share=0.25, n_ctx=128, method="uniform",
+    uni = topany.calibrate(path, tokens, share=0.25, n_ctx=128, method="uniform", threads=1,
                            progress=False)
     assert uni.removed_share == pytest.approx(0.25, abs=0.03)
     assert len(set(uni.thresholds)) == 1
-    budget = topany.calibrate(path, tokens, max_ppl_increase=0.01, n_ctx=128, method="uniform",
-                              progress=False)
+    budget = topany.calibrate(path, tokens, max_ppl_increase=0.01, n_ctx=128,
+                              method="uniform", threads=1, progress=False)
     assert budget.ppl_increase <= 0.01 and budget.removed_share > 0
     cal.save(tmp_path / "cal.json")
     assert json.loads((tmp_path / "cal.json").read_text())["thresholds"] == list(cal.thresholds)

@@ -25,7 +25,8 @@ def text_file(tmp_path_factory):
 def test_file_exported_for_a_cap_fits_and_one_forced_over_is_flagged(qwen3_dir, tmp_path,
                                                                       capsys):
     ok = export(qwen3_dir, tmp_path / "fits.gguf", "Q8_0", cap="40MB", ctx=256)
-    code = v.validate(str(ok), json_path=str(tmp_path / "fits.json"), n_prompt=32, n_decode=4)
+    code = v.validate(str(ok), threads=1, json_path=str(tmp_path / "fits.json"), n_prompt=32,
+                      n_decode=4)
     shown = capsys.readouterr().out
     r = json.loads((tmp_path / "fits.json").read_text())
     m = r["memory"]
@@ -40,7 +41,7 @@ def test_file_exported_for_a_cap_fits_and_one_forced_over_is_flagged(qwen3_dir, 
     # F32 weights alone are 10 MB: forced into a 12 MB cap, validate must say so
     over = export(qwen3_dir, tmp_path / "over.gguf", "F32", cap="12MB", ctx=256,
                   check_budget=False)
-    assert v.validate(str(over), json_path=str(tmp_path / "over.json"), n_prompt=32,
+    assert v.validate(str(over), threads=1, json_path=str(tmp_path / "over.json"), n_prompt=32,
                       n_decode=4) == 1
     assert "OVER THE CAP" in capsys.readouterr().out
     r = json.loads((tmp_path / "over.json").read_text())
@@ -49,7 +50,7 @@ def test_file_exported_for_a_cap_fits_and_one_forced_over_is_flagged(qwen3_dir, 
 
 
 def test_quality_against_gguf_and_hf_references(ggufs, qwen3_dir, text_file, tmp_path):
-    code = v.validate(str(ggufs["qwen3_q8"]), reference=str(ggufs["qwen3"]),
+    code = v.validate(str(ggufs["qwen3_q8"]), threads=1, reference=str(ggufs["qwen3"]),
                       text=str(text_file), top_any="0.2", json_path=str(tmp_path / "q.json"),
                       max_kld=1.0, eval_ctx=128, max_tokens=512, ctx=256, n_prompt=32,
                       n_decode=4)
@@ -62,7 +63,7 @@ def test_quality_against_gguf_and_hf_references(ggufs, qwen3_dir, text_file, tmp
 
     # the F32 file against its own checkpoint, converted on the fly: only the F16 KV cache
     # differs; a KLD bound that even this breaks gives exit code 1
-    code = v.validate(str(ggufs["qwen3"]), reference=str(qwen3_dir), text=str(text_file),
+    code = v.validate(str(ggufs["qwen3"]), threads=1, reference=str(qwen3_dir), text=str(text_file),
                       top_any="off", json_path=str(tmp_path / "hf.json"), max_kld=1e-9,
                       eval_ctx=128, max_tokens=256, ctx=256, n_prompt=16, n_decode=2)
     r = json.loads((tmp_path / "hf.json").read_text())
@@ -85,7 +86,7 @@ def test_cli_verbs_are_registered(ggufs, text_file, tmp_path, capsys):
     out = tmp_path / "tau.gguf"
     a = vars(p.parse_args(["calibrate-top-any", str(ggufs["qwen3"]), "--text", str(text_file),
                            "--share", "0.2", "--method", "uniform", "-o", str(out),
-                           "--eval-ctx", "128", "--max-tokens", "256"]))
+                           "--eval-ctx", "128", "--max-tokens", "256", "--threads", "1"]))
     a.pop("verb")
     cal = a.pop("func")(**a, progress=False)
     assert "removed" in capsys.readouterr().out
@@ -96,3 +97,36 @@ def test_cli_verbs_are_registered(ggufs, text_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate-top-any", "f.gguf", "--text", "t", "--share", "0.2",
                       "--max-kld", "0.1"])
+
+
+def test_memory_breakdown_agrees_with_llama_cpp_log(ggufs):
+    """The std::map walk in runtime.memory_breakdown against llama.cpp's own log lines."""
+    import ctypes
+    import re
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    from edgemoe import runtime
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        lines.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        llm = runtime.load(ggufs["qwen3"], threads=1, top_any=0, n_ctx=512)
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    mem = runtime.memory_breakdown(llm)
+    log = "".join(lines)
+
+    def mib(pattern):
+        return float(re.findall(pattern + r"\s*=\s*([\d.]+) MiB", log)[-1])
+
+    assert mem["context"] / 2**20 == pytest.approx(mib("KV buffer size"), abs=0.006)
+    assert mem["compute"] / 2**20 == pytest.approx(mib("compute buffer size"), abs=0.006)
+    assert mem["model"] / 2**20 == pytest.approx(mib("model buffer size"), abs=0.006)
+    assert mem["context"] == 2 * 2 * 2 * 64 * 512 * 2  # layers * (K, V) * heads * dim * ctx * f16
