@@ -31,7 +31,8 @@ def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
         from .calibrate import calibrate as run_calibration
 
         out = Path(f"{Path(source).name}.stats.gguf")
-        return run_calibration(source, text=calib_text, output=str(out)), str(out)
+        stats = run_calibration(source, text=calib_text, output=str(out), sensitivity=True)
+        return stats, str(out)
     return None, None
 
 
@@ -109,13 +110,13 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
-              max_tokens: int | None = None, sensitivity: bool = False) -> None:
+              max_tokens: int | None = None, no_sensitivity: bool = False) -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from . import calibrate as cal
 
     out = output or f"{Path(source).name}.stats.gguf"
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
-                          max_tokens=max_tokens, sensitivity=sensitivity)
+                          max_tokens=max_tokens, sensitivity=not no_sensitivity)
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -166,10 +167,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="run this GGUF of the model instead of writing a temporary Q8_0")
     c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
-    c.add_argument("--sensitivity", action="store_true",
-                   help="also measure each tensor's KL divergence per unit of predicted damage "
-                        "with probe exports (one llama.cpp run per tensor, or per tensor kind "
-                        "for large models)")
+    c.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the sensitivity probes (by default each tensor's KL divergence "
+                        "per unit of predicted damage is measured with probe exports: one "
+                        "llama.cpp run per tensor, or per tensor kind for large models; "
+                        "without them the planner does not prune experts)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
     for name, verb in VERBS.items():

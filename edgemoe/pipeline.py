@@ -167,8 +167,9 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
               prune: bool = True, progress: bool = True) -> tuple[mp.MemoryPlan, list]:
     """A forced single-type plan (`type_name`), or the least-damage plan under the budget.
 
-    With calibration statistics that include expert saliency (and `prune`), expert pruning
-    is weighed against bits: returns the plan and the keep-count trade-off it explored.
+    With calibration statistics that include expert saliency and a measured pruning scale
+    (sensitivity probes), and `prune`, expert pruning is weighed against bits: returns the
+    plan and the keep-count trade-off it explored.
     """
     if type_name is not None:
         return mp.uniform_plan(model.specs, type_name, budget), []
@@ -176,7 +177,9 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
         ladder = mp.DEFAULT_LADDER + (mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
     adapter = model.adapter
     grid = [adapter.n_expert]
-    if prune and stats is not None and stats.has_expert_stats:
+    # pruning is weighed only when probes measured its cost: without that scale the
+    # energy-share estimate over-prunes (BENCHMARKS.md, "calibrated, no probes")
+    if prune and stats is not None and stats.has_expert_stats and stats.prune_scale:
         grid = keep_grid(adapter.n_expert, adapter.n_expert_used,
                          n_groups=adapter.n_expert_groups)
     # fail on an impossible cap before spending time on measurements
