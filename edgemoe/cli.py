@@ -36,7 +36,7 @@ def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
     return None, None
 
 
-def _show_plan(plan: MemoryPlan, tradeoff: list, imatrix_path: str | None) -> None:
+def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
     if tradeoff:
         print(report.tradeoff_table(tradeoff))
         print()
@@ -63,9 +63,9 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
     model = pipeline.open_model(source)
     budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-    calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
+    calib, _ = _load_stats(stats, imatrix, calib_text, source)
     plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
-    _show_plan(plan, tradeoff, calib_path)
+    _show_plan(plan, tradeoff)
     out = Path(output) if output else Path(f"{Path(source).name}-{memory}.gguf")
     if plan_out:
         plan.save(plan_out)
@@ -96,7 +96,7 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
         budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
         calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
         p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
-    _show_plan(p, tradeoff, calib_path)
+    _show_plan(p, tradeoff)
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
     if output:
