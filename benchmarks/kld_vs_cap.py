@@ -39,8 +39,9 @@ from edgemoe.report import table
 from memory_planner.stats import CalibStats, ExpertStats
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("IQ2_XXS", "IQ2_XS", "Q2_K_S", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_XS",
-           "Q4_K_S", "Q4_K_M")
+PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K",
+           "IQ3_XXS", "IQ3_XS", "IQ3_S", "Q3_K_S", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_K_S",
+           "Q4_K_M")
 # types ggml can make without an importance matrix (token_embd has none): the others are
 # covered by llama.cpp's IQ presets
 UNIFORM = ("Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",

@@ -28,7 +28,7 @@ from export.arch import adapter_for  # noqa: E402
 from memory_planner.quant_types import IMATRIX_LADDER_EXTRA, candidate_types  # noqa: E402
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-IQ_LADDER = mp.DEFAULT_LADDER + IMATRIX_LADDER_EXTRA + ("IQ1_M", "IQ1_S")
+IQ_LADDER = mp.DEFAULT_LADDER + IMATRIX_LADDER_EXTRA
 CTX = 8192
 CASES = [  # (config, cap, ladder name)
     ("mixtral-8x7b", "20GB", "default"),

@@ -133,14 +133,20 @@ class _Collector:
         return h
 
     def stats(self, datasets: tuple[str, ...]) -> CalibStats:
+        # sums are accumulated in float64 and kept as the stats file stores them (float32),
+        # so that planning and quantizing from these stats or from the file are the same
+        f32 = np.float32
         experts = {
-            layer: ExpertStats(self.selected[layer], self.weight_sum[layer],
-                               self.saliency_sum[layer], self.energy_sum[layer],
-                               float(self.output_energy[layer]))
+            layer: ExpertStats(self.selected[layer].astype(f32),
+                               self.weight_sum[layer].astype(f32),
+                               self.saliency_sum[layer].astype(f32),
+                               self.energy_sum[layer].astype(f32),
+                               float(f32(self.output_energy[layer])))
             for layer in range(len(self.selected)) if self.selected[layer].sum() > 0
         }
-        return CalibStats(in_sum2=self.in_sum2, counts=self.counts, experts=experts,
-                          n_tokens=self.n_tokens, datasets=datasets)
+        return CalibStats(in_sum2={k: v.astype(f32) for k, v in self.in_sum2.items()},
+                          counts={k: v.astype(f32) for k, v in self.counts.items()},
+                          experts=experts, n_tokens=self.n_tokens, datasets=datasets)
 
 
 def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx: int = 512,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import memory_planner as mp
 from export.arch import Adapter, TensorRecipe, adapter_for_source
-from export.quantize import relative_error
+from export.quantize import relative_error, sample_rows
 from export.source import GGUFSource, HFSource, open_source
 from export.writer import write_gguf
 from memory_planner.joint import damage_with_kept, keep_grid, solve_joint
@@ -130,8 +130,11 @@ def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
         if imatrix is None:  # ggml cannot make these types without an importance matrix
             types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
         if not spec.n_experts:
-            data = r.load(model.source)
-            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=max_rows)
+            # only the rows relative_error samples are read: a 129k-row token_embd stays
+            # on disk
+            rows = sample_rows(spec.shape[0], max_rows)
+            data = r.load_rows(model.source, rows)
+            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=len(rows))
                                 for t in types}
             continue
         E = spec.n_experts

@@ -140,7 +140,8 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
         parts = t.name.split(".")
         layer = parts[1] if parts[0] == "blk" else None
         by_kind[(_kind(t.name), t.type)].append(layer)
-    base = Counter(t.type for t in plan.tensors if t.type != "F32").most_common(1)[0][0]
+    base = (Counter(t.type for t in plan.tensors if t.type != "F32").most_common(1)
+            or [("F32", 0)])[0][0]  # an all-F32 plan is llama-quantize's F32
     args = []
     for (kind, qtype), layers in sorted(by_kind.items()):
         if layers == [None]:

@@ -357,6 +357,16 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
+def sample_rows(total: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """The sorted row indices `relative_error` measures out of `total` rows."""
+    k = min(max_rows, total)
+    if k <= 0:
+        return np.arange(0)
+    if k == total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
+
+
 def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None,
                    max_rows: int = 512, seed: int = 0) -> float:
     """Relative quantization error ||W - Q(W)||^2 / ||W||^2 on a sample of rows.
@@ -378,12 +388,9 @@ def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None 
         if im.shape != (n_expert, n_per_row):
             raise QuantizeError(f"imatrix shape {im.shape} does not fit tensor {data.shape}")
 
-    total = n_expert * n_rows
-    k = min(max_rows, total)
-    if k <= 0:
+    picked = sample_rows(n_expert * n_rows, max_rows, seed)
+    if not len(picked):
         return 0.0
-    picked = np.arange(total) if k == total else np.sort(
-        np.random.default_rng(seed).choice(total, size=k, replace=False))
 
     num = den = 0.0
     experts = picked // n_rows

@@ -14,12 +14,14 @@ from .types import TensorSpec
 
 Q = GGMLQuantizationType
 
-# Candidate types for quantizable weights, most bits first. Types that need an importance
-# matrix (IQ2_XXS, IQ2_XS, IQ1_S) are added only when the planner has calibration data.
+# Candidate types for quantizable weights, most bits first. The IQ3_XXS..IQ1_S types are
+# added only when the planner has calibration data: ggml refuses IQ2_XXS, IQ2_XS and IQ1_S
+# without an importance matrix, and the others are poor without one.
 DEFAULT_LADDER: tuple[str, ...] = (
     "F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K", "IQ3_S", "Q2_K",
 )
-IMATRIX_LADDER_EXTRA: tuple[str, ...] = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+IMATRIX_LADDER_EXTRA: tuple[str, ...] = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
+                                          "IQ1_S")
 REQUIRES_IMATRIX: frozenset[str] = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S"})
 
 # llama-quantize's replacement when ne0 is not a multiple of the type's block size

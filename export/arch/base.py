@@ -74,6 +74,15 @@ class TensorRecipe:
             a = self.transform(a)
         return np.ascontiguousarray(a, dtype=np.float32)
 
+    def load_rows(self, source, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (sorted) of a non-expert GGUF tensor as float32; only those are read
+        from disk unless a transform needs the whole tensor."""
+        if self.spec.n_experts or self.transform is not None:
+            return self.load(source)[rows]
+        picked = rows if self.rows is None else np.asarray(self.rows)[rows]
+        a = source.load(self.hf_names[0], tuple(int(i) for i in picked))
+        return np.ascontiguousarray(a, dtype=np.float32)
+
     def load_expert(self, source, e: int) -> np.ndarray:
         """Expert slice `e` (output numbering) of a stacked tensor, 2-D float32."""
         if self.stacked:

@@ -23,13 +23,35 @@ def _tokens(model_dir, n: int = 32) -> list[int]:
     return ids[:n]
 
 
+def _text_windows(model_dir, n: int = 8, length: int = 128) -> list[list[int]]:
+    """`n` windows of `length` tokens spread over the bundled calibration text."""
+    from edgemoe.calibrate import DEFAULT_TEXT
+    from edgemoe.llamacpp import tokenize
+
+    ids = tokenize(model_dir, DEFAULT_TEXT.read_text())
+    step = (len(ids) - length) // (n - 1)
+    return [ids[i * step:i * step + length] for i in range(n)]
+
+
 def _hf_logits(model_dir, tokens) -> np.ndarray:
+    """transformers' logits (float32) for one sequence, or for a batch of equal-length ones."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(tokens)
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
+        logits = model(ids.reshape(-1, ids.shape[-1])).logits.numpy()
+    return logits if ids.ndim == 2 else logits[0]
+
+
+def _top1_agreement(gguf_path, model_dir) -> float:
+    """How often the file's top-1 is transformers' (F32), over 1024 tokens of real text
+    (`_text_windows`): a 32-token prompt is too few to tell 95% from 90%."""
+    windows = _text_windows(model_dir)
+    llm = open_llama(gguf_path, n_ctx=len(windows[0]), f32_kv=True)
+    got = np.stack([eval_logits(llm, w) for w in windows]).argmax(-1)
+    return float((got == _hf_logits(model_dir, windows).argmax(-1)).mean())
 
 
 def _export(model_dir, out, type_name=None, memory="10GB"):
@@ -52,13 +74,12 @@ def test_f32_export_matches_transformers(tiny_model, tmp_path):
 
 
 def test_q8_0_export_agrees_on_top1(tiny_model, tmp_path):
-    tokens = _tokens(tiny_model)
+    """A Q8_0 file's top-1 is transformers' on 95% of 1024 tokens of real text. Measured: 999
+    (qwen3_moe) and 1007 (mixtral); a Q4_0 export, 739 and 762. Before conftest's
+    residual-stream init, 929 and 918 (and 31 of the 32 tokens of `_tokens`)."""
     plan = _export(tiny_model, tmp_path / "q8.gguf", "Q8_0")
     assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
-    llm = open_llama(tmp_path / "q8.gguf", n_ctx=64, f32_kv=True)
-    got = eval_logits(llm, tokens).argmax(-1)
-    want = _hf_logits(tiny_model, tokens).argmax(-1)
-    agree = float((got == want).mean())
+    agree = _top1_agreement(tmp_path / "q8.gguf", tiny_model)
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
 

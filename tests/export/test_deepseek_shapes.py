@@ -27,7 +27,7 @@ from memory_planner.quant_types import DEFAULT_LADDER, IMATRIX_LADDER_EXTRA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 V3 = CONFIGS / "deepseek-v3.json"
-IQ_LADDER = DEFAULT_LADDER + IMATRIX_LADDER_EXTRA + ("IQ1_M", "IQ1_S")
+IQ_LADDER = DEFAULT_LADDER + IMATRIX_LADDER_EXTRA
 GB = 10**9
 
 

@@ -22,7 +22,7 @@ from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import adapter_for
 from tests import arch_fixtures as af
-from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _tokens
+from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _tokens, _top1_agreement
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -95,28 +95,28 @@ def test_f32_export_matches_transformers(deepseek, variant, tmp_path):
 
 @pytest.mark.parametrize("variant", ["v3", "v2-lite"])
 def test_q8_0_export_is_llama_cpps_own_q8_0(deepseek, variant, tmp_path):
-    """The Q8_0 file holds, byte for byte, what llama.cpp's quantizer makes of the F32 file.
+    """The Q8_0 file holds, byte for byte, what llama.cpp's quantizer makes of the F32 file,
+    and its top-1 agrees with transformers (F32) on 95% of 1024 tokens of real text.
 
-    Top-1 agreement with transformers is asserted at 80%, not the 95% the other families
-    meet: these tiny random MLA models are that sensitive to Q8_0 rounding. Measured: on this
-    prompt, transformers with every quantizable weight rounded to Q8_0 keeps 28/32 (v3) and
-    30/32 (v2-lite) of its own argmaxes; the llama.cpp Q8_0 file gets 31/32 and 27/32 (it
-    also rounds activations to Q8_0); over three 128-token windows of the calibration text,
-    84-88% (v3) and 84-91% (v2-lite). The F32 files match transformers to 1e-4.
+    The logits are 1024 near-Gaussian values (top1 - top2: median 1.0-1.4, 0.2 standard
+    deviations, before and after), so agreement is set by how far off Q8_0 leaves them; the
+    Q8_0 output head alone (weights and input rounded, in numpy) loses 23 (v3) and 13
+    (v2-lite) of these 1024 argmaxes. Measured on these windows, llama.cpp Q8_0 against
+    transformers: with every matrix at 0.08 (logits 4-5% off) 885 (v3) and 903 (v2-lite) of
+    1024; with the residual-stream init of conftest (1.2% off) 993 and 1001. A Q4_0
+    export of the same fixtures gets 729 and 713.
     """
     from edgemoe.llamacpp import llama_quantize
 
     model_dir = deepseek(variant)
-    tokens = _tokens(model_dir)
     plan = _export(model_dir, tmp_path / "q8.gguf", "Q8_0")
     assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
     _export(model_dir, tmp_path / "f32.gguf", "F32")
     llama_quantize(tmp_path / "f32.gguf", tmp_path / "ref.gguf", "Q8_0", pure=True)
     assert af.tensor_differences(tmp_path / "q8.gguf", tmp_path / "ref.gguf") == []
 
-    got = eval_logits(open_llama(tmp_path / "q8.gguf", n_ctx=64, f32_kv=True), tokens)
-    agree = float((got.argmax(-1) == _hf_logits(model_dir, tokens).argmax(-1)).mean())
-    assert agree >= 0.80, f"top-1 agreement {agree:.3f}"
+    agree = _top1_agreement(tmp_path / "q8.gguf", model_dir)
+    assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2-lite"])

@@ -18,11 +18,12 @@ from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import UnsupportedModelError, adapter_for
 from tests import arch_fixtures as af
-from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _tokens
+from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _tokens, _top1_agreement
 
 BUILDERS = {"qwen2_moe": af.build_qwen2_moe, "olmoe": af.build_olmoe}
-# 3 of 4 experts, different ones per layer; each drops an expert these tokens use (the tiny
-# Qwen2-MoE routes almost all weight to one expert per layer: 3 in layer 0, 1 in layer 1)
+# 3 of 4 experts, different ones per layer; each drops an expert these tokens use (of the 32
+# prompt tokens, Qwen2-MoE sends 22 to the dropped expert of layer 0 and 14 to that of layer 1,
+# OLMoE 15 and 19)
 KEPT = {"qwen2_moe": {0: (0, 1, 2), 1: (0, 2, 3)}, "olmoe": {0: (0, 2, 3), 1: (1, 2, 3)}}
 
 
@@ -45,11 +46,12 @@ def test_f32_export_matches_transformers(family_dir, tmp_path):
 
 
 def test_q8_0_export_agrees_on_top1(family_dir, tmp_path):
-    tokens = _tokens(family_dir)
+    """A Q8_0 file's top-1 is transformers' on 95% of 1024 tokens of real text. Measured: 1004
+    (qwen2_moe) and 1005 (olmoe); a Q4_0 export, 736 and 797. Before conftest's
+    residual-stream init, 989 and 950."""
     plan = _export(family_dir, tmp_path / "q8.gguf", "Q8_0")
     assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
-    got = _logits(tmp_path / "q8.gguf", tokens).argmax(-1)
-    agree = float((got == _hf_logits(family_dir, tokens).argmax(-1)).mean())
+    agree = _top1_agreement(tmp_path / "q8.gguf", family_dir)
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
 
