@@ -209,9 +209,11 @@ def _prune_scale(stats: CalibStats) -> float:
 
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
-           threads: int | None = None, progress: bool = True) -> Path:
+           threads: int | None = None, progress: bool = True,
+           reuse: str | Path | None = None) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
-    `stats` when given); nothing is left at `out` if anything fails."""
+    `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
+    export of this model with the same `stats`, whose tensors of the same type are copied."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
@@ -231,4 +233,4 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, imatrix=imatrix or None,
-                      threads=threads, progress=progress)
+                      threads=threads, progress=progress, reuse=reuse)

@@ -58,7 +58,8 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
         ref = quality.logprobs(base_path, tokens, n_ctx)
 
         def kld_of(plan: mp.MemoryPlan) -> float:
-            path = pipeline.export(model, plan, tmp / "probe.gguf", stats=stats, progress=False)
+            path = pipeline.export(model, plan, tmp / "probe.gguf", stats=stats, progress=False,
+                                   reuse=base_path)
             return quality.compare(ref, quality.logprobs(path, tokens, n_ctx), tokens,
                                    n_ctx).kld_mean
 

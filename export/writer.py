@@ -123,11 +123,15 @@ def write_gguf(
     imatrix: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
     progress: bool = True,
+    reuse: str | Path | None = None,
 ) -> Path:
     """Write `recipes` quantized as `plan` says; returns the final path.
 
     `add_metadata` fills the KV section (hyperparameters, tokenizer, names). `imatrix` maps
     a GGUF tensor name to its importance matrix (n_per_row, or n_expert x n_per_row).
+    `reuse` is an earlier export of the same source with the same statistics: tensors it
+    holds with the same name, shape and type are copied from it instead of being read and
+    quantized again (the sensitivity probes change one group of tensors at a time).
     """
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")
@@ -152,6 +156,7 @@ def write_gguf(
     block = max([MIN_BLOCK_ELEMENTS] + [math.prod(r.spec.shape[1:]) for r in recipes
                                         if r.spec.n_experts])
     total = sum(n for _, n in infos)
+    copies = _reusable(reuse, recipes, types) if reuse is not None else {}
     try:
         w.write_header_to_file(part)
         w.write_kv_data_to_file()
@@ -165,7 +170,11 @@ def write_gguf(
                 type_name = types[r.spec.name].type
                 im = None if imatrix is None else imatrix.get(r.spec.name)
                 stream.begin(r.spec.name)
-                for chunk in _tensor_chunks(r, source, type_name, im, pool, threads, block):
+                if r.spec.name in copies:
+                    chunks = _copied(reuse, *copies[r.spec.name], block)
+                else:
+                    chunks = _tensor_chunks(r, source, type_name, im, pool, threads, block)
+                for chunk in chunks:
                     stream.write(chunk)
                     bar.update(chunk.nbytes)
                     del chunk  # not held while the next one is awaited
@@ -179,6 +188,32 @@ def write_gguf(
         raise
     log.info("wrote %s (%d bytes of tensor data)", out_path, total)
     return out_path
+
+
+def _reusable(path: str | Path, recipes: Sequence[TensorRecipe],
+              types: Mapping) -> dict[str, tuple[int, int]]:
+    """(offset, size) in `path` of the tensors the new file can copy from it."""
+    want = {r.spec.name: r.spec.shape for r in recipes}
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        tp = types.get(t.name)
+        if (tp is not None and t.tensor_type == qtype(tp.type) and int(t.n_bytes) == tp.nbytes
+                and tuple(int(n) for n in reversed(t.shape)) == tuple(want[t.name])):
+            out[t.name] = (int(t.data_offset), int(t.n_bytes))
+    return out
+
+
+def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np.ndarray]:
+    """`size` bytes of `path` from `offset`, in pieces of about `block` weights."""
+    piece = 4 * block
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while size > 0:
+            data = f.read(min(piece, size))
+            if not data:
+                raise WriterStateError(f"{path} ends before the tensor it was to copy from it")
+            size -= len(data)
+            yield np.frombuffer(data, np.uint8)
 
 
 def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray | None,

@@ -58,3 +58,33 @@ def test_failure_midway_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
         pipeline.export(model, plan, out, progress=False)
     assert calls["n"] >= 20
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reuse_copies_unchanged_tensors_and_quantizes_the_rest(qwen3_dir, tmp_path,
+                                                              monkeypatch):
+    """A probe-like plan (one tensor's type changed) written with `reuse`: byte-identical to
+    writing it from the source, and only the changed tensor is quantized."""
+    from dataclasses import replace
+
+    import memory_planner as mp
+
+    model = pipeline.open_model(qwen3_dir)
+    base = mp.uniform_plan(model.specs, "Q4_K", mp.Budget(2**62), check_budget=False)
+    base_path = pipeline.export(model, base, tmp_path / "base.gguf", progress=False)
+    changed = "blk.0.attn_q.weight"
+    q8 = mp.uniform_plan(model.specs, "Q8_0", mp.Budget(2**62), check_budget=False).by_name()
+    plan = replace(base, tensors=tuple(q8[t.name] if t.name == changed else t
+                                       for t in base.tensors))
+    want = pipeline.export(model, plan, tmp_path / "want.gguf", progress=False)
+
+    quantized = []
+    quantize_rows = writer.quantize_rows
+
+    def spy(rows, type_name, imatrix=None):
+        quantized.append(type_name)
+        return quantize_rows(rows, type_name, imatrix)
+
+    monkeypatch.setattr(writer, "quantize_rows", spy)
+    got = pipeline.export(model, plan, tmp_path / "got.gguf", progress=False, reuse=base_path)
+    assert got.read_bytes() == want.read_bytes()
+    assert set(quantized) == {"Q8_0"}  # F32 norms and Q4_K tensors were copied
