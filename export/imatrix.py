@@ -169,7 +169,9 @@ def write_legacy(stats: CalibStats, path: str | Path) -> Path:
     out = bytearray(struct.pack("<i", len(stats.in_sum2)))
     for name in sorted(stats.in_sum2):
         c = np.asarray(stats.counts[name], dtype=np.float64).reshape(-1, 1)
-        ncall = int(c.max()) if c.size else 0
+        # a tensor no token reached gets ones, as in the GGUF format (with ncall = 0
+        # llama.cpp's reader would take the stored values, zeros, as the importance)
+        ncall = max(1, int(c.max()) if c.size else 0)
         s = np.asarray(stats.in_sum2[name], dtype=np.float64).reshape(len(c), -1)
         vals = np.where(c > 0, s / np.maximum(c, 1), 1.0) * ncall
         b = name.encode()

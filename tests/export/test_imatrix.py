@@ -82,6 +82,22 @@ def test_legacy_dat_round_trip(tmp_path):
     assert back.datasets == ("calib.txt",)
 
 
+def test_legacy_dat_of_an_unreached_tensor_is_ones(tmp_path):
+    """No token reached it: ones, as the GGUF format gives, and a positive ncall, which
+    llama.cpp's reader divides by (with 0 it would take the stored values as they are)."""
+    s = _stats()
+    s.counts["blk.0.attn_q.weight"] = np.array([0.0])
+    write_legacy(s, tmp_path / "s.dat")
+    raw = (tmp_path / "s.dat").read_bytes()
+    name = b"blk.0.attn_q.weight"
+    at = raw.index(name) + len(name)
+    ncall, nval = struct.unpack_from("<ii", raw, at)
+    vals = np.frombuffer(raw, "<f4", nval, at + 8)
+    assert ncall >= 1 and np.array_equal(vals / ncall, np.ones(nval))
+    np.testing.assert_array_equal(read_stats(tmp_path / "s.dat").importance(name.decode()),
+                                  np.ones((1, nval)))
+
+
 def test_not_an_imatrix(tmp_path):
     (tmp_path / "junk.dat").write_bytes(struct.pack("<i", -5))
     with pytest.raises(ImatrixError):
