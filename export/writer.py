@@ -193,12 +193,12 @@ def write_gguf(
 def _reusable(path: str | Path, recipes: Sequence[TensorRecipe],
               types: Mapping) -> dict[str, tuple[int, int]]:
     """(offset, size) in `path` of the tensors the new file can copy from it."""
-    want = {r.spec.name: r.spec.shape for r in recipes}
+    want = {r.spec.name: tuple(r.spec.shape) for r in recipes}
     out = {}
     for t in gguf.GGUFReader(path).tensors:
         tp = types.get(t.name)
         if (tp is not None and t.tensor_type == qtype(tp.type) and int(t.n_bytes) == tp.nbytes
-                and tuple(int(n) for n in reversed(t.shape)) == tuple(want[t.name])):
+                and tuple(int(n) for n in reversed(t.shape)) == want.get(t.name)):
             out[t.name] = (int(t.data_offset), int(t.n_bytes))
     return out
 
