@@ -54,6 +54,14 @@ def _top1_agreement(gguf_path, model_dir) -> float:
     return float((got == _hf_logits(model_dir, windows).argmax(-1)).mean())
 
 
+def _q8_0_agreement(model_dir, out) -> float:
+    """Export `model_dir` at Q8_0 to `out` (every weight Q8_0, router and norms F32) and
+    return the file's top-1 agreement with transformers (`_top1_agreement`)."""
+    plan = _export(model_dir, out, "Q8_0")
+    assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
+    return _top1_agreement(out, model_dir)
+
+
 def _export(model_dir, out, type_name=None, memory="10GB"):
     model = pipeline.open_model(model_dir)
     budget = pipeline.make_budget(model.adapter, memory, ctx=256)
@@ -77,9 +85,7 @@ def test_q8_0_export_agrees_on_top1(tiny_model, tmp_path):
     """A Q8_0 file's top-1 is transformers' on 95% of 1024 tokens of real text. Measured: 999
     (qwen3_moe) and 1007 (mixtral); a Q4_0 export, 739 and 762. Before conftest's
     residual-stream init, 929 and 918 (and 31 of the 32 tokens of `_tokens`)."""
-    plan = _export(tiny_model, tmp_path / "q8.gguf", "Q8_0")
-    assert {t.type for t in plan.tensors} <= {"Q8_0", "F32"}
-    agree = _top1_agreement(tmp_path / "q8.gguf", tiny_model)
+    agree = _q8_0_agreement(tiny_model, tmp_path / "q8.gguf")
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
 
