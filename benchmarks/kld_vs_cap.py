@@ -3,12 +3,16 @@ of the calibrated plan and of the alternatives a user has.
 
 For each cap (given as bits per weight of the bundled model's weights):
   calibrated    edgemoe: calibration stats, importance-weighted damage scaled by measured
-                per-tensor sensitivity probes, pruning allowed, imatrix quantization
+                per-tensor sensitivity probes, pruning allowed, imatrix quantization with
+                the output-error search (best of 16 ggml quantizations per row)
+  calibrated, search 0    the same plan written without the search (ablation: the bytes
+                llama-quantize writes for these types and this imatrix)
   calibrated, no probes   the same without the sensitivity probes (ablation)
   uncalibrated  edgemoe without stats: plain relative error, no imatrix
   mc-style      the joint program with expert importance = frequency x mean routing weight
                 (MC's criterion) instead of measured output energy / REAP saliency
-  uniform T     every quantizable tensor at type T, imatrix quantization, if it fits
+  uniform T     every quantizable tensor at type T, imatrix quantization (searched, as
+                every edgemoe export with these stats), if it fits
   llama.cpp P   llama_model_quantize preset P (Q2_K, Q3_K_M, Q4_K_M, IQ2_XXS, ...) with the
                 same imatrix, whatever its size (its size is shown)
 The comparison set at a cap: every alternative that fits it, plus the smallest llama.cpp
@@ -131,9 +135,10 @@ def main() -> None:
         budget = pipeline.make_budget(a, cap, ctx=args.ctx)
         rows = {}
 
-        def run(label, plan, use_stats, bpw=bpw, cap=cap, rows=rows):
+        def run(label, plan, use_stats, bpw=bpw, cap=cap, rows=rows,
+                search=pipeline.DEFAULT_SEARCH):
             out = work / f"{label.replace(' ', '_')}-{bpw}.gguf"
-            pipeline.export(model, plan, out, stats=use_stats, progress=False)
+            pipeline.export(model, plan, out, stats=use_stats, progress=False, search=search)
             m = measure(out)
             m.update(predicted=plan.predicted_damage, bpw=plan.bits_per_weight,
                      experts_kept=plan.n_experts_kept, fits=plan.total_bytes <= cap)
@@ -142,6 +147,7 @@ def main() -> None:
 
         plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
         run("calibrated", plan, stats)
+        run("calibrated, search 0", plan, stats, search=0)
         for label, plan_stats, quant_stats in (("calibrated, no probes", unprobed, stats),
                                                ("uncalibrated", None, None),
                                                ("mc-style", mc_style(unprobed), stats)):

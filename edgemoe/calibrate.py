@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import memory_planner as mp
 from export.imatrix import write_stats
+from export.quantize import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
 
 from . import pipeline
@@ -27,6 +28,7 @@ from .llamacpp import open_llama
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_COV_BUDGET = 1 << 30  # bytes of input covariances kept in a stats file
 
 # which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
 _DENSE_INPUTS = {
@@ -38,8 +40,12 @@ _DENSE_INPUTS = {
 class _Collector:
     """Accumulates statistics from graph nodes, one micro-batch at a time."""
 
-    def __init__(self, n_layer: int, n_expert: int):
+    def __init__(self, n_layer: int, n_expert: int,
+                 cov_blocks: dict[str, tuple[int, bool]] | None = None):
         self.n_expert = n_expert
+        # tensor name -> (covariance block in columns, one per expert or one for all)
+        self.cov_blocks = cov_blocks or {}
+        self.in_cov: dict[str, np.ndarray] = {}
         self.in_sum2: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         E = n_expert
@@ -59,6 +65,16 @@ class _Collector:
             self.counts[name] = np.zeros(1)
         self.in_sum2[name][0] += x2
         self.counts[name][0] += len(x)
+        if name in self.cov_blocks:
+            self._cov(name, 0, 1, x)
+
+    def _cov(self, name: str, mat: int, n_mat: int, x: np.ndarray) -> None:
+        b = self.cov_blocks[name][0]
+        n = x.shape[-1]
+        if name not in self.in_cov:
+            self.in_cov[name] = np.zeros((n_mat, n // b, b, b))
+        xb = x.astype(np.float64).reshape(len(x), n // b, b).transpose(1, 0, 2)
+        self.in_cov[name][mat] += np.matmul(xb.transpose(0, 2, 1), xb)
 
     def _experts(self, name: str, ids: np.ndarray, x: np.ndarray) -> None:
         """x: (n_tokens, k, n) inputs per slot (or (n_tokens, n) shared by all slots)."""
@@ -71,6 +87,13 @@ class _Collector:
             x2 = np.broadcast_to(x2[:, None, :], (*ids.shape, n))
         np.add.at(self.in_sum2[name], ids.reshape(-1), x2.reshape(-1, n))
         np.add.at(self.counts[name], ids.reshape(-1), 1.0)
+        if name in self.cov_blocks and not self.cov_blocks[name][1]:
+            self._cov(name, 0, 1, x.reshape(-1, n))  # one for all experts: every slot
+        elif name in self.cov_blocks:
+            for e in np.unique(ids):
+                hit = ids == e  # a token picks an expert at most once
+                rows = x[hit] if x.ndim == 3 else x[hit.any(axis=1)]
+                self._cov(name, int(e), self.n_expert, rows)
 
     # ---- handlers, in graph order within a layer
     def on_input(self, node: Node) -> None:
@@ -146,14 +169,44 @@ class _Collector:
         }
         return CalibStats(in_sum2={k: v.astype(f32) for k, v in self.in_sum2.items()},
                           counts={k: v.astype(f32) for k, v in self.counts.items()},
-                          experts=experts, n_tokens=self.n_tokens, datasets=datasets)
+                          experts=experts, n_tokens=self.n_tokens, datasets=datasets,
+                          in_cov={k: v.astype(f32) for k, v in self.in_cov.items()})
+
+
+def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, tuple[int, bool]]:
+    """Which tensors' input covariances to collect: name -> (block, one per expert).
+
+    The first of these that fits in `budget` bytes (float32): every tensor, experts each
+    their own; experts of a layer sharing one covariance of their common input (gate and
+    up; export scales its correlations by each expert's imatrix), and no down projections
+    (their inputs are each expert's own units); none."""
+    blocks = {s.name: (b, s) for s in specs if s.quantizable and len(s.shape) > 1
+              and (b := cov_block(s.row_length)) is not None}
+
+    def size(plan: dict[str, tuple[int, bool]]) -> int:
+        return sum(4 * (blocks[n][1].n_experts if per else 1) * blocks[n][1].row_length * b
+                   for n, (b, per) in plan.items())
+
+    per_expert = {n: (b, bool(s.n_experts)) for n, (b, s) in blocks.items()}
+    shared = {n: (b, False) for n, (b, s) in blocks.items()
+              if not s.n_experts or s.kind in ("ffn_gate_exps", "ffn_up_exps")}
+    for plan in (per_expert, shared):
+        if size(plan) <= budget:
+            return plan
+    log.info("input covariances would take %s even with shared expert ones (budget %s): "
+             "not collected; export will quantize without the output-error search",
+             mp.format_size(size(shared)), mp.format_size(budget))
+    return {}
 
 
 def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx: int = 512,
             max_tokens: int | None = None, progress: bool = True,
-            dataset: str = "text") -> CalibStats:
-    """Run `gguf_path` in llama.cpp over `text` in windows of `n_ctx` tokens; statistics."""
-    col = _Collector(n_layer, n_expert)
+            dataset: str = "text",
+            cov_blocks: dict[str, tuple[int, bool]] | None = None) -> CalibStats:
+    """Run `gguf_path` in llama.cpp over `text` in windows of `n_ctx` tokens; statistics.
+
+    `cov_blocks` (`cov_plan`) asks for those tensors' input covariances."""
+    col = _Collector(n_layer, n_expert, cov_blocks)
     hooks = col.hooks()
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx), hooks)
@@ -174,14 +227,17 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, n_ctx: int = 512, max_tokens: int | None = None,
               calib_type: str = "Q8_0", sensitivity: bool = False,
-              probe_tokens: int = 2048, progress: bool = True) -> CalibStats:
+              probe_tokens: int = 2048, progress: bool = True,
+              cov_budget: int = DEFAULT_COV_BUDGET) -> CalibStats:
     """Measure expert usage and importance matrices for SOURCE (an HF model directory).
 
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
     if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
     on the first `probe_tokens` tokens (edgemoe.sensitivity). Writes the statistics to
-    `output` (a llama.cpp-compatible GGUF imatrix) when given.
+    `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
+    blocks of 256 columns, per expert) are kept too when they take at most `cov_budget`
+    bytes: export's output-error search uses them.
     """
     text_path = Path(text) if text else DEFAULT_TEXT
     body = text_path.read_text(encoding="utf-8", errors="replace")
@@ -195,7 +251,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
             gguf_path = pipeline.export(model, plan, Path(tmp) / "calib.gguf",
                                         progress=progress)
         stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
-                        max_tokens=max_tokens, progress=progress, dataset=text_path.name)
+                        max_tokens=max_tokens, progress=progress, dataset=text_path.name,
+                        cov_blocks=cov_plan(model.specs, cov_budget))
     if sensitivity:
         from .llamacpp import tokenize
         from .sensitivity import measure_scales

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memory_planner import MemoryPlan
+from memory_planner import MemoryPlan, parse_size
 from memory_planner.stats import CalibStats
 
 from . import pipeline, report
@@ -55,7 +55,7 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0", type: str | None = None,
            stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
            no_prune: bool = False, threads: int | None = None,
-           plan_out: str | None = None) -> Path:
+           plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
@@ -69,7 +69,7 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
     out = Path(output) if output else Path(f"{Path(source).name}-{memory}.gguf")
     if plan_out:
         plan.save(plan_out)
-    path = pipeline.export(model, plan, out, stats=calib, threads=threads)
+    path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
     return path
 
@@ -99,6 +99,10 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     _show_plan(p, tradeoff)
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
+    if calib_path and not _is_shape_only(source) and calib.in_cov:
+        print("\n(`edgemoe export` also picks each row's bytes among several ggml quantizations "
+              "by output error, with the input covariances in the stats: the same types and "
+              "sizes, less error; `--search 0` writes what this command writes)")
     if output:
         p.save(output)
         from .heatmap import plan_heatmap
@@ -110,13 +114,15 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
-              max_tokens: int | None = None, no_sensitivity: bool = False) -> None:
+              max_tokens: int | None = None, no_sensitivity: bool = False,
+              cov_budget: str = "1GiB") -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from . import calibrate as cal
 
     out = output or f"{Path(source).name}.stats.gguf"
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
-                          max_tokens=max_tokens, sensitivity=not no_sensitivity)
+                          max_tokens=max_tokens, sensitivity=not no_sensitivity,
+                          cov_budget=parse_size(cov_budget))
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -156,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="output .gguf (default SOURCE-MEMORY.gguf)")
     e.add_argument("--threads", type=int, default=None, help="quantization threads")
     e.add_argument("--plan-out", default=None, help="also write the plan JSON here")
+    e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
+                   help="per row, keep the best of this many ggml quantizations by output "
+                        "error, where the stats hold input covariances (default "
+                        f"{pipeline.DEFAULT_SEARCH}: export takes about that many times "
+                        "longer to quantize; 0 writes what llama-quantize writes)")
     pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")
@@ -172,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
                         "per unit of predicted damage is measured with probe exports: one "
                         "llama.cpp run per tensor, or per tensor kind for large models; "
                         "without them the planner does not prune experts)")
+    c.add_argument("--cov-budget", default="1GiB",
+                   help="keep the inputs' covariances (256-column blocks, per expert) for "
+                        "export's output-error search when they take at most this much "
+                        "(default 1GiB); larger models get none")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
     for name, verb in VERBS.items():

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import memory_planner as mp
 from export.arch import Adapter, TensorRecipe, adapter_for_source
-from export.quantize import relative_error, sample_rows
+from export.quantize import DEFAULT_SEARCH, relative_error, sample_rows
 from export.source import GGUFSource, HFSource, open_source
 from export.writer import write_gguf
 from memory_planner.joint import damage_with_kept, keep_grid, solve_joint
@@ -210,21 +210,30 @@ def _prune_scale(stats: CalibStats) -> float:
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
-           reuse: str | Path | None = None) -> Path:
+           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
-    export of this model with the same `stats`, whose tensors of the same type are copied."""
+    export of this model with the same `stats` and `search`, whose tensors of the same type
+    are copied. Where `stats` hold input covariances and `search` > 1, each row is the best
+    of `search` ggml quantizations by output error (export.quantize.quantize_rows_searched);
+    `search` 0 or 1 writes what llama-quantize writes with the same imatrix."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
-    imatrix = {}
+    imatrix, covariance = {}, {}
     if stats is not None:
         full = {r.spec.name: r.spec for r in model.recipes}
         for r in recipes:
-            im = importance(stats, full[r.spec.name]) if r.spec.quantizable else None
+            if not r.spec.quantizable:
+                continue
+            pick = list(kept[r.spec.layer]) if kept and r.spec.n_experts else None
+            im = importance(stats, full[r.spec.name])
             if im is not None:
-                imatrix[r.spec.name] = im[list(kept[r.spec.layer])] if (
-                    kept and r.spec.n_experts) else im
+                imatrix[r.spec.name] = im if pick is None else im[pick]
+            cov = stats.covariance(r.spec.name)
+            if cov is not None:
+                cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
+                covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
 
     def metadata(w) -> None:
         w.add_name(source.name)
@@ -233,4 +242,5 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, imatrix=imatrix or None,
-                      threads=threads, progress=progress, reuse=reuse)
+                      threads=threads, progress=progress, reuse=reuse,
+                      covariance=covariance or None, search=search)

@@ -23,6 +23,7 @@ KV_N_TOKENS = "edgemoe.calib.n_tokens"
 KV_SCALE_NAMES = "edgemoe.sensitivity.names"
 KV_SCALES = "edgemoe.sensitivity.scales"
 KV_PRUNE_SCALE = "edgemoe.sensitivity.prune_scale"
+COV_SUFFIX = ".edgemoe_in_cov"
 _EXPERT_FIELDS = ("selected", "weight_sum", "saliency_sum", "energy_sum")
 
 
@@ -52,6 +53,8 @@ def write_stats(stats: CalibStats, path: str | Path, chunk_size: int = 0) -> Pat
         w.add_tensor(f"{name}.in_sum2", s)
         w.add_tensor(f"{name}.counts",
                      np.asarray(stats.counts[name], dtype=np.float32).reshape(-1, 1))
+        if name in stats.in_cov:  # llama.cpp's loader skips tensors of other suffixes
+            w.add_tensor(f"{name}{COV_SUFFIX}", np.asarray(stats.in_cov[name], np.float32))
     for layer in sorted(stats.experts):
         e = stats.experts[layer]
         for f in _EXPERT_FIELDS:
@@ -91,8 +94,11 @@ def _read_gguf(path: Path) -> CalibStats:
         raise ImatrixError(f"{path} is a GGUF file but not an imatrix (general.type "
                            f"{t.contents() if t else None!r})")
     tensors = {x.name: np.array(x.data, dtype=np.float32) for x in r.tensors}
-    in_sum2, counts = {}, {}
+    in_sum2, counts, in_cov = {}, {}, {}
+    shapes = {x.name: tuple(int(n) for n in reversed(x.shape)) for x in r.tensors}
     for name, data in tensors.items():
+        if name.endswith(COV_SUFFIX):
+            in_cov[name[: -len(COV_SUFFIX)]] = data.reshape(shapes[name])
         if name.endswith(".in_sum2"):
             base = name[: -len(".in_sum2")]
             if f"{base}.counts" not in tensors:
@@ -121,6 +127,7 @@ def _read_gguf(path: Path) -> CalibStats:
         datasets=tuple(ds.contents()) if ds is not None else (),
         scales={k: float(v) for k, v in scales.items()},
         prune_scale=float(ps.contents()) if ps is not None else None,
+        in_cov={k: v for k, v in in_cov.items() if k in in_sum2},
     )
 
 

@@ -405,3 +405,88 @@ def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None 
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den
+
+
+# ---------------------------------------------------------------------------------------------
+# Output-error search: the same format, better bytes
+# ---------------------------------------------------------------------------------------------
+
+COV_BLOCK = 256  # covariance is kept in diagonal blocks of this many columns (a super-block)
+DEFAULT_SEARCH = 16
+
+
+def cov_block(n_per_row: int) -> int | None:
+    """The covariance block for rows of this length, None when none is kept."""
+    if n_per_row % COV_BLOCK == 0:
+        return COV_BLOCK
+    return n_per_row if n_per_row < COV_BLOCK else None
+
+
+def output_error(data: np.ndarray, raw: np.ndarray, type_name: str,
+                 cov: np.ndarray) -> np.ndarray:
+    """Per row, the mean squared output error (w - q)^T C (w - q) of quantized `raw`.
+
+    `cov` (n_blocks, B, B) is the inputs' second moment in diagonal blocks of B columns.
+    """
+    w = _as_rows(data, 2).astype(np.float64)
+    err = dequantize(raw, type_name, w.shape).astype(np.float64) - w
+    nb, b = cov.shape[0], cov.shape[-1]
+    err = err.reshape(len(w), nb, b).transpose(1, 0, 2)  # (blocks, rows, B)
+    return np.einsum("krj,krj->r", np.matmul(err, cov.astype(np.float64)), err)
+
+
+def scaled_correlation(cov: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
+    """One expert's covariance estimated from the experts' shared one (n_blocks, B, B): its
+    correlations, scaled by this expert's mean squared inputs (`imatrix`, one per column)."""
+    nb, b = cov.shape[0], cov.shape[-1]
+    c = cov.astype(np.float64)
+    d = np.sqrt(np.maximum(np.diagonal(c, axis1=1, axis2=2), 1e-30))  # (nb, B)
+    s = np.sqrt(np.maximum(np.asarray(imatrix, np.float64), 0.0)).reshape(nb, b) / d
+    return (c * s[:, :, None] * s[:, None, :]).astype(np.float32)
+
+
+def _search_weights(imatrix: np.ndarray, tries: int, seed: int) -> list[np.ndarray]:
+    """Column weightings for ggml's quantizer: the imatrix itself first, then powers of it,
+    flat and smoothed versions, then random log-normal perturbations (fixed by `seed`)."""
+    im = np.maximum(imatrix.astype(np.float64), 1e-30)
+    im = im / im.mean()
+    out = [im] + [im ** a for a in (0.5, 0.75, 1.25, 1.5, 2.0)] + [np.ones_like(im), im + 1.0]
+    rng = np.random.default_rng(seed)
+    while len(out) < tries:
+        out.append(im * np.exp(rng.normal(0.0, 0.5, im.shape)))
+    return [np.ascontiguousarray(x, dtype=np.float32) for x in out[:max(1, tries)]]
+
+
+def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray | None,
+                           cov: np.ndarray, tries: int = DEFAULT_SEARCH,
+                           seed: int = 0) -> np.ndarray:
+    """Like `quantize_rows`, but each row is the best of `tries` ggml quantizations.
+
+    ggml's quantizers minimise an importance-weighted error that treats the input columns as
+    independent. Quantizing each row with `tries` column weightings (the imatrix first) and
+    keeping, per row, the candidate with the least output error under the inputs' measured
+    covariance `cov` (n_blocks, B, B) gives bytes of the same type that llama.cpp runs as
+    any other, never worse on that error than plain `quantize_rows` with the imatrix. Rows
+    are chosen independently, so the bytes do not depend on how rows are split into calls.
+    """
+    t = _checked_type(type_name)
+    src = _as_rows(data, 2)
+    n_rows, n_per_row = src.shape
+    b = cov_block(n_per_row)
+    if b is None or cov.shape != (n_per_row // b, b, b):
+        raise QuantizeError(f"covariance shape {cov.shape} does not fit rows of {n_per_row}")
+    base = np.ones(n_per_row, np.float32) if imatrix is None else _check_imatrix(
+        imatrix, n_per_row, t.name)
+    best_raw = best_err = None
+    for weights in _search_weights(base, tries, seed):
+        # the first candidate is exactly what quantize_rows would write
+        im = imatrix if best_raw is None else weights
+        raw = quantize_rows(src, t.name, im).reshape(n_rows, -1)
+        err = output_error(src, raw, t.name, cov)
+        if best_raw is None:
+            best_raw, best_err = raw.copy(), err
+            continue
+        better = err < best_err
+        best_raw[better] = raw[better]
+        best_err = np.where(better, err, best_err)
+    return best_raw.reshape(-1)

@@ -26,7 +26,8 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
-from .quantize import default_threads, quantize_rows
+from .quantize import (default_threads, quantize_rows, quantize_rows_searched,
+                       scaled_correlation)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ def write_gguf(
     threads: int | None = None,
     progress: bool = True,
     reuse: str | Path | None = None,
+    covariance: Mapping[str, np.ndarray] | None = None,
+    search: int = 0,
 ) -> Path:
     """Write `recipes` quantized as `plan` says; returns the final path.
 
@@ -132,6 +135,10 @@ def write_gguf(
     `reuse` is an earlier export of the same source with the same statistics: tensors it
     holds with the same name, shape and type are copied from it instead of being read and
     quantized again (the sensitivity probes change one group of tensors at a time).
+    `covariance` maps a tensor name to its inputs' second moments ((n_blocks, B, B), or one
+    per expert; an expert tensor's single one is shared, each expert scaling its correlations
+    by its own imatrix row); with `search` > 1 those tensors' rows are each the best of `search` ggml
+    quantizations by output error (`quantize_rows_searched`).
     """
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")
@@ -169,11 +176,13 @@ def write_gguf(
             for r in recipes:
                 type_name = types[r.spec.name].type
                 im = None if imatrix is None else imatrix.get(r.spec.name)
+                cov = None if covariance is None or search < 2 else covariance.get(r.spec.name)
                 stream.begin(r.spec.name)
                 if r.spec.name in copies:
                     chunks = _copied(reuse, *copies[r.spec.name], block)
                 else:
-                    chunks = _tensor_chunks(r, source, type_name, im, pool, threads, block)
+                    quant = _quantizer(type_name, search)
+                    chunks = _tensor_chunks(r, source, quant, im, cov, pool, threads, block)
                 for chunk in chunks:
                     stream.write(chunk)
                     bar.update(chunk.nbytes)
@@ -216,8 +225,21 @@ def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np
             yield np.frombuffer(data, np.uint8)
 
 
-def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray | None,
-                   pool: Executor, threads: int, block: int) -> Iterator[np.ndarray]:
+def _quantizer(type_name: str, search: int) -> Callable:
+    """rows, imatrix, covariance -> bytes: ggml's quantization, searched where a covariance
+    is given (float types are exact conversions: nothing to search)."""
+    exact = type_name in ("F32", "F16", "BF16")
+
+    def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
+        if cov is None or exact or search < 2:
+            return quantize_rows(rows, type_name, im)
+        return quantize_rows_searched(rows, type_name, im, cov, search)
+    return quant
+
+
+def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray | None,
+                   cov: np.ndarray | None, pool: Executor, threads: int,
+                   block: int) -> Iterator[np.ndarray]:
     """The bytes of one tensor, in file order, at most threads + 1 pieces in flight.
 
     Expert tensors come one expert slice at a time. Dense tensors that are read as they are
@@ -231,7 +253,12 @@ def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray 
             row_im = None
             if imatrix is not None:
                 row_im = imatrix[e] if imatrix.ndim == 2 else imatrix
-            return quantize_rows(r.load_expert(source, e), type_name, row_im)
+            row_cov = None
+            if cov is not None and cov.ndim == 4:
+                row_cov = cov[e]
+            elif cov is not None:  # shared by the experts: scaled by this one's imatrix
+                row_cov = cov if row_im is None else scaled_correlation(cov, row_im)
+            return quant(r.load_expert(source, e), row_im, row_cov)
 
         yield from _ordered(pool, one, range(r.spec.n_experts), window)
         return
@@ -243,7 +270,7 @@ def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray 
 
         def part(start: int) -> np.ndarray:
             a = source.load(name, range(start, min(start + step, shape[0])))
-            return quantize_rows(a.reshape(-1, a.shape[-1]), type_name, imatrix)
+            return quant(a.reshape(-1, a.shape[-1]), imatrix, cov)
 
         yield from _ordered(pool, part, range(0, shape[0], step), window)
         return
@@ -253,4 +280,4 @@ def _tensor_chunks(r: TensorRecipe, source, type_name: str, imatrix: np.ndarray 
     n = rows.shape[0]
     step = max(1, -(-n // threads))
     blocks = [rows[i:i + step] for i in range(0, n, step)]
-    yield from _ordered(pool, lambda b: quantize_rows(b, type_name, imatrix), blocks, window)
+    yield from _ordered(pool, lambda b: quant(b, imatrix, cov), blocks, window)

@@ -62,6 +62,10 @@ class CalibStats:
     # damage, per tensor, and for pruning; empty / None when not measured
     scales: dict[str, float] = field(default_factory=dict)
     prune_scale: float | None = None
+    # the inputs' second moments in diagonal blocks of B columns, summed over the same
+    # tokens as `in_sum2` ((n_mat, n_blocks, B, B)); edgemoe's export searches quantizations
+    # with them. Empty when not collected (llama.cpp imatrix files, over the size budget)
+    in_cov: dict[str, np.ndarray] = field(default_factory=dict)
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean squared input per column (n_mat x n_per_row): the quantizers' imatrix.
@@ -74,6 +78,22 @@ class CalibStats:
         c = self.counts[name].reshape(-1, 1).astype(np.float64)
         out = np.where(c > 0, s / np.maximum(c, 1), 1.0)
         return out.astype(np.float32)
+
+    def covariance(self, name: str) -> np.ndarray | None:
+        """Mean input second moment per matrix, (n_mat, n_blocks, B, B), float32.
+
+        Matrices no token reached get the identity (like the imatrix's ones). One matrix for
+        a stacked expert tensor is shared by its experts and known up to a scale only.
+        """
+        s = self.in_cov.get(name)
+        if s is None:
+            return None
+        counts = self.counts[name].astype(np.float64)
+        if len(s) != len(counts):  # shared by the experts
+            return (s / max(1.0, float(counts.sum()))).astype(np.float32)
+        c = counts.reshape(-1, 1, 1, 1)
+        eye = np.broadcast_to(np.eye(s.shape[-1]), s.shape[1:])
+        return np.where(c > 0, s / np.maximum(c, 1), eye).astype(np.float32)
 
     @property
     def has_expert_stats(self) -> bool:

@@ -3,7 +3,8 @@
 The program is built from the installed llama-cpp-python's own sources (tests/llama_tools.py),
 so its imatrix reader (common/imatrix-loader.cpp and quantize.cpp's load_imatrix) is the one
 users run, not a Python copy of it. What it writes with our stats must be, tensor for tensor
-and byte for byte, what `edgemoe export` writes with the same stats and types.
+and byte for byte, what `edgemoe export --search 0` writes with the same stats and types; with
+the output-error search (the default), each row's output error is at most llama-quantize's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 import memory_planner as mp
@@ -21,6 +23,7 @@ from edgemoe import pipeline
 from edgemoe.calibrate import calibrate
 from edgemoe.cli import main
 from export.imatrix import read_stats, write_legacy, write_stats
+from export.quantize import output_error
 from memory_planner.stats import CalibStats
 from tests.edgemoe.test_export_llamacpp import PROMPT
 from tests.llama_tools import llama_quantize_path
@@ -84,14 +87,15 @@ def assert_loaded(log: str, stats_file: Path, n_entries: int, n_chunks: int) -> 
 
 
 def assert_same_as_edgemoe(theirs: Path, c: Calibrated, stats: CalibStats, out: Path) -> None:
-    """edgemoe's export with `stats` and, per tensor, the type llama-quantize chose gives the
-    same bytes as llama-quantize."""
+    """edgemoe's export with `stats`, no output-error search and, per tensor, the type
+    llama-quantize chose gives the same bytes as llama-quantize."""
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
     by_type = {ty: mp.uniform_plan(c.model.specs, ty, mp.Budget(2**62)).by_name()
                for ty in set(types.values())}
     plan = mp.uniform_plan(c.model.specs, "F32", mp.Budget(2**62))
     plan = replace(plan, tensors=tuple(by_type[types[t.name]][t.name] for t in plan.tensors))
-    assert_same_tensors(theirs, pipeline.export(c.model, plan, out, stats=stats, progress=False))
+    assert_same_tensors(theirs, pipeline.export(c.model, plan, out, stats=stats, progress=False,
+                                                search=0))
 
 
 def assert_same_tensors(theirs: Path, ours: Path) -> None:
@@ -132,6 +136,42 @@ def test_calibration_run_quantizes_as_its_stats_file(calibrated, iq2_from_gguf_s
     assert_same_as_edgemoe(out, calibrated, calibrated.stats, tmp_path / "ours.gguf")
 
 
+def test_searched_export_has_less_output_error_than_llama_quantize(calibrated,
+                                                                  iq2_from_gguf_stats, tmp_path):
+    """The default export (best of 16 ggml quantizations per row, by output error under the
+    measured input covariance) writes the same types and sizes as llama-quantize, and per
+    row never more output error; in total clearly less."""
+    c = calibrated
+    out, _ = iq2_from_gguf_stats
+    stats = read_stats(c.gguf_stats)
+    assert stats.in_cov, "calibration kept no input covariances"
+    theirs = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    plan = mp.uniform_plan(c.model.specs, "F32", mp.Budget(2**62))
+    plan = replace(plan, tensors=tuple(
+        mp.uniform_plan(c.model.specs, theirs[t.name].tensor_type.name, mp.Budget(2**62))
+        .by_name()[t.name] for t in plan.tensors))
+    ours = {t.name: t for t in gguf.GGUFReader(pipeline.export(
+        c.model, plan, tmp_path / "searched.gguf", stats=stats, progress=False)).tensors}
+    weights = {t.name: t.data for t in gguf.GGUFReader(c.f32).tensors}
+    searched, ratios = 0, []
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type and ours[name].n_bytes == t.n_bytes
+        cov = stats.covariance(name)
+        if cov is None or t.tensor_type.name in ("F32", "F16"):
+            continue
+        searched += 1
+        w = weights[name].reshape(len(cov), -1, weights[name].shape[-1])
+        raw_t = t.data.reshape(len(cov), w.shape[1], -1)
+        raw_o = ours[name].data.reshape(len(cov), w.shape[1], -1)
+        err_t = [output_error(w[m], raw_t[m], t.tensor_type.name, cov[m]) for m in range(len(w))]
+        err_o = [output_error(w[m], raw_o[m], t.tensor_type.name, cov[m]) for m in range(len(w))]
+        for a, b in zip(err_o, err_t):
+            assert (a <= b * (1 + 1e-6)).all(), name
+        ratios.append(sum(a.sum() for a in err_o) / sum(b.sum() for b in err_t))
+    assert searched >= 10
+    assert max(ratios) < 0.97 and float(np.mean(ratios)) < 0.9, ratios
+
+
 def run_printed(shown: str, tool: Path, cwd: Path) -> tuple[str, str]:
     """Run the llama-quantize command `edgemoe plan` printed, verbatim, in `cwd` (which must
     hold model-F32.gguf); the command and the tool's log."""
@@ -146,8 +186,8 @@ def run_printed(shown: str, tool: Path, cwd: Path) -> tuple[str, str]:
 def test_plan_prints_a_command_that_runs_as_printed(tool, calibrated, qwen3_dir, tmp_path,
                                                     capsys):
     """`edgemoe plan` prints a llama-quantize command; run verbatim (with the F32 model as
-    model-F32.gguf in the working directory) it makes what `edgemoe export` makes of the
-    plan."""
+    model-F32.gguf in the working directory) it makes what `edgemoe export --search 0` makes
+    of the plan."""
     c = calibrated
     # room for the model at 2.5 bits per weight (all IQ2_S): the plan mixes types, among
     # them some that need an imatrix
@@ -168,9 +208,9 @@ def test_plan_prints_a_command_that_runs_as_printed(tool, calibrated, qwen3_dir,
     theirs = tmp_path / "model-out.gguf"
     assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors} == planned
 
-    # `edgemoe export` with these flags: the same plan, then this
+    # `edgemoe export --search 0` with these flags: the same plan, then this
     ours = pipeline.export(c.model, plan, tmp_path / "ours.gguf", stats=read_stats(c.gguf_stats),
-                           progress=False)
+                           progress=False, search=0)
     assert_same_tensors(theirs, ours)
 
 
