@@ -88,7 +88,7 @@ class _Collector:
         np.add.at(self.in_sum2[name], ids.reshape(-1), x2.reshape(-1, n))
         np.add.at(self.counts[name], ids.reshape(-1), 1.0)
         if name in self.cov_blocks and not self.cov_blocks[name][1]:
-            self._cov(name, 0, 1, x.reshape(-1, n))  # one for all experts: every slot
+            self._cov(name, 0, 1, x.reshape(-1, n))  # one for all experts: every input row
         elif name in self.cov_blocks:
             for e in np.unique(ids):
                 hit = ids == e  # a token picks an expert at most once
@@ -236,8 +236,9 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
     on the first `probe_tokens` tokens (edgemoe.sensitivity). Writes the statistics to
     `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
-    blocks of 256 columns, per expert) are kept too when they take at most `cov_budget`
-    bytes: export's output-error search uses them.
+    blocks of 256 columns; `cov_plan` says which) are kept too, within `cov_budget` bytes on
+    disk (float64 accumulators take twice that in memory while calibrating): export's
+    output-error search uses them.
     """
     text_path = Path(text) if text else DEFAULT_TEXT
     body = text_path.read_text(encoding="utf-8", errors="replace")

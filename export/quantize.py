@@ -7,6 +7,10 @@ chunks and expert slices in parallel. Reading back goes through `gguf.quants.deq
 
 Every quantizer in ggml works row by row (each row sees only its own values and the
 imatrix), so splitting a matrix into row chunks never changes the bytes.
+
+`quantize_rows_searched` goes one step further than llama-quantize: it runs ggml's quantizer
+with several column weightings and keeps, per row, the result with the least output error
+under the inputs' measured covariance. The bytes are still ggml's, of the same type.
 """
 
 from __future__ import annotations

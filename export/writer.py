@@ -26,8 +26,7 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
-from .quantize import (default_threads, quantize_rows, quantize_rows_searched,
-                       scaled_correlation)
+from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +135,9 @@ def write_gguf(
     holds with the same name, shape and type are copied from it instead of being read and
     quantized again (the sensitivity probes change one group of tensors at a time).
     `covariance` maps a tensor name to its inputs' second moments ((n_blocks, B, B), or one
-    per expert; an expert tensor's single one is shared, each expert scaling its correlations
-    by its own imatrix row); with `search` > 1 those tensors' rows are each the best of `search` ggml
-    quantizations by output error (`quantize_rows_searched`).
+    per expert; an expert tensor's single one is shared, each expert scaling its
+    correlations by its own imatrix row); with `search` > 1 those tensors' rows are each the
+    best of `search` ggml quantizations by output error (`quantize_rows_searched`).
     """
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")

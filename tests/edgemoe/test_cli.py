@@ -63,3 +63,30 @@ def test_shape_only_plan_from_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ffn_down_exps" in out and "llama-quantize" in out
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_calibrate_keeps_covariances_and_export_searches_with_them(qwen3_dir, tmp_path):
+    from export.imatrix import read_stats
+    from tests.edgemoe.test_export_llamacpp import PROMPT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 12)
+    common = ["--text", str(text), "--ctx", "64", "--no-sensitivity"]
+    assert main(["calibrate", str(qwen3_dir), *common, "-o", str(tmp_path / "none.gguf"),
+                 "--cov-budget", "0"]) == 0
+    assert main(["calibrate", str(qwen3_dir), *common, "-o", str(tmp_path / "s.gguf")]) == 0
+    assert not read_stats(tmp_path / "none.gguf").in_cov
+    assert read_stats(tmp_path / "s.gguf").in_cov
+
+    flags = ["--memory", "12MB", "--ctx", "256", "--stats", str(tmp_path / "s.gguf")]
+    files = {}
+    for search in ("0", "4"):
+        files[search] = tmp_path / f"search{search}.gguf"
+        assert main(["export", str(qwen3_dir), *flags, "--search", search,
+                     "-o", str(files[search])]) == 0
+    a, b = ({t.name: t for t in gguf.GGUFReader(files[s]).tensors} for s in ("0", "4"))
+    assert [(t.tensor_type, t.n_bytes) for t in a.values()] == [
+        (t.tensor_type, t.n_bytes) for t in b.values()]
+    quantized = [n for n, t in a.items() if t.tensor_type.name not in ("F32", "F16")]
+    changed = [n for n in quantized if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert len(changed) >= len(quantized) - 1, (changed, quantized)  # token_embd: no input
