@@ -184,9 +184,9 @@ def _parser() -> argparse.ArgumentParser:
                         "llama.cpp run per tensor, or per tensor kind for large models; "
                         "without them the planner does not prune experts)")
     c.add_argument("--cov-budget", default="1GiB",
-                   help="keep the inputs' covariances (256-column blocks, per expert) for "
-                        "export's output-error search when they take at most this much "
-                        "(default 1GiB); larger models get none")
+                   help="room for the inputs' covariances (256-column blocks) that export's "
+                        "output-error search uses: one per expert if they fit, else one "
+                        "shared by a layer's experts (gate/up only), else none (default 1GiB)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
     for name, verb in VERBS.items():
