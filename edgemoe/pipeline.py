@@ -210,13 +210,15 @@ def _prune_scale(stats: CalibStats) -> float:
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
-           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH) -> Path:
+           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH,
+           search_seed: int = 0) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
     are copied. Where `stats` hold input covariances and `search` > 1, each row is the best
     of `search` ggml quantizations by output error (export.quantize.quantize_rows_searched);
-    `search` 0 or 1 writes what llama-quantize writes with the same imatrix."""
+    `search` 0 or 1 writes what llama-quantize writes with the same imatrix. `search_seed`
+    fixes the search's random candidates (the same seed, the same bytes)."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
@@ -243,4 +245,4 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, imatrix=imatrix or None,
                       threads=threads, progress=progress, reuse=reuse,
-                      covariance=covariance or None, search=search)
+                      covariance=covariance or None, search=search, search_seed=search_seed)

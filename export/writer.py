@@ -126,6 +126,7 @@ def write_gguf(
     reuse: str | Path | None = None,
     covariance: Mapping[str, np.ndarray] | None = None,
     search: int = 0,
+    search_seed: int = 0,
 ) -> Path:
     """Write `recipes` quantized as `plan` says; returns the final path.
 
@@ -137,7 +138,8 @@ def write_gguf(
     `covariance` maps a tensor name to its inputs' second moments ((n_blocks, B, B), or one
     per expert; an expert tensor's single one is shared, each expert scaling its
     correlations by its own imatrix row); with `search` > 1 those tensors' rows are each the
-    best of `search` ggml quantizations by output error (`quantize_rows_searched`).
+    best of `search` ggml quantizations by output error (`quantize_rows_searched`, whose
+    random candidates `search_seed` fixes).
     """
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")
@@ -180,7 +182,7 @@ def write_gguf(
                 if r.spec.name in copies:
                     chunks = _copied(reuse, *copies[r.spec.name], block)
                 else:
-                    quant = _quantizer(type_name, search)
+                    quant = _quantizer(type_name, search, search_seed)
                     chunks = _tensor_chunks(r, source, quant, im, cov, pool, threads, block)
                 for chunk in chunks:
                     stream.write(chunk)
@@ -224,7 +226,7 @@ def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np
             yield np.frombuffer(data, np.uint8)
 
 
-def _quantizer(type_name: str, search: int) -> Callable:
+def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
     """rows, imatrix, covariance -> bytes: ggml's quantization, searched where a covariance
     is given (float types are exact conversions: nothing to search)."""
     exact = type_name in ("F32", "F16", "BF16")
@@ -232,7 +234,7 @@ def _quantizer(type_name: str, search: int) -> Callable:
     def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
         if cov is None or exact or search < 2:
             return quantize_rows(rows, type_name, im)
-        return quantize_rows_searched(rows, type_name, im, cov, search)
+        return quantize_rows_searched(rows, type_name, im, cov, search, seed)
     return quant
 
 
