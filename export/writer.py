@@ -170,9 +170,11 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         stream = _DataStream(w.fout[0], infos, w.data_alignment)
+        desc = f"writing {out_path.name}"
+        if covariance and search > 1:  # tell why it takes longer than llama-quantize
+            desc += f" (best of {search} quantizations per row)"
         with ThreadPoolExecutor(threads) as pool, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"writing {out_path.name}",
-            disable=not progress,
+            total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
         ) as bar:
             for r in recipes:
                 type_name = types[r.spec.name].type
