@@ -58,52 +58,73 @@ class _Collector:
         self.weights: dict[int, np.ndarray] = {}
         self.n_tokens = 0
 
-    def _dense(self, name: str, x: np.ndarray) -> None:
+    def _dense(self, names: tuple[str, ...], x: np.ndarray) -> None:
+        """Statistics of `x`, the input all of `names` read (computed once for them all)."""
         x2 = np.square(x, dtype=np.float64).sum(axis=0)
-        if name not in self.in_sum2:
-            self.in_sum2[name] = np.zeros((1, x.shape[1]))
-            self.counts[name] = np.zeros(1)
-        self.in_sum2[name][0] += x2
-        self.counts[name][0] += len(x)
-        if name in self.cov_blocks:
-            self._cov(name, 0, 1, x)
+        moments: dict[tuple[int, bool], np.ndarray] = {}
+        for name in names:
+            if name not in self.in_sum2:
+                self.in_sum2[name] = np.zeros((1, x.shape[1]))
+                self.counts[name] = np.zeros(1)
+            self.in_sum2[name][0] += x2
+            self.counts[name][0] += len(x)
+            spec = self.cov_blocks.get(name)
+            if spec is not None:
+                if spec not in moments:
+                    moments[spec] = _block_moments(x, spec[0])
+                self._add_cov(name, 0, 1, moments[spec])
 
-    def _cov(self, name: str, mat: int, n_mat: int, x: np.ndarray) -> None:
-        b = self.cov_blocks[name][0]
-        n = x.shape[-1]
+    def _add_cov(self, name: str, mat: int, n_mat: int, m: np.ndarray) -> None:
         if name not in self.in_cov:
-            self.in_cov[name] = np.zeros((n_mat, n // b, b, b))
-        xb = x.astype(np.float64).reshape(len(x), n // b, b).transpose(1, 0, 2)
-        self.in_cov[name][mat] += np.matmul(xb.transpose(0, 2, 1), xb)
+            self.in_cov[name] = np.zeros((n_mat, *m.shape))
+        self.in_cov[name][mat] += m
 
-    def _experts(self, name: str, ids: np.ndarray, x: np.ndarray) -> None:
-        """x: (n_tokens, k, n) inputs per slot (or (n_tokens, n) shared by all slots)."""
+    def _expert_moments(self, ids: np.ndarray, x: np.ndarray, b: int,
+                        per_expert: bool) -> list[tuple[int, int, np.ndarray]]:
+        """(matrix, n_mat, block second moments) of the routed inputs `x`."""
+        if not per_expert:  # one for all experts: every input row
+            return [(0, 1, _block_moments(x.reshape(-1, x.shape[-1]), b))]
+        out = []
+        for e in np.unique(ids):
+            hit = ids == e  # a token picks an expert at most once
+            rows = x[hit] if x.ndim == 3 else x[hit.any(axis=1)]
+            out.append((int(e), self.n_expert, _block_moments(rows, b)))
+        return out
+
+    def _experts(self, names: tuple[str, ...], ids: np.ndarray, x: np.ndarray) -> None:
+        """x: (n_tokens, k, n) inputs per slot (or (n_tokens, n) shared by all slots), read
+        by all of `names` (computed once for them all)."""
         n = x.shape[-1]
-        if name not in self.in_sum2:
-            self.in_sum2[name] = np.zeros((self.n_expert, n))
-            self.counts[name] = np.zeros(self.n_expert)
         x2 = np.square(x, dtype=np.float64)
         if x2.ndim == 2:
             x2 = np.broadcast_to(x2[:, None, :], (*ids.shape, n))
-        np.add.at(self.in_sum2[name], ids.reshape(-1), x2.reshape(-1, n))
-        np.add.at(self.counts[name], ids.reshape(-1), 1.0)
-        if name in self.cov_blocks and not self.cov_blocks[name][1]:
-            self._cov(name, 0, 1, x.reshape(-1, n))  # one for all experts: every input row
-        elif name in self.cov_blocks:
-            for e in np.unique(ids):
-                hit = ids == e  # a token picks an expert at most once
-                rows = x[hit] if x.ndim == 3 else x[hit.any(axis=1)]
-                self._cov(name, int(e), self.n_expert, rows)
+        sums = np.zeros((self.n_expert, n))
+        counts = np.zeros(self.n_expert)
+        np.add.at(sums, ids.reshape(-1), x2.reshape(-1, n))
+        np.add.at(counts, ids.reshape(-1), 1.0)
+        moments: dict[tuple[int, bool], list] = {}
+        for name in names:
+            if name not in self.in_sum2:
+                self.in_sum2[name] = np.zeros((self.n_expert, n))
+                self.counts[name] = np.zeros(self.n_expert)
+            self.in_sum2[name] += sums
+            self.counts[name] += counts
+            spec = self.cov_blocks.get(name)
+            if spec is not None:
+                if spec not in moments:
+                    moments[spec] = self._expert_moments(ids, x, *spec)
+                for mat, n_mat, m in moments[spec]:
+                    self._add_cov(name, mat, n_mat, m)
 
     # ---- handlers, in graph order within a layer
     def on_input(self, node: Node) -> None:
-        for kind in _DENSE_INPUTS[node.kind]:
-            self._dense(f"blk.{node.layer}.{kind}.weight", node.matrix())
+        names = tuple(f"blk.{node.layer}.{kind}.weight" for kind in _DENSE_INPUTS[node.kind])
+        self._dense(names, node.matrix())
 
     def on_result_norm(self, node: Node) -> None:
         x = node.matrix()
         self.n_tokens += len(x)
-        self._dense("output.weight", x)
+        self._dense(("output.weight",), x)
 
     def on_topk(self, node: Node) -> None:
         k, n = node.ne[0], node.ne[1]
@@ -120,10 +141,10 @@ class _Collector:
 
     def on_act(self, node: Node) -> None:  # input of down_exps, per slot
         ids = self.ids[node.layer]
-        self._experts(f"blk.{node.layer}.ffn_gate_exps.weight", ids, self.ffn_in)
-        self._experts(f"blk.{node.layer}.ffn_up_exps.weight", ids, self.ffn_in)
+        self._experts((f"blk.{node.layer}.ffn_gate_exps.weight",
+                       f"blk.{node.layer}.ffn_up_exps.weight"), ids, self.ffn_in)
         x = node.read().reshape(ids.shape[0], ids.shape[1], node.ne[0])
-        self._experts(f"blk.{node.layer}.ffn_down_exps.weight", ids, x)
+        self._experts((f"blk.{node.layer}.ffn_down_exps.weight",), ids, x)
 
     def on_down(self, node: Node) -> None:  # each slot's expert output, before weighting
         layer = node.layer
@@ -171,6 +192,13 @@ class _Collector:
                           counts={k: v.astype(f32) for k, v in self.counts.items()},
                           experts=experts, n_tokens=self.n_tokens, datasets=datasets,
                           in_cov={k: v.astype(f32) for k, v in self.in_cov.items()})
+
+
+def _block_moments(x: np.ndarray, b: int) -> np.ndarray:
+    """sum over rows of x x^T in diagonal blocks of b columns: (n // b, b, b)."""
+    n = x.shape[-1]
+    xb = x.astype(np.float64).reshape(len(x), n // b, b).transpose(1, 0, 2)
+    return np.matmul(xb.transpose(0, 2, 1), xb)
 
 
 def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, tuple[int, bool]]:

@@ -433,10 +433,16 @@ def output_error(data: np.ndarray, raw: np.ndarray, type_name: str,
     `cov` (n_blocks, B, B) is the inputs' second moment in diagonal blocks of B columns.
     """
     w = _as_rows(data, 2).astype(np.float64)
+    return _output_error(w, raw, type_name, cov.astype(np.float64))
+
+
+def _output_error(w: np.ndarray, raw: np.ndarray, type_name: str,
+                  cov: np.ndarray) -> np.ndarray:
+    """`output_error` for float64 `w` and `cov`."""
     err = dequantize(raw, type_name, w.shape).astype(np.float64) - w
     nb, b = cov.shape[0], cov.shape[-1]
     err = err.reshape(len(w), nb, b).transpose(1, 0, 2)  # (blocks, rows, B)
-    return np.einsum("krj,krj->r", np.matmul(err, cov.astype(np.float64)), err)
+    return np.einsum("krj,krj->r", np.matmul(err, cov), err)
 
 
 def scaled_correlation(cov: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
@@ -450,15 +456,16 @@ def scaled_correlation(cov: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
 
 
 def _search_weights(imatrix: np.ndarray, tries: int, seed: int) -> list[np.ndarray]:
-    """Column weightings for ggml's quantizer: the imatrix itself first, then powers of it,
-    flat and smoothed versions, then random log-normal perturbations (fixed by `seed`)."""
+    """The `tries - 1` column weightings for ggml's quantizer tried after the imatrix
+    itself: powers of it, flat and smoothed versions, then random log-normal perturbations
+    (fixed by `seed`)."""
     im = np.maximum(imatrix.astype(np.float64), 1e-30)
     im = im / im.mean()
-    out = [im] + [im ** a for a in (0.5, 0.75, 1.25, 1.5, 2.0)] + [np.ones_like(im), im + 1.0]
+    out = [im ** a for a in (0.5, 0.75, 1.25, 1.5, 2.0)] + [np.ones_like(im), im + 1.0]
     rng = np.random.default_rng(seed)
-    while len(out) < tries:
+    while len(out) < tries - 1:
         out.append(im * np.exp(rng.normal(0.0, 0.5, im.shape)))
-    return [np.ascontiguousarray(x, dtype=np.float32) for x in out[:max(1, tries)]]
+    return [np.ascontiguousarray(x, dtype=np.float32) for x in out[:max(0, tries - 1)]]
 
 
 def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray | None,
@@ -481,15 +488,13 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
         raise QuantizeError(f"covariance shape {cov.shape} does not fit rows of {n_per_row}")
     base = np.ones(n_per_row, np.float32) if imatrix is None else _check_imatrix(
         imatrix, n_per_row, t.name)
-    best_raw = best_err = None
+    w, c = src.astype(np.float64), cov.astype(np.float64)
+    # the first candidate is exactly what quantize_rows writes
+    best_raw = quantize_rows(src, t.name, imatrix).reshape(n_rows, -1)
+    best_err = _output_error(w, best_raw, t.name, c)
     for weights in _search_weights(base, tries, seed):
-        # the first candidate is exactly what quantize_rows would write
-        im = imatrix if best_raw is None else weights
-        raw = quantize_rows(src, t.name, im).reshape(n_rows, -1)
-        err = output_error(src, raw, t.name, cov)
-        if best_raw is None:
-            best_raw, best_err = raw.copy(), err
-            continue
+        raw = quantize_rows(src, t.name, weights).reshape(n_rows, -1)
+        err = _output_error(w, raw, t.name, c)
         better = err < best_err
         best_raw[better] = raw[better]
         best_err = np.where(better, err, best_err)
