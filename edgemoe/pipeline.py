@@ -232,7 +232,7 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
             im = importance(stats, full[r.spec.name])
             if im is not None:
                 imatrix[r.spec.name] = im if pick is None else im[pick]
-            cov = stats.covariance(r.spec.name)
+            cov = stats.covariance(r.spec.name) if search > 1 else None
             if cov is not None:
                 cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
                 covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]

@@ -234,7 +234,7 @@ def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
     exact = type_name in ("F32", "F16", "BF16")
 
     def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
-        if cov is None or exact or search < 2:
+        if cov is None or exact:
             return quantize_rows(rows, type_name, im)
         return quantize_rows_searched(rows, type_name, im, cov, search, seed)
     return quant
