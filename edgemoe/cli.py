@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from memory_planner import MemoryPlan, parse_size
@@ -70,7 +73,8 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
     if plan_out:
         plan.save(plan_out)
     path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
-    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
+    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)\nrun it with llama.cpp: "
+          f"{report.llama_server_command(path, plan)}")
     return path
 
 
@@ -200,6 +204,14 @@ def _parser() -> argparse.ArgumentParser:
 VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _raise_terminated(_sig, _frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.WARNING,
@@ -207,16 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     show_traceback = args.pop("traceback")
     args.pop("verb")
     func = args.pop("func")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         result = func(**args)
+    except BrokenPipeError:  # `edgemoe inspect f.gguf | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError, RuntimeError) as exc:  # library errors are typed ValueErrors
         if show_traceback:
             raise
         print(f"edgemoe: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("edgemoe: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return result if isinstance(result, int) else 0
 
 

@@ -127,6 +127,7 @@ class _GGML:
             ("ggml_nbytes", [vp], sz),
             ("ggml_tensor_overhead", [], sz),
             ("ggml_get_name", [vp], vp),
+            ("ggml_backend_buft_name", [vp], ctypes.c_char_p),
         ]:
             f = getattr(lib, fn)
             f.argtypes, f.restype = args, res

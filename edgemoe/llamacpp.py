@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +26,94 @@ def check_version() -> None:
         )
 
 
+# -- extra buffer types (weight repacking) and the AMX crash ----------------------------------
+# On CPUs with AMX, a natively built ggml includes the AMX extra buffer type, and decode then
+# segfaults in ggml_backend_amx_mul_mat on many quantized models (llama.cpp issue 20824).
+# llama.cpp's `--no-repack` (llama_model_params.use_extra_bufts = False) avoids it.
+# BENCHMARKS.md ("AMX") has the measured cost; EXTRA_BUFTS_ENV = 1 or 0 overrides the choice.
+EXTRA_BUFTS_ENV = "EDGEMOE_EXTRA_BUFTS"
+_params_lock = threading.Lock()
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU backend's features that llama.cpp was built with and found (AVX2, AMX_INT8,
+    REPACK, ...), from llama_print_system_info."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | AMX_INT8 = 1 | REPACK = 1 | " (one run per backend)
+    return frozenset(part.split("=")[0].split(":")[-1].strip() for part in info.split("|")
+                     if part.strip().endswith("= 1"))
+
+
+def use_extra_bufts() -> bool:
+    """Whether llama.cpp may use its extra buffer types: not where the AMX one is built in."""
+    forced = os.environ.get(EXTRA_BUFTS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return "AMX_INT8" not in cpu_features()
+
+
+def server_flags() -> list[str]:
+    """Flags llama-server and llama-cli need on this machine to run a GGUF safely."""
+    return [] if use_extra_bufts() else ["--no-repack"]
+
+
+def model_params(**fields):
+    """llama.cpp's default model parameters with edgemoe's load policy and `fields` set."""
+    params = _library_default_params()()
+    params.use_extra_bufts = use_extra_bufts()
+    for k, v in fields.items():
+        setattr(params, k, v)
+    return params
+
+
+@functools.cache
+def _library_default_params():
+    """llama-cpp-python's own `llama_model_default_params` (taken before any swap)."""
+    import llama_cpp
+
+    return llama_cpp.llama_cpp.llama_model_default_params
+
+
+@contextmanager
+def load_policy(**fields) -> Iterator[None]:
+    """Within it, every model llama-cpp-python opens gets `model_params(**fields)`.
+
+    `llama_cpp.Llama` builds its model parameters inside its constructor, from
+    `llama_model_default_params`, with no argument for `use_extra_bufts`: that function is
+    swapped for the duration of the constructor, under a lock."""
+    import llama_cpp
+
+    original = _library_default_params()
+    with _params_lock:
+        llama_cpp.llama_cpp.llama_model_default_params = lambda: model_params(**fields)
+        try:
+            yield
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = original
+
+
 def open_llama(path: str | Path, n_ctx: int = 512, f32_kv: bool = False,
-               logits_all: bool = True, threads: int | None = None, **kwargs):
-    """A `llama_cpp.Llama` on the CPU; `f32_kv` for comparisons with transformers."""
+               logits_all: bool = True, threads: int | None = None, llama_class=None,
+               **kwargs):
+    """A `llama_cpp.Llama` (or `llama_class`) on the CPU, opened with edgemoe's load policy;
+    `f32_kv` for comparisons with transformers. Every llama.cpp model edgemoe runs is
+    opened here."""
     import llama_cpp
 
     check_version()
     if f32_kv:
         kwargs.setdefault("type_k", GGML_TYPE_F32)
         kwargs.setdefault("type_v", GGML_TYPE_F32)
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-        n_threads=threads or os.cpu_count(), n_gpu_layers=0, **kwargs,
-    )
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("n_gpu_layers", 0)
+    with load_policy():
+        return (llama_class or llama_cpp.Llama)(
+            model_path=str(path), n_ctx=n_ctx, logits_all=logits_all,
+            n_threads=threads or os.cpu_count(), **kwargs,
+        )
 
 
 def tokenize(path: str | Path, text: str) -> list[int]:

@@ -157,3 +157,18 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
                 f"{plan.n_experts_kept}/{plan.n_experts} per layer, which only edgemoe "
                 "export does\n")
     return note + cmd
+
+
+def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> str:
+    """The llama-server command that runs `path` as planned (context, KV cache type), with
+    the flags this machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
+    from .llamacpp import server_flags
+
+    args = ["llama-server", "-m", str(path)]
+    if plan is not None:
+        b = plan.budget
+        args += ["-c", str(b.ctx)]
+        if b.kv_type.lower() != "f16":
+            args += ["--cache-type-k", b.kv_type.lower(), "--cache-type-v", b.kv_type.lower()]
+    return " ".join(args + server_flags())
+

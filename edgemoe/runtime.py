@@ -17,7 +17,6 @@ threshold is above 0 it is built with an eval callback that applies them
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from . import topany
 from .hooks import EvalHooks, attach
-from .llamacpp import check_version
+from .llamacpp import open_llama
 
 
 def _llama_class():
@@ -34,7 +33,7 @@ def _llama_class():
     class EdgeLlama(llama_cpp.Llama):
         """A `llama_cpp.Llama` applying top-any thresholds; see `load`."""
 
-        def __init__(self, model_path: str, *, top_any=None, hooks: EvalHooks | None = None,
+        def __init__(self, *, model_path: str, top_any=None, hooks: EvalHooks | None = None,
                      skip_dropped: bool = True, **kwargs):
             super().__init__(model_path=model_path, **kwargs)
             n_layer = int(llama_cpp.llama_model_n_layer(self.model))
@@ -75,14 +74,11 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
     Other keyword arguments go to `llama_cpp.Llama`.
     """
     global _EdgeLlama
-    check_version()
     if _EdgeLlama is None:
         _EdgeLlama = _llama_class()
-    kwargs.setdefault("verbose", False)
-    kwargs.setdefault("n_gpu_layers", 0)
-    kwargs.setdefault("n_threads", threads or os.cpu_count())
-    return _EdgeLlama(str(path), top_any=top_any, hooks=hooks, n_ctx=n_ctx,
-                      skip_dropped=skip_dropped, **kwargs)
+    kwargs.setdefault("logits_all", False)
+    return open_llama(path, n_ctx=n_ctx, threads=threads, llama_class=_EdgeLlama,
+                      top_any=top_any, hooks=hooks, skip_dropped=skip_dropped, **kwargs)
 
 
 # -- what llama.cpp allocated ----------------------------------------------------------------
@@ -103,14 +99,13 @@ class _Map(ctypes.Structure):
                 ("rightmost", ctypes.c_void_p), ("count", ctypes.c_size_t)]
 
 
-def memory_breakdown(llm) -> dict[str, int]:
-    """Bytes llama.cpp allocated for a context: model buffers, context (KV cache) and compute
-    buffers, summed over buffer types, plus the logits output buffer.
+def _breakdown(llm) -> list[_MapNode]:
+    """The entries of `llama_get_memory_breakdown` for a context: one per buffer type.
 
-    Read with `llama_get_memory_breakdown` (llama.cpp's src/llama-ext.h, the numbers behind
-    its own memory report). It returns a std::map by value, walked here with libstdc++'s
-    layout; the result is checked against llama_model_size so a layout change fails loudly.
-    """
+    It returns a std::map<ggml_backend_buffer_type_t, llama_memory_breakdown_data> by value
+    (llama.cpp's src/llama-ext.h, the numbers behind its own memory report), walked here
+    with libstdc++'s layout; `memory_breakdown` checks the sums against llama_model_size, so
+    a layout change fails loudly."""
     import llama_cpp
 
     lib = llama_cpp.llama_cpp._lib
@@ -121,23 +116,40 @@ def memory_breakdown(llm) -> dict[str, int]:
     fn(ctypes.byref(m), llm.ctx)  # the map's nodes are leaked: a few dozen bytes per call
     if not 0 < m.count < 64:
         raise RuntimeError(f"llama_get_memory_breakdown: {m.count} buffer types? layout changed")
-    out = {"model": 0, "context": 0, "compute": 0}
-    todo = [m.root]
+    nodes, todo = [], [m.root]
     while todo:
         p = todo.pop()
-        if not p:
-            continue
-        node = _MapNode.from_address(p)
+        if p:
+            nodes.append(_MapNode.from_address(p))
+            todo += [nodes[-1].left, nodes[-1].right]
+    return nodes
+
+
+def memory_breakdown(llm) -> dict[str, int]:
+    """Bytes llama.cpp allocated for a context: model buffers, context (KV cache) and compute
+    buffers, summed over buffer types, plus the logits output buffer."""
+    import llama_cpp
+
+    out = {"model": 0, "context": 0, "compute": 0}
+    for node in _breakdown(llm):
         out["model"] += node.model
         out["context"] += node.context
         out["compute"] += node.compute
-        todo += [node.left, node.right]
     weights = int(llama_cpp.llama_model_size(llm.model))
     if not weights <= out["model"] < weights + (64 << 20) + weights // 8:
         raise RuntimeError(f"llama_get_memory_breakdown: model buffers {out['model']} bytes "
                            f"for {weights} bytes of weights; layout changed?")
     out["output"] = output_buffer_bytes(llm)
     return out
+
+
+def model_buffer_types(llm) -> dict[str, int]:
+    """The buffer types holding the model's weights ("CPU", "CPU_REPACK", "AMX", ...) and
+    their bytes."""
+    from .hooks import ggml
+
+    name = ggml().ggml_backend_buft_name
+    return {name(n.key).decode(): n.model for n in _breakdown(llm) if n.model}
 
 
 def output_buffer_bytes(llm, n_outputs: int = 1) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .llamacpp import eval_logits
+from .llamacpp import tokenize as llama_tokenize
 
 
 def n_layer(llm) -> int:
@@ -34,16 +35,7 @@ def tokenize(llm, text: str, max_tokens: int | None = None) -> list[int]:
 
 def tokenize_file(path, text: str, max_tokens: int | None = None) -> list[int]:
     """Tokens of `text` with the tokenizer of GGUF `path` (loads the vocabulary only)."""
-    import llama_cpp
-    from llama_cpp import _internals
-
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
-    try:
-        tokens = model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    finally:
-        model.close()
+    tokens = llama_tokenize(path, text)
     return tokens[:max_tokens] if max_tokens else tokens
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,12 @@ def probe(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
     r = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), env=env,
                        capture_output=True, text=True)
     lines = [x for x in r.stdout.splitlines() if x.startswith("PROBE ")]
+    if r.returncode < 0:
+        from .supervise import likely_cause
+
+        sig = signal.Signals(-r.returncode)
+        raise RuntimeError(f"the speed and memory measurement of {path} crashed ({sig.name}): "
+                           f"likely {likely_cause(sig)}")
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"the measurement process failed ({r.returncode}): "
                            f"{r.stderr.strip()[-2000:]}")
