@@ -83,6 +83,9 @@ def plan_table(plan: MemoryPlan) -> str:
 
 def inspect_gguf(path: str | Path) -> str:
     """Types and bits per weight of a GGUF file by tensor kind and by layer."""
+    from export.gguf_check import check_gguf
+
+    check_gguf(path)
     r = gguf.GGUFReader(path)
     arch = r.get_field(gguf.Keys.General.ARCHITECTURE)
     arch_name = arch.contents() if arch is not None else "?"

@@ -16,6 +16,8 @@ import numpy as np
 
 from memory_planner.stats import CalibStats, ExpertStats
 
+from .gguf_check import check_gguf
+
 KV_DATASETS = "imatrix.datasets"
 KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
@@ -88,6 +90,7 @@ def read_stats(path: str | Path) -> CalibStats:
 
 
 def _read_gguf(path: Path) -> CalibStats:
+    check_gguf(path)
     r = gguf.GGUFReader(path)
     t = r.get_field(gguf.Keys.General.TYPE)
     if t is None or t.contents() != gguf.GGUFType.IMATRIX:

@@ -30,6 +30,8 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import GGUFValue
 
+from .gguf_check import check_gguf
+
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +48,27 @@ _FP8_DTYPES = {"F8_E4M3"}
 _SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: "<weight name>_scale_inv"
 
 Rows = int | Sequence[int] | None  # an index or indices along a tensor's first axis
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file, or a SourceError that names it and where it stops being JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path} is not UTF-8 text: {e}") from e
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column "
+                          f"{e.colno}") from e
+
+
+def check_finite(data: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """`data`, unless it holds NaN or infinite values: llama.cpp would compute garbage."""
+    if not np.isfinite(data).all():
+        bad = ~np.isfinite(data)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise SourceError(f"{path}: tensor {name} has {int(bad.sum())} NaN or infinite "
+                          f"values (the first at index {first}); the checkpoint is damaged")
+    return data
 
 
 def open_source(path: str | Path) -> HFSource | GGUFSource:
@@ -182,6 +205,11 @@ class _Safetensors:
                                   f"data_offsets [{begin}, {end}] in {data_size} bytes of data; "
                                   "the file is truncated or damaged")
             self.entries[name] = _Entry(dtype, shape, start + begin)
+        spans = sorted((begin, end, name) for name, _, _, begin, end in listed if end > begin)
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise SourceError(f"{path}: tensors {a} and {b} overlap (data_offsets "
+                                  f"{begin_b} < {end_a}); the file is damaged")
 
     def read_f32(self, e: _Entry, first: int, count: int, out: np.ndarray) -> None:
         """Elements [first, first + count) of tensor `e`, widened into float32 `out` (1-D)."""
@@ -220,7 +248,7 @@ class HFSource:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise MissingFileError(f"{self.path} has no config.json: not a Hugging Face model")
-        self.config: dict = json.loads(config_path.read_text())
+        self.config: dict = read_json(config_path)
         self._files: dict[Path, _Safetensors] = {}  # headers read so far
         self._lock = threading.Lock()
         self._where = self._index_tensors()  # tensor name -> shard file
@@ -234,7 +262,9 @@ class HFSource:
     def _index_tensors(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise SourceError(f"{index} has no weight_map")
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (self.path / s).is_file()]
             if missing:
@@ -290,8 +320,8 @@ class HFSource:
         only those rows are read from disk."""
         st, e = self._locate(name)
         if e.dtype not in _FLOAT_DTYPES | _FP8_DTYPES:
-            raise SourceError(f"tensor {name} is {e.dtype}; edgemoe reads F32, F16, BF16 and "
-                              "block-scaled FP8 (e4m3) checkpoints")
+            raise SourceError(f"{st.path}: tensor {name} is {e.dtype}; edgemoe reads F32, F16, "
+                              "BF16 and block-scaled FP8 (e4m3) checkpoints")
         if not e.shape:  # a scalar
             out = np.empty(1, np.float32)
             st.read_f32(e, 0, 1, out)
@@ -305,6 +335,7 @@ class HFSource:
             pos += count * per_row
         if e.dtype in _FP8_DTYPES:
             out = self._dequantize_fp8(name, out, None if rows is None else _row_ids(runs))
+        check_finite(out, name, st.path)
         return out[0] if drop else out
 
     def _dequantize_fp8(self, name: str, weight: np.ndarray,
@@ -334,7 +365,7 @@ class HFSource:
 
     def json_file(self, filename: str) -> dict | None:
         p = self.path / filename
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None
 
 
 # GGUF tensor types a source may hold: exact (F32, F16, BF16) or near-lossless (Q8_0).
@@ -358,6 +389,7 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise MissingFileError(f"{self.path} is not a file")
+        check_gguf(self.path)  # a damaged or hostile header fails here, bounded
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, OSError) as e:
@@ -431,4 +463,5 @@ class GGUFSource:
                                  t.data_offset + first * row_bytes)
             pos += count * row_bytes
         out = np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        check_finite(out, name, self.path)
         return out[0] if drop else out

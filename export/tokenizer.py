@@ -14,7 +14,6 @@ special_tokens_map.json, config.json and generation_config.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import gguf
 from gguf.gguf_writer import WriterState
+
+from .source import read_json
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,7 @@ class _Vocab:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path) if path.is_file() else None
 
 
 def _is_byte_level(tok_json: Mapping) -> bool:
