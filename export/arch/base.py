@@ -2,7 +2,9 @@
 
 An adapter is built from a config.json dict alone, so that it can list the GGUF tensors
 (shapes included) before any weight is read; `recipes()` then binds those tensors to the
-HF tensors of a real checkpoint, checking that every expert of every layer is there.
+HF tensors of a real checkpoint, checking that every expert of every layer is there. The
+config is parsed once, into `adapter.hp` (export.arch.hparams.HParams); the refusals of
+config options llama.cpp cannot reproduce read the config itself.
 """
 
 from __future__ import annotations
