@@ -219,23 +219,14 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
     of `search` ggml quantizations by output error (export.quantize.quantize_rows_searched);
     `search` 0 or 1 writes what llama-quantize writes with the same imatrix. `search_seed`
     fixes the search's random candidates (the same seed, the same bytes)."""
+    from export.options import export_options  # (belongs with the imports above)
+
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
-    imatrix, covariance = {}, {}
-    if stats is not None:
-        full = {r.spec.name: r.spec for r in model.recipes}
-        for r in recipes:
-            if not r.spec.quantizable:
-                continue
-            pick = list(kept[r.spec.layer]) if kept and r.spec.n_experts else None
-            im = importance(stats, full[r.spec.name])
-            if im is not None:
-                imatrix[r.spec.name] = im if pick is None else im[pick]
-            cov = stats.covariance(r.spec.name) if search > 1 else None
-            if cov is not None:
-                cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
-                covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
+    options = export_options(stats, model.recipes, recipes, kept, search=search,
+                             search_seed=search_seed, reuse=reuse, threads=threads,
+                             progress=progress)
 
     def metadata(w) -> None:
         w.add_name(source.name)
@@ -243,6 +234,4 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
         adapter.add_tokenizer(w, source)
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
-                      plan=plan, add_metadata=metadata, imatrix=imatrix or None,
-                      threads=threads, progress=progress, reuse=reuse,
-                      covariance=covariance or None, search=search, search_seed=search_seed)
+                      plan=plan, add_metadata=metadata, options=options)

@@ -2,8 +2,9 @@
 
 gguf-py can produce only a few types, so we call `ggml_quantize_chunk` in the
 `libggml-base` that llama-cpp-python ships (the same code llama-quantize runs) through
-ctypes. ctypes releases the GIL during the call, so a ThreadPoolExecutor quantizes row
-chunks and expert slices in parallel. Reading back goes through `gguf.quants.dequantize`.
+ctypes (`export.ggml` loads it). ctypes releases the GIL during the call, so a
+ThreadPoolExecutor quantizes row chunks and expert slices in parallel. Reading back goes
+through `gguf.quants.dequantize`.
 
 Every quantizer in ggml works row by row (each row sees only its own values and the
 imatrix), so splitting a matrix into row chunks never changes the bytes.
@@ -15,14 +16,8 @@ under the inputs' measured covariance. The bytes are still ggml's, of the same t
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import logging
 import os
-import sys
-import threading
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -30,144 +25,18 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from memory_planner.quant_types import qtype, tensor_nbytes
 
-log = logging.getLogger(__name__)
-
-PINNED_RUNTIME = "llama-cpp-python==0.3.36"
-
-# The target types `ggml_quantize_chunk` handles (its switch in ggml/src/ggml.c) that gguf-py
-# also knows. Q8_1 and Q8_K exist only as matmul scratch types: ggml aborts on them.
-QUANTIZABLE: frozenset[str] = frozenset({
-    "F32", "F16", "BF16",
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q1_0", "MXFP4", "NVFP4",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
-    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
-})
+from .ggml import (
+    GGMLLibraryError,
+    QuantizeError,
+    checked_type,
+    ggml_library_path,  # noqa: F401  (edgemoe.hooks finds the library here)
+    init_type,
+    library,
+)
 
 # Rows are handed to threads in chunks of at least this many weights, so that the Python
 # overhead per task (~20 us) stays small next to even the fastest type (Q8_0, ~1 ns/weight).
 MIN_CHUNK_ELEMENTS = 1 << 18
-
-
-class GGMLLibraryError(RuntimeError):
-    """libggml-base is missing, lacks a symbol, or disagrees with gguf-py's type table."""
-
-
-class QuantizeError(ValueError):
-    """Input that ggml cannot quantize: unsupported type, bad row length, missing imatrix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading libggml-base (once, lazily, thread-safe)
-# ---------------------------------------------------------------------------------------------
-
-# Prefer the soname libllama links against: llama-cpp-python's wheel ships the library as
-# separate file copies, and loading another copy would give a second ggml with its own IQ
-# tables (seconds to build) instead of sharing llama_model_quantize's.
-_LIB_NAMES = {
-    "linux": ("libggml-base.so.0", "libggml-base.so"),
-    "darwin": ("libggml-base.0.dylib", "libggml-base.dylib"),
-    "win32": ("ggml-base.dll",),
-}
-
-# name -> (restype, argtypes)
-_SIGNATURES = {
-    "ggml_quantize_chunk": (ctypes.c_size_t, [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-    ]),
-    "ggml_quantize_init": (None, [ctypes.c_int]),
-    "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
-    "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
-    "ggml_row_size": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
-    "ggml_blck_size": (ctypes.c_int64, [ctypes.c_int]),
-}
-
-_lib: ctypes.CDLL | None = None
-_lib_lock = threading.Lock()
-_checked_types: set[int] = set()  # sizes agree between gguf-py and ggml
-_ready_types: set[int] = set()  # ggml_quantize_init done
-_init_lock = threading.Lock()
-
-
-def ggml_library_path() -> Path:
-    """Where llama-cpp-python keeps libggml-base (found without importing llama_cpp)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise GGMLLibraryError(
-            f"llama_cpp is not installed; edgemoe needs `pip install {PINNED_RUNTIME}` "
-            "for ggml's quantizer"
-        )
-    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    names = _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
-    return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[-1])
-
-
-def _library() -> ctypes.CDLL:
-    global _lib
-    if _lib is not None:
-        return _lib
-    with _lib_lock:
-        if _lib is None:
-            _lib = _load(ggml_library_path())
-    return _lib
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    if not path.is_file():
-        raise GGMLLibraryError(f"{path} not found; reinstall {PINNED_RUNTIME}")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise GGMLLibraryError(f"cannot load {path} ({e}); reinstall {PINNED_RUNTIME}") from e
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            raise GGMLLibraryError(
-                f"{path} does not export {name}; edgemoe is pinned to {PINNED_RUNTIME}"
-            ) from None
-        fn.restype, fn.argtypes = restype, argtypes
-    log.debug("loaded %s", path)
-    return lib
-
-
-def _checked_type(type_name: str) -> GGMLQuantizationType:
-    """The type, after checking ggml can quantize it and agrees with gguf-py on its layout."""
-    t = qtype(type_name)
-    if t.name not in QUANTIZABLE:
-        raise QuantizeError(
-            f"ggml cannot quantize to {t.name}; quantizable: {', '.join(sorted(QUANTIZABLE))}"
-        )
-    if t.value in _checked_types:
-        return t
-    lib = _library()
-    # gguf-py and ggml must agree on the enum value and the block layout, or every size we
-    # compute (and every file we write) would be wrong
-    blck, size = GGML_QUANT_SIZES[t]
-    got = (lib.ggml_blck_size(t.value), lib.ggml_row_size(t.value, blck))
-    if got != (blck, size):
-        raise GGMLLibraryError(
-            f"{t.name}: gguf-py says block {blck} / {size} bytes, ggml says "
-            f"{got[0]} / {got[1]}; install matching gguf and {PINNED_RUNTIME}"
-        )
-    _checked_types.add(t.value)
-    return t
-
-
-def _init_type(t: GGMLQuantizationType) -> None:
-    # Builds ggml's lattice tables for IQ types: seconds for IQ1_*/IQ2_*, once per process.
-    if t.value in _ready_types:
-        return
-    with _init_lock:
-        if t.value not in _ready_types:
-            _library().ggml_quantize_init(t.value)
-            _ready_types.add(t.value)
-
-
-def requires_imatrix(type_name: str) -> bool:
-    """True when ggml refuses to quantize this type without an importance matrix."""
-    t = _checked_type(type_name)
-    return bool(_library().ggml_quantize_requires_imatrix(t.value))
 
 
 def default_threads() -> int:
@@ -215,7 +84,7 @@ def _validate(t: GGMLQuantizationType, n_per_row: int, has_imatrix: bool) -> Non
             f"row length {n_per_row} is not a multiple of {t.name}'s block size {blck}; "
             "pick a legal type first (memory_planner.quant_types.legal_type)"
         )
-    if not has_imatrix and _library().ggml_quantize_requires_imatrix(t.value):
+    if not has_imatrix and library().ggml_quantize_requires_imatrix(t.value):
         raise QuantizeError(f"{t.name} requires an importance matrix (imatrix); none was given")
 
 
@@ -234,7 +103,7 @@ class _Job:
         self.row0, self.nrows = row0, nrows
 
     def __call__(self) -> None:
-        lib = _library()
+        lib = library()
         n_per_row = self.src.shape[-1]
         row_size = self.dst.shape[-1]
         # some IQ searches GGML_ASSERT on NaN and would abort the process; llama-quantize
@@ -290,13 +159,13 @@ def quantize_rows(data: np.ndarray, type_name: str, imatrix: np.ndarray | None =
     that same executor: waiting for its own pool could deadlock.
     """
     _check_executor(executor)
-    t = _checked_type(type_name)
+    t = checked_type(type_name)
     src = _as_rows(data, 2)
     n_rows, n_per_row = src.shape
     if imatrix is not None:
         imatrix = _check_imatrix(imatrix, n_per_row, t.name)
     _validate(t, n_per_row, imatrix is not None)
-    _init_type(t)
+    init_type(t)
     nbytes = tensor_nbytes(src.size, n_per_row, t.name)
     out = np.empty((n_rows, nbytes // max(n_rows, 1)), dtype=np.uint8)
     if n_rows:
@@ -313,7 +182,7 @@ def quantize_expert_slices(data: np.ndarray, type_name: str, imatrix: np.ndarray
     is the experts' bytes concatenated in order (flat uint8).
     """
     _check_executor(executor)
-    t = _checked_type(type_name)
+    t = checked_type(type_name)
     src = _as_rows(data, 3)
     n_expert, n_rows, n_per_row = src.shape
     rows: list[np.ndarray | None] = [None] * n_expert
@@ -329,7 +198,7 @@ def quantize_expert_slices(data: np.ndarray, type_name: str, imatrix: np.ndarray
                 f"expected ({n_expert}, {n_per_row}) or ({n_per_row},)"
             )
     _validate(t, n_per_row, imatrix is not None)
-    _init_type(t)
+    init_type(t)
     nbytes = tensor_nbytes(src.size, n_per_row, t.name)
     row_size = nbytes // max(n_expert * n_rows, 1)
     out = np.empty((n_expert, n_rows, row_size), dtype=np.uint8)
@@ -480,7 +349,7 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
     any other, never worse on that error than plain `quantize_rows` with the imatrix. Rows
     are chosen independently, so the bytes do not depend on how rows are split into calls.
     """
-    t = _checked_type(type_name)
+    t = checked_type(type_name)
     src = _as_rows(data, 2)
     n_rows, n_per_row = src.shape
     b = cov_block(n_per_row)

@@ -26,6 +26,7 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
+from .options import ExportOptions
 from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
 
 log = logging.getLogger(__name__)
@@ -120,26 +121,12 @@ def write_gguf(
     source,
     plan: MemoryPlan,
     add_metadata: Callable[[gguf.GGUFWriter], None],
-    imatrix: Mapping[str, np.ndarray] | None = None,
-    threads: int | None = None,
-    progress: bool = True,
-    reuse: str | Path | None = None,
-    covariance: Mapping[str, np.ndarray] | None = None,
-    search: int = 0,
-    search_seed: int = 0,
+    options: ExportOptions,
 ) -> Path:
-    """Write `recipes` quantized as `plan` says; returns the final path.
+    """Write `recipes` quantized as `plan` says, as `options` say (statistics, search,
+    threads, reuse, progress: `export.options.ExportOptions`); returns the final path.
 
-    `add_metadata` fills the KV section (hyperparameters, tokenizer, names). `imatrix` maps
-    a GGUF tensor name to its importance matrix (n_per_row, or n_expert x n_per_row).
-    `reuse` is an earlier export of the same source with the same statistics: tensors it
-    holds with the same name, shape and type are copied from it instead of being read and
-    quantized again (the sensitivity probes change one group of tensors at a time).
-    `covariance` maps a tensor name to its inputs' second moments ((n_blocks, B, B), or one
-    per expert; an expert tensor's single one is shared, each expert scaling its
-    correlations by its own imatrix row); with `search` > 1 those tensors' rows are each the
-    best of `search` ggml quantizations by output error (`quantize_rows_searched`, whose
-    random candidates `search_seed` fixes).
+    `add_metadata` fills the KV section (hyperparameters, tokenizer, names).
     """
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")
@@ -160,7 +147,10 @@ def write_gguf(
                           raw_dtype=qtype(tp.type))
         infos.append((r.spec.name, tp.nbytes))
 
-    threads = threads or default_threads()
+    # the options the data loop below reads
+    imatrix, covariance, reuse = options.imatrix, options.covariance, options.reuse
+    search, search_seed, progress = options.search, options.search_seed, options.progress
+    threads = options.threads or default_threads()
     block = max([MIN_BLOCK_ELEMENTS] + [math.prod(r.spec.shape[1:]) for r in recipes
                                         if r.spec.n_experts])
     total = sum(n for _, n in infos)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .types import TensorSpec
+
 
 @dataclass(frozen=True)
 class ExpertStats:
@@ -78,6 +80,18 @@ class CalibStats:
         c = self.counts[name].reshape(-1, 1).astype(np.float64)
         out = np.where(c > 0, s / np.maximum(c, 1), 1.0)
         return out.astype(np.float32)
+
+    def importance_for(self, spec: TensorSpec) -> np.ndarray | None:
+        """The imatrix of a tensor shaped for it: (n_expert, n_per_row) for a stacked expert
+        tensor (one row shared by all experts when only one was measured), else
+        (n_per_row,); None when not measured."""
+        im = self.importance(spec.name)
+        if im is None:
+            return None
+        im = im.reshape(-1, spec.row_length)
+        if spec.n_experts:
+            return np.broadcast_to(im, (spec.n_experts, spec.row_length)) if len(im) == 1 else im
+        return im[0]
 
     def covariance(self, name: str) -> np.ndarray | None:
         """Mean input second moment per matrix, (n_mat, n_blocks, B, B), float32.

@@ -10,13 +10,26 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PLAN_FORMAT = "edgemoe.plan/1"
 
+R = TypeVar("R", bound="_FlatRecord")
+
+
+class _FlatRecord:
+    """The JSON round trip of a frozen dataclass whose fields are all JSON values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
+        return cls(**d)
+
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(_FlatRecord):
     """One GGUF tensor as the planner sees it, before any type is chosen."""
 
     name: str  # GGUF name, e.g. "blk.3.ffn_gate_exps.weight"
@@ -48,7 +61,7 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(_FlatRecord):
     """The memory cap and everything that must fit under it besides the weights."""
 
     cap_bytes: int
@@ -62,16 +75,9 @@ class Budget:
     def weight_bytes_available(self) -> int:
         return self.cap_bytes - self.kv_bytes - self.compute_bytes - self.reserve_bytes
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Budget:
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class TensorPlan:
+class TensorPlan(_FlatRecord):
     """The decision for one tensor: its GGUF type and exact byte size."""
 
     name: str
@@ -84,13 +90,6 @@ class TensorPlan:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.n_elements
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorPlan:
-        return cls(**d)
 
 
 @dataclass(frozen=True)

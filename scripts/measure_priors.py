@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.quantize import relative_error, requires_imatrix  # noqa: E402
+from export.ggml import requires_imatrix  # noqa: E402
+from export.quantize import relative_error  # noqa: E402
 
 TYPES = (
     "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS",

@@ -2,15 +2,16 @@
 
 An adapter is built from a config.json dict alone, so that it can list the GGUF tensors
 (shapes included) before any weight is read; `recipes()` then binds those tensors to the
-HF tensors of a real checkpoint, checking that every expert of every layer is there.
+HF tensors of a real checkpoint, checking that every expert of every layer is there. The
+config is parsed once, into `adapter.hp` (export.arch.hparams.HParams); the refusals of
+config options llama.cpp cannot reproduce read the config itself.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import gguf
@@ -20,78 +21,14 @@ from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from ..tokenizer import add_tokenizer
+from .hparams import HParams, UnsupportedModelError, hparams_from_config, rope_type
+from .recipe import TensorRecipe, Transform
 
 log = logging.getLogger(__name__)
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint uses an architecture or an option edgemoe cannot export."""
-
-
 class IncompleteCheckpointError(ValueError):
     """Tensors the architecture needs are missing from the checkpoint."""
-
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class TensorRecipe:
-    """How to build one GGUF tensor from source tensors.
-
-    Stacked expert tensors come either from one source tensor per output expert (`hf_names`
-    holds one name per expert, in output order: HF checkpoints) or, with `stacked`, from one
-    stacked source tensor whose first axis is the expert (a GGUF source); `rows` then names
-    the source expert of each output expert. For other tensors `hf_names` is a single name
-    and `rows` selects rows of its first axis (router rows, correction-bias entries of kept
-    experts). `transform` is applied to each loaded slice (rope permutation, the split of a
-    fused tensor); `hf_shape` is the shape the source tensor must have when it is not the
-    GGUF tensor's own.
-    """
-
-    spec: TensorSpec
-    hf_names: tuple[str, ...]
-    rows: tuple[int, ...] | None = None
-    transform: Transform | None = None
-    hf_shape: tuple[int, ...] | None = None
-    stacked: bool = False
-
-    @property
-    def source_shape(self) -> tuple[int, ...]:
-        """The shape each source tensor named in `hf_names` must have."""
-        if self.hf_shape is not None:
-            return tuple(self.hf_shape)
-        if self.spec.n_experts and not self.stacked:
-            return tuple(self.spec.shape[1:])
-        return tuple(self.spec.shape)
-
-    def load(self, source) -> np.ndarray:
-        """The whole GGUF tensor as float32, in GGUF (numpy) orientation."""
-        if self.spec.n_experts:
-            return np.stack([self.load_expert(source, e) for e in range(self.spec.n_experts)])
-        a = source.load(self.hf_names[0], self.rows)
-        if self.transform is not None:
-            a = self.transform(a)
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    def load_rows(self, source, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (sorted) of a non-expert GGUF tensor as float32; only those are read
-        from disk unless a transform needs the whole tensor."""
-        if self.spec.n_experts or self.transform is not None:
-            return self.load(source)[rows]
-        picked = rows if self.rows is None else np.asarray(self.rows)[rows]
-        a = source.load(self.hf_names[0], tuple(int(i) for i in picked))
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    def load_expert(self, source, e: int) -> np.ndarray:
-        """Expert slice `e` (output numbering) of a stacked tensor, 2-D float32."""
-        if self.stacked:
-            a = source.load(self.hf_names[0], e if self.rows is None else self.rows[e])
-        else:
-            a = source.load(self.hf_names[e])
-        if self.transform is not None:
-            a = self.transform(a)
-        return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def blk_spec(i: int, kind: str, shape: tuple[int, ...], quantizable: bool = True,
@@ -99,6 +36,14 @@ def blk_spec(i: int, kind: str, shape: tuple[int, ...], quantizable: bool = True
     """The spec of tensor `kind` of block i: "blk.{i}.{kind}.{suffix}"."""
     return TensorSpec(f"blk.{i}.{kind}.{suffix}", tuple(shape), kind, i, n_experts=n_experts,
                       quantizable=quantizable)
+
+
+def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from [first half | second half] (HF's rotate-half rope) to
+    interleaved pairs (llama.cpp's normal rope), as llama.cpp's converter does."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
 
 
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(.+?)(\.weight)?$")
@@ -113,107 +58,73 @@ class Adapter:
     ignored_tensors: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq$",)
     # non-stacked tensors whose first axis is the expert: their rows follow the kept experts
     expert_row_kinds: ClassVar[tuple[str, ...]] = ("ffn_gate_inp",)
+    # the config key of the routed experts' FFN width
+    expert_ff_key: ClassVar[str] = "moe_intermediate_size"
 
     def __init__(self, config: dict):
         self.config = config
+        self.hp = self.parse(config)
         self.check_supported()
 
-    # ---- hyperparameters; subclasses override where the config spells things differently
-    def cfg(self, *keys: str, default=None):
-        """The first of `keys` present in the config (or its text_config)."""
-        for src in (self.config, self.config.get("text_config") or {}):
-            for k in keys:
-                if k in src and src[k] is not None:
-                    return src[k]
-        if default is not None:
-            return default
-        raise UnsupportedModelError(f"config.json has none of {', '.join(keys)}")
+    @classmethod
+    def parse(cls, config: dict) -> HParams:
+        """The hyperparameters from config.json; families add or override fields."""
+        return HParams(**hparams_from_config(config, cls.expert_ff_key))
+
+    # the hyperparameters the pipeline reads from an adapter (all of them: `hp`)
+    n_layer = property(lambda self: self.hp.n_layer)
+    n_vocab = property(lambda self: self.hp.n_vocab)
+    n_expert = property(lambda self: self.hp.n_expert)
+    n_expert_used = property(lambda self: self.hp.n_expert_used)
+    n_expert_groups = property(lambda self: self.hp.n_expert_groups)
 
     @property
     def arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
-    @property
-    def n_layer(self) -> int:
-        return int(self.cfg("num_hidden_layers"))
-
-    @property
-    def n_embd(self) -> int:
-        return int(self.cfg("hidden_size"))
-
-    @property
-    def n_head(self) -> int:
-        return int(self.cfg("num_attention_heads"))
-
-    @property
-    def n_head_kv(self) -> int:
-        return int(self.cfg("num_key_value_heads", default=self.n_head))
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.cfg("head_dim", default=self.n_embd // self.n_head))
-
-    @property
-    def n_vocab(self) -> int:
-        return int(self.cfg("vocab_size"))
-
-    @property
-    def n_expert(self) -> int:
-        return int(self.cfg("num_experts", "num_local_experts", "n_routed_experts"))
-
-    @property
-    def n_expert_used(self) -> int:
-        return int(self.cfg("num_experts_per_tok"))
-
-    @property
-    def rope_theta(self) -> float:
-        params = self.config.get("rope_parameters") or {}
-        return float(params.get("rope_theta") or self.cfg("rope_theta", default=10000.0))
-
-    @property
-    def rms_eps(self) -> float:
-        return float(self.cfg("rms_norm_eps"))
-
-    @property
-    def n_expert_groups(self) -> int:
-        """Routing groups of group-limited routing (DeepSeek-V3: 8); 1 when there are none.
-        llama.cpp splits the experts of a file into this many equal groups, in order, so a
-        pruned file must keep a multiple of it, ideally the same number from each group."""
-        return 1
-
-    @property
-    def shared_ff(self) -> int:
-        """Width of the always-active shared expert(s) beside the routed ones (0: none)."""
-        return 0
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
-
+    # ---- refusals of config options llama.cpp cannot reproduce
     def check_supported(self) -> None:
         """Raise UnsupportedModelError for config options llama.cpp cannot reproduce."""
-        params = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
-        rope_type = params.get("rope_type") or params.get("type") or "default"
-        if rope_type != "default":
+        self.refuse_rope_scaling()
+        self.refuse_more_used_than_experts()
+
+    def refuse_rope_scaling(self, allowed: tuple[str, ...] = ("default",), why: str = "") -> None:
+        """Refuse rope scaling other than `allowed`; `why` says what llama.cpp takes."""
+        kind = rope_type(self.config)
+        if kind not in allowed:
+            said = f"by edgemoe's {self.model_type} adapter"
+            raise UnsupportedModelError(f"rope scaling {kind!r} is not supported "
+                                        + (f"{said} ({why})" if why else f"yet {said}"))
+
+    def refuse_more_used_than_experts(self) -> None:
+        if self.hp.n_expert_used > self.hp.n_expert:
+            raise UnsupportedModelError(f"num_experts_per_tok {self.hp.n_expert_used} > number "
+                                        f"of experts {self.hp.n_expert}")
+
+    def refuse_topk_norm(self, llama_renormalises: bool) -> None:
+        """Refuse a `norm_topk_prob` that is not what llama.cpp hard-codes for the arch."""
+        if bool(self.config.get("norm_topk_prob", False)) != llama_renormalises:
             raise UnsupportedModelError(
-                f"rope scaling {rope_type!r} is not supported yet by edgemoe's {self.model_type} "
-                "adapter"
-            )
-        if self.n_expert_used > self.n_expert:
+                f"{self.model_type} with norm_topk_prob={str(not llama_renormalises).lower()}: "
+                f"llama.cpp's {self.arch_name} {'always' if llama_renormalises else 'never'} "
+                "renormalises the top-k routing weights, so its output would differ from the "
+                "checkpoint")
+
+    def refuse_dense_layers(self) -> None:
+        """Refuse dense blocks between MoE ones (Qwen's mlp_only_layers / decoder_sparse_step)."""
+        if self.config.get("mlp_only_layers") or self.config.get("decoder_sparse_step", 1) != 1:
             raise UnsupportedModelError(
-                f"num_experts_per_tok {self.n_expert_used} > number of experts {self.n_expert}"
-            )
+                f"{self.model_type} with dense layers (mlp_only_layers / decoder_sparse_step) "
+                "has no llama.cpp equivalent")
 
     # ---- GGUF tensors
-    def expert_ff(self) -> int:
-        raise NotImplementedError
-
     def tensor_specs(self, n_experts_kept: int | None = None) -> list[TensorSpec]:
         """Every GGUF tensor, from the config alone, in file order."""
-        E = n_experts_kept or self.n_expert
-        d, hd, ff = self.n_embd, self.head_dim, self.expert_ff()
-        specs = [TensorSpec("token_embd.weight", (self.n_vocab, d), "token_embd")]
-        for i in range(self.n_layer):
+        hp = self.hp
+        E = n_experts_kept or hp.n_expert
+        d, hd, ff = hp.n_embd, hp.head_dim, hp.expert_ff
+        specs = [TensorSpec("token_embd.weight", (hp.n_vocab, d), "token_embd")]
+        for i in range(hp.n_layer):
             specs += [
                 TensorSpec(f"blk.{i}.{kind}.weight", shape, kind, i, quantizable=q)
                 for kind, shape, q in self.layer_tensors(i, d, hd, ff, E)
@@ -225,13 +136,13 @@ class Adapter:
                 )
             ]
         specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not self.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (self.n_vocab, d), "output"))
+        if not hp.tied_embeddings:
+            specs.append(TensorSpec("output.weight", (hp.n_vocab, d), "output"))
         return specs
 
     def layer_tensors(self, i: int, d: int, hd: int, ff: int, n_expert: int):
         """(kind, shape, quantizable) of the non-expert tensors of block i."""
-        qd, kvd = self.n_head * hd, self.n_head_kv * hd
+        qd, kvd = self.hp.n_head * hd, self.hp.n_head_kv * hd
         return [
             ("attn_norm", (d,), False),
             ("attn_q", (qd, d), True),
@@ -266,7 +177,7 @@ class Adapter:
         `kept_experts` maps a layer to the source expert ids it keeps (pruning); layers not
         named keep all experts.
         """
-        tmap = gguf.get_tensor_name_map(self.arch, self.n_layer)
+        tmap = gguf.get_tensor_name_map(self.arch, self.hp.n_layer)
         direct: dict[str, str] = {}  # gguf name -> hf name
         experts: dict[str, dict[int, str]] = {}  # gguf stacked name -> expert id -> hf name
         unknown = []
@@ -294,11 +205,11 @@ class Adapter:
         kept, E_out = self._kept(kept_experts)
         out, missing = [], []
         for spec in self.tensor_specs(E_out):
-            ids = kept.get(spec.layer, tuple(range(self.n_expert))) if spec.layer is not None \
+            ids = kept.get(spec.layer, tuple(range(self.hp.n_expert))) if spec.layer is not None \
                 else None
             if spec.n_experts:
                 have = experts.get(spec.name, {})
-                lack = [e for e in range(self.n_expert) if e not in have]
+                lack = [e for e in range(self.hp.n_expert) if e not in have]
                 if lack:
                     missing.append(f"{spec.name} experts {_ranges(lack)}")
                     continue
@@ -306,8 +217,8 @@ class Adapter:
                 out.append(TensorRecipe(spec, names, transform=self.transform_for(spec.name)))
             elif spec.name in direct:
                 rows = hf_shape = None
-                if spec.kind in self.expert_row_kinds and E_out != self.n_expert:
-                    rows, hf_shape = ids, (self.n_expert, *spec.shape[1:])
+                if spec.kind in self.expert_row_kinds and E_out != self.hp.n_expert:
+                    rows, hf_shape = ids, (self.hp.n_expert, *spec.shape[1:])
                 out.append(TensorRecipe(spec, (direct[spec.name],), rows=rows,
                                         transform=self.transform_for(spec.name),
                                         hf_shape=hf_shape))
@@ -332,17 +243,17 @@ class Adapter:
         for i, ids in kept.items():
             if i not in self.moe_layers():
                 raise ValueError(f"layer {i} has no experts to prune")
-            bad = [e for e in ids if not 0 <= e < self.n_expert]
+            bad = [e for e in ids if not 0 <= e < self.hp.n_expert]
             if bad or len(set(ids)) != len(ids):
                 raise ValueError(f"layer {i}: kept experts {list(ids)} must be distinct ids "
-                                 f"below {self.n_expert}")
-        E = n_kept.pop() if n_kept else self.n_expert
-        G = self.n_expert_groups
+                                 f"below {self.hp.n_expert}")
+        E = n_kept.pop() if n_kept else self.hp.n_expert
+        G = self.hp.n_expert_groups
         if kept and E % G:
             raise ValueError(f"{E} experts per layer cannot be split into the model's {G} "
                              f"routing groups: keep a multiple of {G}")
         if kept and G > 1:
-            size = self.n_expert // G
+            size = self.hp.n_expert // G
             for i, ids in kept.items():
                 per_group = [sum(1 for e in ids if e // size == g) for g in range(G)]
                 if set(per_group) != {E // G} or list(ids) != sorted(ids):
@@ -354,26 +265,47 @@ class Adapter:
 
     def moe_layers(self) -> list[int]:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
-        return list(range(self.n_layer))
+        return list(range(self.hp.n_layer))
 
     # ---- memory the runtime needs besides weights
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
-        """llama.cpp's KV cache for `ctx` tokens: K and V rows of every layer."""
-        per_token = self.n_layer * self.n_head_kv * (self.head_dim + self.head_dim)
+        """llama.cpp's KV cache for `ctx` tokens: K and V rows of every layer.
+
+        With latent attention (MLA: one KV head of kv_lora_rank + qk_rope_dim) the cache is
+        K-only (llama_kv_cache allocates no V tensor when is_mla()); V is a view of the first
+        kv_lora_rank columns of K.
+        """
+        hp = self.hp
+        v = 0 if hp.is_mla else hp.value_dim
+        per_token = hp.n_layer * hp.n_head_kv * (hp.head_dim + v)
         return int(round(per_token * ctx * kv_bytes_per_element(kv_type)))
 
     def compute_bytes(self, ctx: int, n_ubatch: int = 512) -> int:
-        """A generous estimate of llama.cpp's CPU compute buffer for one micro-batch.
+        """A generous estimate of llama.cpp's CPU compute buffer for one micro-batch, without
+        flash attention.
 
-        The largest live tensors of a forward pass: F32 logits, the attention score matrix
-        (no flash attention), the expert FFN activations and a few residual-stream copies.
+        The largest live tensors of a forward pass: F32 logits, the attention score matrix,
+        the expert FFN activations and a few residual-stream copies. Absorbed MLA attends
+        with n_head rows of kv_lora_rank + qk_rope (576 for V3) per token, so its attention
+        peak is the score matrix and its mask (n_head + 1 rows of ctx per token) plus about
+        three latent-width activations (Q, the absorbed q_nope and the attention output over
+        the latent); the logits and FFN come after the attention buffers are freed, so the
+        peak is the larger of the two, plus residual-stream copies. Measured for a V3-width
+        model (2 layers) in llama-cpp-python 0.3.36: 969 MB at ctx 2048 and 2.59 GB at ctx
+        8192, where this gives 1.11 GB and 2.74 GB.
         """
+        hp = self.hp
         ub = min(n_ubatch, ctx)
-        logits = ub * self.n_vocab * 4
-        scores = ub * ctx * self.n_head * 4
-        ffn = ub * (self.n_expert_used * self.expert_ff() + self.shared_ff) * 4 * 3 \
-            + ub * self.n_expert * 4 * 4
-        stream = ub * max(self.n_embd, self.n_head * self.head_dim) * 4 * 8
+        logits = ub * hp.n_vocab * 4
+        moe = hp.n_expert_used * hp.expert_ff + hp.shared_ff
+        if hp.is_mla:
+            latent = hp.n_head * (hp.kv_lora_rank + hp.qk_rope_dim)
+            attention = ub * ctx * (hp.n_head + 1) * 4 + ub * latent * 4 * 3
+            ffn = ub * max(hp.dense_ff, moe) * 4 * 3 + ub * hp.n_expert * 4 * 4
+            return max(attention, logits + ffn) + ub * hp.n_embd * 4 * 8
+        scores = ub * ctx * hp.n_head * 4
+        ffn = ub * moe * 4 * 3 + ub * hp.n_expert * 4 * 4
+        stream = ub * max(hp.n_embd, hp.n_head * hp.head_dim) * 4 * 8
         return logits + scores + ffn + stream
 
     # ---- metadata
@@ -384,20 +316,21 @@ class Adapter:
     def add_common_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """The keys every MoE architecture here writes alike: sizes, heads, rope base, norm
         epsilon, and the expert counts (after pruning)."""
-        E = n_experts_kept or self.n_expert
-        w.add_context_length(int(self.cfg("max_position_embeddings")))
-        w.add_embedding_length(self.n_embd)
-        w.add_block_count(self.n_layer)
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_rope_freq_base(self.rope_theta)
-        w.add_layer_norm_rms_eps(self.rms_eps)
+        hp = self.hp
+        E = n_experts_kept or hp.n_expert
+        w.add_context_length(hp.context_length)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_rope_freq_base(hp.rope_theta)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
         w.add_expert_count(E)
-        w.add_expert_used_count(min(self.n_expert_used, E))
+        w.add_expert_used_count(min(hp.n_expert_used, E))
 
     def add_tokenizer(self, w: gguf.GGUFWriter, source) -> None:
         """The tokenizer keys: from the HF checkpoint's tokenizer files by default."""
-        add_tokenizer(w, source.path, vocab_size=self.n_vocab)
+        add_tokenizer(w, source.path, vocab_size=self.hp.n_vocab)
 
 
 def _ranges(ids: list[int]) -> str:

@@ -15,11 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import gguf
 from gguf.gguf_writer import GGUFValue
 
-from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from .base import Adapter, IncompleteCheckpointError, TensorRecipe, UnsupportedModelError
-from .deepseek2 import DeepseekV3Adapter
+from .hparams import HParams
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _PLAIN_RE = re.compile(r"^(.+)\.(weight|bias)$")
@@ -43,6 +42,56 @@ def _kind(name: str) -> tuple[str, int | None]:
     return (m.group(1) if m else name), None
 
 
+def gguf_hparams(arch_name: str, values: Mapping, shapes: Mapping[str, tuple[int, ...]]
+                 ) -> HParams:
+    """The hyperparameters of a GGUF from its `{arch}.*` keys (`values`: key -> value) and
+    its tensor shapes (which give the FFN widths where the file has the tensors)."""
+
+    def key(suffix: str, default=None, required: bool = True):
+        """`{arch}.{suffix}`; arrays (per-layer values) give their maximum."""
+        v = values.get(f"{arch_name}.{suffix}")
+        if v is None:
+            if default is not None or not required:
+                return default
+            raise UnsupportedModelError(f"the GGUF has no {arch_name}.{suffix}")
+        return max(v) if isinstance(v, list) else v
+
+    def width(kind: str, axis: int) -> int | None:
+        return next((s[axis] for n, s in shapes.items() if _kind(n)[0] == kind), None)
+
+    def optional(suffix: str, cast):
+        v = key(suffix, required=False)
+        return None if v is None else cast(v)
+
+    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", default=n_embd // n_head))
+    expert_ff = width("ffn_up_exps", 1)
+    mla = f"{arch_name}.attention.kv_lora_rank" in values
+    return HParams(
+        n_layer=int(key("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(key("attention.head_count_kv", default=n_head)),
+        head_dim=head_dim,
+        value_dim=int(key("attention.value_length", default=head_dim)),
+        n_vocab=(shapes["token_embd.weight"][0] if "token_embd.weight" in shapes
+                 else int(key("vocab_size"))),
+        n_expert=int(key("expert_count", default=0)),
+        n_expert_used=int(key("expert_used_count", default=0)),
+        expert_ff=expert_ff if expert_ff is not None else int(
+            key("expert_feed_forward_length", default=key("feed_forward_length"))),
+        dense_ff=int(key("feed_forward_length", default=0)),
+        shared_ff=width("ffn_up_shexp", 0) or 0,
+        n_expert_groups=int(key("expert_group_count", default=1)),
+        tied_embeddings="output.weight" not in shapes,
+        kv_lora_rank=int(key("attention.kv_lora_rank")) if mla else 0,
+        qk_rope_dim=int(key("rope.dimension_count")) if mla else 0,
+        context_length=optional("context_length", int),
+        rope_theta=optional("rope.freq_base", float),
+        rms_eps=optional("attention.layer_norm_rms_epsilon", float),
+    )
+
+
 class GGUFAdapter(Adapter):
     """Any architecture llama.cpp knows, read from a GGUF's metadata (`{arch}.*` keys)."""
 
@@ -52,130 +101,41 @@ class GGUFAdapter(Adapter):
         """`metadata`: every key with its GGUF type; `shapes`: tensor name -> numpy shape, in
         file order."""
         self.metadata = dict(metadata)
-        self.config = {k: v.value for k, v in self.metadata.items()}
         self.shapes = {n: tuple(s) for n, s in shapes.items()}
-        name = self.config.get(gguf.Keys.General.ARCHITECTURE)
+        values = {k: v.value for k, v in self.metadata.items()}
+        name = values.get(gguf.Keys.General.ARCHITECTURE)
         if name is None:
             raise UnsupportedModelError("the GGUF has no general.architecture")
-        self._arch_name = str(name)
         by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-        self.arch = by_name.get(self._arch_name)
+        self.arch = by_name.get(str(name))
         if self.arch is None:
-            raise UnsupportedModelError(f"GGUF architecture {self._arch_name!r} is unknown to "
+            raise UnsupportedModelError(f"GGUF architecture {str(name)!r} is unknown to "
                                         "the installed gguf-py")
+        self.hp = gguf_hparams(self.arch_name, values, self.shapes)
         self.check_supported()
 
     @classmethod
     def from_source(cls, source) -> GGUFAdapter:
         return cls(source.metadata, {n: source.shape(n) for n in source.names})
 
-    # ---- hyperparameters, from `{arch}.*` keys
-    @property
-    def arch_name(self) -> str:
-        return self._arch_name
-
-    def key(self, suffix: str, default=None):
-        """The value of `{arch}.{suffix}`; arrays (per-layer values) give their maximum."""
-        v = self.config.get(f"{self._arch_name}.{suffix}")
-        if v is None:
-            if default is not None:
-                return default
-            raise UnsupportedModelError(f"the GGUF has no {self._arch_name}.{suffix}")
-        return max(v) if isinstance(v, list) else v
-
-    @property
-    def n_layer(self) -> int:
-        return int(self.key("block_count"))
-
-    @property
-    def n_embd(self) -> int:
-        return int(self.key("embedding_length"))
-
-    @property
-    def n_head(self) -> int:
-        return int(self.key("attention.head_count"))
-
-    @property
-    def n_head_kv(self) -> int:
-        return int(self.key("attention.head_count_kv", default=self.n_head))
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.key("attention.key_length", default=self.n_embd // self.n_head))
-
-    @property
-    def value_dim(self) -> int:
-        return int(self.key("attention.value_length", default=self.head_dim))
-
-    @property
-    def n_vocab(self) -> int:
-        if "token_embd.weight" in self.shapes:
-            return self.shapes["token_embd.weight"][0]
-        return int(self.key("vocab_size"))
-
-    @property
-    def n_expert(self) -> int:
-        return int(self.key("expert_count", default=0))
-
-    @property
-    def n_expert_used(self) -> int:
-        return int(self.key("expert_used_count", default=0))
-
-    @property
-    def n_expert_groups(self) -> int:
-        return int(self.key("expert_group_count", default=1))
-
-    def expert_ff(self) -> int:
-        for name, shape in self.shapes.items():
-            if _kind(name)[0] == "ffn_up_exps":
-                return shape[1]
-        return int(self.key("expert_feed_forward_length", default=self.key("feed_forward_length")))
-
-    @property
-    def shared_ff(self) -> int:
-        for name, shape in self.shapes.items():
-            if _kind(name)[0] == "ffn_up_shexp":
-                return shape[0]
-        return 0
-
-    # ---- DeepSeek-style latent attention (MLA): llama.cpp caches K only
-    @property
-    def is_mla(self) -> bool:
-        return f"{self._arch_name}.attention.kv_lora_rank" in self.config
-
-    @property
-    def kv_lora_rank(self) -> int:
-        return int(self.key("attention.kv_lora_rank"))
-
-    @property
-    def qk_rope_dim(self) -> int:
-        return int(self.key("rope.dimension_count"))
-
-    @property
-    def n_shared(self) -> int:
-        return int(self.key("expert_shared_count", default=0))
-
-    @property
-    def dense_ff(self) -> int:
-        return int(self.key("feed_forward_length", default=0))
-
     def check_supported(self) -> None:
-        if self.n_expert <= 0:
+        hp, arch = self.hp, self.arch_name
+        if hp.n_expert <= 0:
             raise UnsupportedModelError(
-                f"the GGUF ({self._arch_name}) has no {self._arch_name}.expert_count: edgemoe "
-                "exports mixture-of-experts models")
-        if not 0 < self.n_expert_used <= self.n_expert:
-            raise UnsupportedModelError(f"expert_used_count {self.n_expert_used} for "
-                                        f"{self.n_expert} experts")
+                f"the GGUF ({arch}) has no {arch}.expert_count: edgemoe exports "
+                "mixture-of-experts models")
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            raise UnsupportedModelError(f"expert_used_count {hp.n_expert_used} for "
+                                        f"{hp.n_expert} experts")
 
     # ---- GGUF tensors: the file's own, the expert axis resized when pruning
     def _is_expert_axis(self, name: str, shape: tuple[int, ...]) -> bool:
         kind = _kind(name)[0]
-        return bool(shape) and shape[0] == self.n_expert and (
+        return bool(shape) and shape[0] == self.hp.n_expert and (
             kind.endswith("_exps") or kind in _EXPERT_ROW_KINDS)
 
     def tensor_specs(self, n_experts_kept: int | None = None) -> list[TensorSpec]:
-        E = n_experts_kept or self.n_expert
+        E = n_experts_kept or self.hp.n_expert
         specs = []
         for name, shape in self.shapes.items():
             kind, layer = _kind(name)
@@ -212,24 +172,12 @@ class GGUFAdapter(Adapter):
                                             + ", ".join(missing[:8]))
         return out
 
-    # ---- memory the runtime needs besides weights
-    def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
-        """K and V rows of every layer; K only for latent attention (MLA)."""
-        v = 0 if self.is_mla else self.value_dim
-        per_token = self.n_layer * self.n_head_kv * (self.head_dim + v)
-        return int(round(per_token * ctx * kv_bytes_per_element(kv_type)))
-
-    def compute_bytes(self, ctx: int, n_ubatch: int = 512) -> int:
-        if self.is_mla:  # the DeepSeek adapter's estimate, from the same hyperparameters
-            return DeepseekV3Adapter.compute_bytes(self, ctx, n_ubatch)
-        return super().compute_bytes(ctx, n_ubatch)
-
     # ---- metadata: copied through
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """Every key of the source but those the exporter writes, expert counts updated."""
-        E = n_experts_kept or self.n_expert
-        rewrite = {f"{self._arch_name}.expert_count": E,
-                   f"{self._arch_name}.expert_used_count": min(self.n_expert_used, E)}
+        E = n_experts_kept or self.hp.n_expert
+        rewrite = {f"{self.arch_name}.expert_count": E,
+                   f"{self.arch_name}.expert_used_count": min(self.hp.n_expert_used, E)}
         for key, v in self.metadata.items():
             if key.startswith(_NOT_COPIED_PREFIXES):
                 continue

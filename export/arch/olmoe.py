@@ -16,35 +16,31 @@ from .base import Adapter, UnsupportedModelError
 class OlmoeAdapter(Adapter):
     model_type = "olmoe"
     arch = gguf.MODEL_ARCH.OLMOE
+    expert_ff_key = "intermediate_size"
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.config.get("norm_topk_prob", False):
-            raise UnsupportedModelError(
-                "olmoe with norm_topk_prob=true: llama.cpp's olmoe never renormalises the top-k "
-                "routing weights, so its output would differ from the checkpoint")
+        self.refuse_topk_norm(llama_renormalises=False)
         if self.config.get("clip_qkv") is not None:
             raise UnsupportedModelError("olmoe with clip_qkv: llama.cpp's olmoe does not clamp "
                                         "Q, K and V")
         if self.config.get("attention_bias"):
             raise UnsupportedModelError("olmoe with attention_bias=true: llama.cpp's olmoe has "
                                         "no attention output bias")
-        if self.n_head_kv != self.n_head or self.n_head * self.head_dim != self.n_embd:
+        hp = self.hp
+        if hp.n_head_kv != hp.n_head or hp.n_head * hp.head_dim != hp.n_embd:
             raise UnsupportedModelError(
-                f"olmoe with {self.n_head_kv} KV heads of {self.head_dim} for {self.n_head} "
-                f"heads and hidden_size {self.n_embd}: llama.cpp's olmoe sizes the Q and K norms "
+                f"olmoe with {hp.n_head_kv} KV heads of {hp.head_dim} for {hp.n_head} "
+                f"heads and hidden_size {hp.n_embd}: llama.cpp's olmoe sizes the Q and K norms "
                 "n_embd, so it needs n_head_kv == n_head and head_dim * n_head == hidden_size")
-
-    def expert_ff(self) -> int:
-        return int(self.cfg("intermediate_size"))
 
     def layer_tensors(self, i, d, hd, ff, n_expert):
         return super().layer_tensors(i, d, hd, ff, n_expert) + [
-            ("attn_q_norm", (self.n_head * hd,), False),
-            ("attn_k_norm", (self.n_head_kv * hd,), False),
+            ("attn_q_norm", (self.hp.n_head * hd,), False),
+            ("attn_k_norm", (self.hp.n_head_kv * hd,), False),
         ]
 
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """The keys llama.cpp's converter writes for OlmoeForCausalLM."""
         self.add_common_metadata(w, n_experts_kept)
-        w.add_feed_forward_length(self.expert_ff())
+        w.add_feed_forward_length(self.hp.expert_ff)

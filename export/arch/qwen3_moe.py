@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gguf
 
-from .base import Adapter, UnsupportedModelError
+from .base import Adapter
 
 
 class Qwen3MoeAdapter(Adapter):
@@ -17,19 +17,8 @@ class Qwen3MoeAdapter(Adapter):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if not self.config.get("norm_topk_prob", False):
-            raise UnsupportedModelError(
-                "qwen3_moe with norm_topk_prob=false: llama.cpp's qwen3moe always renormalises "
-                "the top-k routing weights, so its output would differ from the checkpoint"
-            )
-        if self.config.get("mlp_only_layers") or self.config.get("decoder_sparse_step", 1) != 1:
-            raise UnsupportedModelError(
-                "qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) has no "
-                "llama.cpp equivalent"
-            )
-
-    def expert_ff(self) -> int:
-        return int(self.cfg("moe_intermediate_size"))
+        self.refuse_topk_norm(llama_renormalises=True)
+        self.refuse_dense_layers()
 
     def layer_tensors(self, i, d, hd, ff, n_expert):
         return super().layer_tensors(i, d, hd, ff, n_expert) + [
@@ -38,8 +27,9 @@ class Qwen3MoeAdapter(Adapter):
         ]
 
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
+        hp = self.hp
         self.add_common_metadata(w, n_experts_kept)
-        w.add_feed_forward_length(int(self.cfg("intermediate_size", default=self.expert_ff())))
-        w.add_expert_feed_forward_length(self.expert_ff())
-        w.add_key_length(self.head_dim)
-        w.add_value_length(self.head_dim)
+        w.add_feed_forward_length(hp.dense_ff)
+        w.add_expert_feed_forward_length(hp.expert_ff)
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)

@@ -203,7 +203,7 @@ def test_other_models_sizes_and_plans(name, params, cap):
     b = plan.budget
     assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
     assert plan.total_bytes <= b.cap_bytes
-    assert b.kv_bytes == a.n_layer * a.n_head_kv * a.head_dim * 2 * 8192 * 2
+    assert b.kv_bytes == a.n_layer * a.hp.n_head_kv * a.hp.head_dim * 2 * 8192 * 2
 
 
 # ---- priors

@@ -69,7 +69,7 @@ def test_kv_b_split_is_llama_cpp_converter_layout(deepseek):
     import torch
 
     model = pipeline.open_model(deepseek("v3"))
-    a = model.adapter
+    a = model.adapter.hp
     by_name = {r.spec.name: r for r in model.recipes}
     kv_b = torch.from_numpy(model.source.load("model.layers.1.self_attn.kv_b_proj.weight"))
     view = kv_b.view(a.n_head, a.qk_nope_dim + a.v_head_dim, kv_b.shape[-1])

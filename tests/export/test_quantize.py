@@ -13,6 +13,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
 from edgemoe.llamacpp import llama_quantize as run_llama_quantize
+from export import ggml
 from export import quantize as q
 from memory_planner.quant_types import REQUIRES_IMATRIX, qtype
 
@@ -62,7 +63,7 @@ HEAVY_INIT = ("IQ1_S", "IQ1_M", "IQ2_XS", "IQ2_S")
 
 
 @pytest.mark.parametrize("types", [
-    sorted(q.QUANTIZABLE - {"Q1_0", *HEAVY_INIT}),  # gguf-py 0.19 cannot read Q1_0 back
+    sorted(ggml.QUANTIZABLE - {"Q1_0", *HEAVY_INIT}),  # gguf-py 0.19 cannot read Q1_0 back
     pytest.param(HEAVY_INIT, marks=pytest.mark.slow),
 ])
 def test_every_quantizable_type_round_trips(types: list[str]) -> None:
@@ -153,10 +154,10 @@ def test_relative_error_samples_deterministically_across_experts() -> None:
 
 def test_requires_imatrix() -> None:
     for t in REQUIRES_IMATRIX:
-        assert q.requires_imatrix(t)
+        assert ggml.requires_imatrix(t)
         with pytest.raises(q.QuantizeError, match="imatrix"):
             q.quantize_rows(gaussian(2, 256), t)
-    assert not q.requires_imatrix("Q4_K")
+    assert not ggml.requires_imatrix("Q4_K")
 
 
 def test_bad_inputs() -> None:
@@ -183,22 +184,6 @@ def test_bad_inputs() -> None:
     w = gaussian(256, 8).T.astype(np.float64)
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     assert q.quantize_rows(w, "Q8_0").tobytes() == q.quantize_rows(w32, "Q8_0").tobytes()
-
-
-def test_missing_library_is_a_typed_error(tmp_path: Path) -> None:
-    with pytest.raises(q.GGMLLibraryError, match=r"llama-cpp-python==0\.3\.36"):
-        q._load(tmp_path / "libggml-base.so")
-    assert q.ggml_library_path().is_file()
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
-def test_shares_the_ggml_instance_llama_cpp_uses() -> None:
-    import llama_cpp.llama_cpp  # noqa: F401  (loads libllama and its libggml-base)
-
-    q._library()
-    maps = Path("/proc/self/maps").read_text().splitlines()
-    loaded = {line.split()[-1] for line in maps if "libggml-base" in line}
-    assert len(loaded) == 1, f"two copies of libggml-base loaded: {sorted(loaded)}"
 
 
 # ---------------------------------------------------------------------------------------------

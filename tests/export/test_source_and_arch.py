@@ -85,5 +85,5 @@ def test_hub_style_config_spellings(qwen3_dir):
     hub["rope_theta"] = hub.pop("rope_parameters")["rope_theta"]
     hub["torch_dtype"] = hub.pop("dtype", "float32")
     b = adapter_for(hub)
-    assert (a.n_expert, a.rope_theta) == (b.n_expert, b.rope_theta)
+    assert (a.n_expert, a.hp.rope_theta) == (b.n_expert, b.hp.rope_theta)
     assert a.tensor_specs() == b.tensor_specs()

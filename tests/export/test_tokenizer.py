@@ -31,14 +31,14 @@ from pathlib import Path
 import gguf
 import pytest
 
-from export.tokenizer import (
+from export.pretokenizer import (
     PRE_TOKENIZERS,
     TokenizerError,
-    add_tokenizer,
     canonical_regex,
     recognise_pre_tokenizer,
     split_regexes,
 )
+from export.tokenizer import add_tokenizer
 from tests.conftest import BUNDLED_MODEL
 from tests.tokenizer_fixtures import (
     MULTILINGUAL,

@@ -1,0 +1,152 @@
+"""ggml's quantizer library through ctypes: found, loaded and checked once.
+
+The `libggml-base` that llama-cpp-python ships holds `ggml_quantize_chunk`, the code
+llama-quantize runs. It is loaded lazily and thread-safely, its symbols typed, and each type
+checked against gguf-py's table before first use (`checked_type`, `init_type`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from memory_planner.quant_types import qtype
+
+log = logging.getLogger(__name__)
+
+PINNED_RUNTIME = "llama-cpp-python==0.3.36"
+
+# The target types `ggml_quantize_chunk` handles (its switch in ggml/src/ggml.c) that gguf-py
+# also knows. Q8_1 and Q8_K exist only as matmul scratch types: ggml aborts on them.
+QUANTIZABLE: frozenset[str] = frozenset({
+    "F32", "F16", "BF16",
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q1_0", "MXFP4", "NVFP4",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+})
+
+
+class GGMLLibraryError(RuntimeError):
+    """libggml-base is missing, lacks a symbol, or disagrees with gguf-py's type table."""
+
+
+class QuantizeError(ValueError):
+    """Input that ggml cannot quantize: unsupported type, bad row length, missing imatrix."""
+
+
+# Prefer the soname libllama links against: llama-cpp-python's wheel ships the library as
+# separate file copies, and loading another copy would give a second ggml with its own IQ
+# tables (seconds to build) instead of sharing llama_model_quantize's.
+_LIB_NAMES = {
+    "linux": ("libggml-base.so.0", "libggml-base.so"),
+    "darwin": ("libggml-base.0.dylib", "libggml-base.dylib"),
+    "win32": ("ggml-base.dll",),
+}
+
+# name -> (restype, argtypes)
+_SIGNATURES = {
+    "ggml_quantize_chunk": (ctypes.c_size_t, [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]),
+    "ggml_quantize_init": (None, [ctypes.c_int]),
+    "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
+    "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
+    "ggml_row_size": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
+    "ggml_blck_size": (ctypes.c_int64, [ctypes.c_int]),
+}
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+_checked_types: set[int] = set()  # sizes agree between gguf-py and ggml
+_ready_types: set[int] = set()  # ggml_quantize_init done
+_init_lock = threading.Lock()
+
+
+def ggml_library_path() -> Path:
+    """Where llama-cpp-python keeps libggml-base (found without importing llama_cpp)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGMLLibraryError(
+            f"llama_cpp is not installed; edgemoe needs `pip install {PINNED_RUNTIME}` "
+            "for ggml's quantizer"
+        )
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    names = _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
+    return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[-1])
+
+
+def library() -> ctypes.CDLL:
+    """libggml-base, loaded on first use."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _load(ggml_library_path())
+    return _lib
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    if not path.is_file():
+        raise GGMLLibraryError(f"{path} not found; reinstall {PINNED_RUNTIME}")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise GGMLLibraryError(f"cannot load {path} ({e}); reinstall {PINNED_RUNTIME}") from e
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise GGMLLibraryError(
+                f"{path} does not export {name}; edgemoe is pinned to {PINNED_RUNTIME}"
+            ) from None
+        fn.restype, fn.argtypes = restype, argtypes
+    log.debug("loaded %s", path)
+    return lib
+
+
+def checked_type(type_name: str) -> GGMLQuantizationType:
+    """The type, after checking ggml can quantize it and agrees with gguf-py on its layout."""
+    t = qtype(type_name)
+    if t.name not in QUANTIZABLE:
+        raise QuantizeError(
+            f"ggml cannot quantize to {t.name}; quantizable: {', '.join(sorted(QUANTIZABLE))}"
+        )
+    if t.value in _checked_types:
+        return t
+    lib = library()
+    # gguf-py and ggml must agree on the enum value and the block layout, or every size we
+    # compute (and every file we write) would be wrong
+    blck, size = GGML_QUANT_SIZES[t]
+    got = (lib.ggml_blck_size(t.value), lib.ggml_row_size(t.value, blck))
+    if got != (blck, size):
+        raise GGMLLibraryError(
+            f"{t.name}: gguf-py says block {blck} / {size} bytes, ggml says "
+            f"{got[0]} / {got[1]}; install matching gguf and {PINNED_RUNTIME}"
+        )
+    _checked_types.add(t.value)
+    return t
+
+
+def init_type(t: GGMLQuantizationType) -> None:
+    """Ready ggml to quantize `t`: builds its lattice tables for IQ types (seconds for
+    IQ1_*/IQ2_*), once per process."""
+    if t.value in _ready_types:
+        return
+    with _init_lock:
+        if t.value not in _ready_types:
+            library().ggml_quantize_init(t.value)
+            _ready_types.add(t.value)
+
+
+def requires_imatrix(type_name: str) -> bool:
+    """True when ggml refuses to quantize this type without an importance matrix."""
+    t = checked_type(type_name)
+    return bool(library().ggml_quantize_requires_imatrix(t.value))

@@ -1,0 +1,74 @@
+"""Everything an export needs besides the model and the plan, as one record.
+
+`export_options` builds it once from the calibration statistics: the importance matrix and
+input covariances of each tensor the file holds, sliced to the experts the plan keeps, and
+how to quantize them (search, threads, an earlier file to copy from, progress bar).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memory_planner.stats import CalibStats
+
+from .arch.base import TensorRecipe
+from .quantize import DEFAULT_SEARCH
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How `write_gguf` quantizes.
+
+    `imatrix` maps a GGUF tensor name to its importance matrix (n_per_row, or
+    n_expert x n_per_row for the experts the file keeps). `covariance` maps a tensor name to
+    its inputs' second moments ((n_blocks, B, B), or one per kept expert; an expert tensor's
+    single one is shared, each expert scaling its correlations by its own imatrix row); with
+    `search` > 1 those tensors' rows are each the best of `search` ggml quantizations by
+    output error (`export.search.quantize_rows_searched`, whose random candidates
+    `search_seed` fixes). `reuse` is an earlier export of the same source with the same
+    statistics: tensors it holds with the same name, shape and type are copied from it
+    instead of being read and quantized again (the sensitivity probes change one group of
+    tensors at a time). `threads`: quantizing workers (None: `default_threads()`).
+    """
+
+    imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
+    covariance: Mapping[str, np.ndarray] = field(default_factory=dict)
+    search: int = DEFAULT_SEARCH
+    search_seed: int = 0
+    reuse: str | Path | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
+                   recipes: Sequence[TensorRecipe],
+                   kept: Mapping[int, Sequence[int]] | None = None, *,
+                   search: int = DEFAULT_SEARCH, search_seed: int = 0,
+                   reuse: str | Path | None = None, threads: int | None = None,
+                   progress: bool = True) -> ExportOptions:
+    """The options for writing `recipes` (the file's tensors, experts pruned as `kept` says:
+    layer -> source expert ids) of a model whose unpruned tensors are `full`.
+
+    Each quantizable tensor gets its imatrix from `stats` when measured, and its input
+    covariance when `search` > 1 will use it, both sliced to the kept experts.
+    """
+    imatrix: dict[str, np.ndarray] = {}
+    covariance: dict[str, np.ndarray] = {}
+    if stats is not None:
+        specs = {r.spec.name: r.spec for r in full}
+        for r in recipes:
+            if not r.spec.quantizable:
+                continue
+            pick = list(kept[r.spec.layer]) if kept and r.spec.n_experts else None
+            im = stats.importance_for(specs[r.spec.name])
+            if im is not None:
+                imatrix[r.spec.name] = im if pick is None else im[pick]
+            cov = stats.covariance(r.spec.name) if search > 1 else None
+            if cov is not None:
+                cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
+                covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
+    return ExportOptions(imatrix, covariance, search, search_seed, reuse, threads, progress)
