@@ -16,10 +16,12 @@ Strategies (`export.quantize.quantize_rows_searched`):
   weightings 2    best of the imatrix and its square root per row
   feedback 2      the default (--search 2): GPTQ on ggml's grid (scalar K-quants, IQ4_XS) or a
                   target shift (other types), re-quantized by ggml, for the rows whose error
-                  correlates with the inputs (select 1.0)
+                  under the covariance exceeds select (0.8; Q3_K 1.25) times their error
+                  with independent columns
+  feedback 2 s1.0 the same with select 1.0 (fewer rows)
   feedback 2 all  the same for every row (select 0)
-  feedback 3      every row, a target shift after the first candidate (--search 3)
-  shift 2         the target shift for every type (no GPTQ), select 1.0
+  feedback 3      every row; then a target shift from the best so far (--search 3)
+  shift 2         the target shift for every type (no GPTQ), the default select
 Then end to end, with the default threads: `pipeline.export` of a calibrated plan with
 --search 0 and with the default, and llama.cpp's `llama_model_quantize` of the same types
 (median wall time over --repeats runs).
@@ -33,20 +35,16 @@ other, and the JSON keeps every run.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before numpy loads: one thread, like ggml's calls
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,12 +55,14 @@ from edgemoe.llamacpp import llama_quantize  # noqa: E402
 from export import quantize as q  # noqa: E402
 from export.imatrix import read_stats  # noqa: E402
 
-TYPES = ("Q2_K", "Q3_K", "IQ3_S", "IQ2_S", "IQ2_XS", "Q4_K", "IQ4_XS")
+TYPES = ("Q2_K", "Q3_K", "IQ3_S", "IQ2_S", "IQ2_XS", "Q4_K", "IQ4_XS",  # issue 11's list
+         "IQ1_S", "IQ2_XXS", "IQ3_XXS", "Q5_K")  # the bundled model's plans use these too
 REFERENCE = "weightings 16"
 STRATEGIES = {  # label: keyword arguments of quantize_rows_searched
     REFERENCE: dict(tries=16, strategy="weightings"),
     "weightings 2": dict(tries=2, strategy="weightings"),
     "feedback 2": dict(tries=2),
+    "feedback 2 s1.0": dict(tries=2, select=1.0),
     "feedback 2 all": dict(tries=2, select=0.0),
     "feedback 3": dict(tries=3),
     "shift 2": dict(tries=2, strategy="shift"),
@@ -89,19 +89,31 @@ def matrices(model, stats) -> list[tuple[str, np.ndarray, np.ndarray | None, np.
     return out
 
 
+def wide_matrix(mats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 768 x 2048 matrix (the shape issue 11's costs were first measured on) tiled from the
+    model's expert slices, with their covariances as its 8 blocks: for timing only."""
+    experts = [m for m in mats if "_exps" in m[0] and m[1].shape == (256, 256)][:24]
+    w = np.block([[experts[8 * i + k][1] for k in range(8)] for i in range(3)])
+    cov = np.concatenate([experts[k][3] for k in range(8)])
+    im = np.concatenate([np.diagonal(c) for c in cov]).astype(np.float32)
+    return np.ascontiguousarray(w, np.float32), im, cov
+
+
 def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # this process's CPU time: less swayed by other jobs
     out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+    return out, time.process_time() - t0
 
 
-def measure_type(mats, type_name: str, repeats: int) -> dict:
-    """Per strategy: per-run time ratios and errors summed over all / per tensor."""
+def measure_type(mats, wide, type_name: str, repeats: int) -> dict:
+    """Per strategy: per-run time ratios and errors summed over all / per tensor, and time
+    ratios on the wide matrix."""
     q.quantize_rows(mats[0][1][:1], type_name, mats[0][2])  # IQ tables built outside the clock
     names = sorted({m[0] for m in mats})
     plain_err = {n: 0.0 for n in names}
     errs = {s: {n: 0.0 for n in names} for s in STRATEGIES}
     ratios: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    wide_ratios: dict[str, list[float]] = {s: [] for s in STRATEGIES}
     selected = rows = 0
     for run in range(repeats):
         t_plain = 0.0
@@ -114,7 +126,7 @@ def measure_type(mats, type_name: str, repeats: int) -> dict:
                 plain_err[name] += float(e.sum())
                 diag = np.square(q.dequantize(raw, type_name, w.shape).astype(np.float64) - w)
                 diag = diag @ np.diagonal(cov, axis1=1, axis2=2).reshape(-1).astype(np.float64)
-                selected += int((e > q.SELECT_RATIO * diag).sum())
+                selected += int((e > q.select_ratio(type_name) * diag).sum())
                 rows += len(w)
             for s, kw in STRATEGIES.items():
                 if run and s == REFERENCE:
@@ -126,6 +138,12 @@ def measure_type(mats, type_name: str, repeats: int) -> dict:
         for s in STRATEGIES:
             if not (run and s == REFERENCE):
                 ratios[s].append(t_strat[s] / t_plain)
+        w, im, cov = wide
+        t_wide = timed(q.quantize_rows, w, type_name, im)[1]
+        for s, kw in STRATEGIES.items():
+            if not (run and s == REFERENCE):
+                dt = timed(q.quantize_rows_searched, w, type_name, im, cov, **kw)[1]
+                wide_ratios[s].append(dt / t_wide)
         print(f"  {type_name} run {run + 1}/{repeats}: plain {t_plain:.2f} s", flush=True)
     base, ref = sum(plain_err.values()), sum(errs[REFERENCE].values())
     out = {"plain_error": base, "rows_selected_share": selected / rows, "strategies": {}}
@@ -135,6 +153,7 @@ def measure_type(mats, type_name: str, repeats: int) -> dict:
                       for n in names if plain_err[n] > errs[REFERENCE][n]]
         out["strategies"][s] = {
             "time_ratio": float(np.median(ratios[s])), "time_ratios": ratios[s],
+            "wide_time_ratio": float(np.median(wide_ratios[s])), "wide_time_ratios": wide_ratios[s],
             "error": total, "kept": (base - total) / (base - ref),
             "kept_per_tensor_mean": float(np.mean(per_tensor)), "cut": 1 - total / base,
         }
@@ -165,7 +184,9 @@ def end_to_end(model, stats, bpw: float, workdir: Path, repeats: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():
-            times[k].append(timed(fn)[1])
+            t0 = time.perf_counter()  # wall time: export runs on several threads
+            fn()
+            times[k].append(time.perf_counter() - t0)
     types = sorted({t.type for t in plan.tensors})
     return {"bpw": bpw, "types": types, "seconds": times,
             "median_seconds": {k: float(np.median(v)) for k, v in times.items()}}
@@ -198,29 +219,30 @@ def main() -> None:
     mats = matrices(model, stats)
     print(f"{len(mats)} matrices, {sum(m[1].size for m in mats)} weights; "
           f"{args.repeats} runs on {os.cpu_count()} CPUs (possibly shared)")
+    wide = wide_matrix(mats)
     per_type = {}
     for t in args.types.split(","):
-        per_type[t] = measure_type(mats, t, args.repeats)
+        per_type[t] = measure_type(mats, wide, t, args.repeats)
     e2e = end_to_end(model, stats, args.bpw, work, args.repeats) if args.bpw else None
 
     types = list(per_type)
-    print(f"\ntime: x plain quantization (median of {args.repeats} runs; "
-          f"{REFERENCE}: 1 run); kept: share of the {REFERENCE} gain (summed / per-tensor "
-          "mean)")
-    head = f"{'strategy':<16}" + "".join(f"{t:>19}" for t in types)
+    print(f"\nper type and strategy: time x plain quantization (median of {args.repeats} runs, "
+          f"{REFERENCE} 1 run), share of the {REFERENCE} gain kept (summed / mean per tensor)")
+    head = f"{'type':<8}" + "".join(f"{s:>18}" for s in STRATEGIES) + f"{'rows sel.':>10}"
     print(head + "\n" + "-" * len(head))
-    for s in STRATEGIES:
-        cells = []
-        for t in types:
-            r = per_type[t]["strategies"][s]
-            kept = f"{r['kept']:5.2f}/{r['kept_per_tensor_mean']:4.2f}"
-            cells.append(f"x{r['time_ratio']:5.2f} {kept}")
-        print(f"{s:<16}" + "".join(f"{c:>19}" for c in cells))
-    print(f"{'cut (16 / default)':<16}" + "".join(
-        f"{per_type[t]['strategies'][REFERENCE]['cut']:>11.0%} /"
-        f"{per_type[t]['strategies']['feedback 2']['cut']:>5.0%}" for t in types))
-    print(f"{'rows selected':<16}" + "".join(
-        f"{per_type[t]['rows_selected_share']:>19.0%}" for t in types))
+    for t in types:
+        r = per_type[t]["strategies"]
+        cells = [f"x{r[s]['time_ratio']:.2f} {r[s]['kept']:.2f}/{r[s]['kept_per_tensor_mean']:.2f}"
+                 for s in STRATEGIES]
+        print(f"{t:<8}" + "".join(f"{c:>18}" for c in cells)
+              + f"{per_type[t]['rows_selected_share']:>10.0%}")
+    print("\nshare of the plain quantization's summed output error removed, and time x plain "
+          "on a 768 x 2048 matrix (8 super-blocks a row)")
+    print(head[:-10] + "\n" + "-" * (len(head) - 10))
+    for t in types:
+        r = per_type[t]["strategies"]
+        cells = [f"{r[s]['cut']:.0%} x{r[s]['wide_time_ratio']:.2f}" for s in STRATEGIES]
+        print(f"{t:<8}" + "".join(f"{c:>18}" for c in cells))
     if e2e:
         print(f"\nend to end, {e2e['bpw']} bpw plan ({', '.join(e2e['types'])}), median "
               "seconds:")

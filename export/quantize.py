@@ -3,15 +3,17 @@
 gguf-py can produce only a few types, so we call `ggml_quantize_chunk` in the
 `libggml-base` that llama-cpp-python ships (the same code llama-quantize runs) through
 ctypes (`export.ggml` loads it). ctypes releases the GIL during the call, so a
-ThreadPoolExecutor quantizes row chunks and expert slices in parallel. Reading back goes
-through `gguf.quants.dequantize`.
+ThreadPoolExecutor quantizes row chunks and expert slices in parallel. `dequantize` reads
+back through `gguf.quants.dequantize`; the search reads back with ggml's own dequantizer.
 
 Every quantizer in ggml works row by row (each row sees only its own values and the
 imatrix), so splitting a matrix into row chunks never changes the bytes.
 
-`quantize_rows_searched` goes one step further than llama-quantize: it runs ggml's quantizer
-with several column weightings and keeps, per row, the result with the least output error
-under the inputs' measured covariance. The bytes are still ggml's, of the same type.
+`quantize_rows_searched` goes one step further than llama-quantize: ggml's quantizers treat
+the input columns as independent, and the search feeds each row's rounding errors back
+through the inputs' measured covariance (GPTQ's error feedback) and lets ggml quantize the
+corrected row again, keeping per row (per super-block) whichever has the least output error.
+The bytes are still ggml's, of the same type.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import scipy
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import IQ4_NL
 from gguf.quants import dequantize as _gguf_dequantize
+from scipy.linalg import lapack
 
 from memory_planner.quant_types import qtype, tensor_nbytes
 
@@ -296,15 +300,18 @@ COV_BLOCK = 256  # covariance is kept in diagonal blocks of this many columns (a
 DEFAULT_SEARCH = 2
 STRATEGIES = ("feedback", "shift", "weightings")
 
-# A row whose output error is at most this many times what it would be with independent input
-# columns keeps ggml's bytes at search 2: its rounding errors do not line up with the inputs'
-# correlations. This spends the second quantization on about half the rows, where most of the
-# gain is (benchmarks/search_cost.py measured the trade-off).
-SELECT_RATIO = 1.0
+# At search 2, a row whose output error is at most this many times what it would be with
+# independent input columns keeps ggml's bytes: its rounding errors do not line up with the
+# inputs' correlations, and a second quantization would gain little. About 70% of the rows
+# get one, for about twice the time of ggml's quantization (benchmarks/search_cost.py).
+DEFAULT_SELECT = 0.8
+# Q3_K's quantizer is 4-8 times faster than the other types': the search's fixed work
+# (reading the errors back, factoring the covariance) leaves room for fewer second ones
+_SELECT = {"Q3_K": 1.25}
 _GPTQ_DAMP = 0.01  # GPTQ's dampening of the covariance, a share of its mean diagonal
 _SHIFT_DAMP = 1.0  # the same for the one-shot target shift, whose errors are a step stale
 _SHIFT_STEP = 0.55  # how far the target moves along the feedback of the last errors
-_GPTQ_GROUP = 4  # columns rounded together between error updates (1 = GPTQ exactly: slower)
+_GPTQ_GROUP = 8  # columns rounded together between error updates (1: GPTQ exactly, slower)
 _GPTQ_BATCH = 32  # columns between updates of the whole block (GPTQ's lazy batch)
 
 
@@ -330,6 +337,11 @@ _GRIDS = {
 _PLAIN_REQUANT = frozenset({"Q2_K", "Q4_K"})
 
 
+def select_ratio(type_name: str) -> float:
+    """The ratio above which search 2 gives a row of this type a second quantization."""
+    return _SELECT.get(type_name, DEFAULT_SELECT)
+
+
 def cov_block(n_per_row: int) -> int | None:
     """The covariance block for rows of this length, None when none is kept."""
     if n_per_row % COV_BLOCK == 0:
@@ -337,25 +349,80 @@ def cov_block(n_per_row: int) -> int | None:
     return n_per_row if n_per_row < COV_BLOCK else None
 
 
+@functools.cache
+def _openblas_threads_local() -> tuple[Callable[[int], int], ...]:
+    """`openblas_set_num_threads_local` (OpenBLAS >= 0.3.27: the calling thread's BLAS threads)
+    of the OpenBLAS copies numpy and scipy ship; none for other BLAS libraries."""
+    found = []
+    for package in (np, scipy):
+        root = Path(package.__file__).parent
+        for lib in sorted([*root.parent.glob(f"{root.name}.libs/*openblas*"),
+                           *root.glob(".dylibs/*openblas*")]):
+            try:
+                fn = ctypes.CDLL(str(lib)).openblas_set_num_threads_local
+            except (OSError, AttributeError):
+                continue
+            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+            found.append(fn)
+    return tuple(found)
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's and scipy's BLAS on one thread in this thread. The search runs on export's
+    workers, as many as there are CPUs: BLAS threads of their own would compete with them
+    (a 256-wide product ran 7 times slower that way on a busy 2-CPU machine)."""
+    fns = _openblas_threads_local()
+    old = [fn(1) for fn in fns]
+    try:
+        yield
+    finally:
+        for fn, n in zip(fns, old):
+            fn(n)
+
+
 def output_error(data: np.ndarray, raw: np.ndarray, type_name: str,
                  cov: np.ndarray) -> np.ndarray:
     """Per row, the mean squared output error (w - q)^T C (w - q) of quantized `raw`.
 
     `cov` (n_blocks, B, B) is the inputs' second moment in diagonal blocks of B columns.
+    Computed in float32, each block's term as the search computes it, so that a row the
+    search kept has exactly no more error here than ggml's own quantization.
     """
-    w = _as_rows(data, 2).astype(np.float64)
-    return _errors(w, raw, type_name, cov.astype(np.float64))[1]
+    w = _as_rows(data, 2)
+    with _one_blas_thread():
+        return _errors(w, raw, type_name, np.asarray(cov, np.float32))[1].astype(np.float64)
+
+
+# rows per matrix product: every row goes through the same BLAS kernel whatever the others
+# are, so that its numbers, and the search's choices, do not depend on the rows in the call
+_TILE = 48
+
+
+def _tiled(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x @ m, _TILE rows of x at a time (the last tile zero-padded)."""
+    n = len(x)
+    xp = np.zeros((n + -n % _TILE, x.shape[1]), x.dtype)
+    xp[:n] = x
+    out = np.empty((len(xp), m.shape[1]), np.result_type(x, m))
+    for i in range(0, len(xp), _TILE):
+        np.matmul(xp[i:i + _TILE], m, out=out[i:i + _TILE])
+    return out[:n]
 
 
 def _errors(w: np.ndarray, raw: np.ndarray, type_name: str,
             cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For float64 rows `w` and blocks `cov`: the errors q - w of `raw` (read back by ggml),
-    each row's output error, and what that error would be with independent input columns."""
-    err = to_float(type_name, raw, w.size).reshape(w.shape).astype(np.float64) - w
-    nb, b = cov.shape[0], cov.shape[-1]
-    blocks = err.reshape(len(w), nb, b).transpose(1, 0, 2)  # (blocks, rows, B)
-    out = np.einsum("krj,krj->r", np.matmul(blocks, cov), blocks)
-    diag = np.square(err) @ np.diagonal(cov, axis1=1, axis2=2).reshape(-1)
+    """For float32 rows `w` and blocks `cov`: the errors q - w of `raw` (read back by ggml),
+    each row's output error, and what that error would be with independent input columns,
+    all float32."""
+    err = to_float(type_name, raw, w.size).reshape(w.shape)
+    err -= w
+    b = cov.shape[-1]
+    out, diag = np.zeros(len(w), np.float32), np.zeros(len(w), np.float32)
+    for k, ck in enumerate(cov):  # a sum of per-block terms, each computed the same way
+        e = np.ascontiguousarray(err[:, k * b:(k + 1) * b])
+        out += (_tiled(e, ck) * e).sum(axis=1)
+        diag += (np.square(e) * np.diagonal(ck)).sum(axis=1)
     return err, out, diag
 
 
@@ -379,12 +446,10 @@ def _ordered_cholesky(cov: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndar
         return None
     order = np.argsort(-d, kind="stable")
     rev = order[::-1]
-    h = cov.take(rev, 0).take(rev, 1)
-    h[np.diag_indices_from(h)] += damp * d.mean()
-    try:
-        return order, np.linalg.cholesky(h)
-    except np.linalg.LinAlgError:
-        return None
+    h = cov.take(rev, 0).take(rev, 1).astype(np.float64)
+    h[np.diag_indices_from(h)] += damp * d.astype(np.float64).mean()
+    low, info = lapack.dpotrf(h, lower=1, clean=1)
+    return None if info else (order, low)
 
 
 def _ldl_feedback(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -408,10 +473,12 @@ def _shift_feedback(cov: np.ndarray) -> np.ndarray | None:
     if chol is None:
         return None
     order, low = chol
-    inv = np.linalg.inv(low)  # H^-1 = R^-T R^-1: U = R^-1, reversed
+    inv, info = lapack.dtrtri(low, lower=1)  # H^-1 = R^-T R^-1: U = R^-1, reversed
+    if info:
+        return None
     u = inv / np.diagonal(inv)[:, None]
     np.fill_diagonal(u, 0.0)
-    s = np.empty_like(u)
+    s = np.empty(u.shape, np.float32)
     s[np.ix_(order, order)] = _SHIFT_STEP * u[::-1, ::-1]
     return s
 
@@ -423,7 +490,7 @@ def _shifted(target: np.ndarray, err: np.ndarray, shifts: list) -> np.ndarray:
     b = target.shape[1] // len(shifts)
     for k, s in enumerate(shifts):
         if s is not None:
-            out[:, k * b:(k + 1) * b] += err[:, k * b:(k + 1) * b] @ s
+            out[:, k * b:(k + 1) * b] += _tiled(np.ascontiguousarray(err[:, k * b:(k + 1) * b]), s)
     return out
 
 
@@ -441,6 +508,8 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
     linear = np.array_equal(levels, np.arange(len(levels)))
     mids = (levels[1:] + levels[:-1]) / 2
     target, q, err = x.copy(), np.empty_like(x), np.empty_like(x)  # err = w - q
+    z = np.empty((_GPTQ_GROUP, x.shape[1]))
+    top = len(levels) - 1
     n = len(x)
     for b0 in range(0, n, _GPTQ_BATCH):
         b1 = min(b0 + _GPTQ_BATCH, n)
@@ -448,15 +517,18 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
             target[b0:b1] += f[:b0, b0:b1].T @ err[:b0]
         for k0 in range(b0, b1, _GPTQ_GROUP):
             k1 = min(k0 + _GPTQ_GROUP, b1)
+            t, zk, qk = target[k0:k1], z[:k1 - k0], q[k0:k1]
             if k0 > b0:
-                target[k0:k1] += f[b0:k0, k0:k1].T @ err[b0:k0]
-            z = (target[k0:k1] - off[k0:k1]) * inv[k0:k1]
+                t += f[b0:k0, k0:k1].T @ err[b0:k0]
+            np.subtract(t, off[k0:k1], out=zk)
+            zk *= inv[k0:k1]
             if linear:  # np.minimum/maximum: np.clip costs more per call
-                np.maximum(np.minimum(np.rint(z, out=z), len(levels) - 1, out=z), 0, out=z)
+                np.maximum(np.minimum(np.rint(zk, out=zk), top, out=zk), 0, out=zk)
             else:
-                z = levels[np.searchsorted(mids, z)]
-            q[k0:k1] = off[k0:k1] + st[k0:k1] * z
-            err[k0:k1] = x[k0:k1] - q[k0:k1]
+                zk[:] = levels[np.searchsorted(mids, zk)]
+            np.multiply(zk, st[k0:k1], out=qk)
+            qk += off[k0:k1]
+            np.subtract(x[k0:k1], qk, out=err[k0:k1])
     out = np.empty_like(q)
     out[order] = q
     return out.T
@@ -490,40 +562,10 @@ def _search_weights(imatrix: np.ndarray, tries: int, seed: int) -> list[np.ndarr
     return [np.ascontiguousarray(x, dtype=np.float32) for x in out[:max(0, tries - 1)]]
 
 
-@functools.cache
-def _openblas_threads_local() -> Callable[[int], int] | None:
-    """`openblas_set_num_threads_local` of the OpenBLAS numpy ships (OpenBLAS >= 0.3.27): the
-    BLAS threads of the calling thread only. None for other BLAS libraries."""
-    root = Path(np.__file__).parent
-    libs = [*root.parent.glob("numpy.libs/*openblas*"), *root.glob(".dylibs/*openblas*")]
-    for lib in sorted(libs):
-        try:
-            fn = ctypes.CDLL(str(lib)).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
-        return fn
-    return None
-
-
-@contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS on one thread in this thread. The search runs on export's workers, as
-    many as there are CPUs: BLAS threads of their own would compete with them (its 256-wide
-    products ran 7 times slower that way on a busy 2-CPU machine)."""
-    fn = _openblas_threads_local()
-    old = fn(1) if fn else None
-    try:
-        yield
-    finally:
-        if fn:
-            fn(old)
-
-
 def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray | None,
                            cov: np.ndarray, tries: int = DEFAULT_SEARCH, seed: int = 0, *,
                            strategy: str = "feedback",
-                           select: float = SELECT_RATIO) -> np.ndarray:
+                           select: float | None = None) -> np.ndarray:
     """Like `quantize_rows`, but rows get up to `tries` ggml quantizations and keep the one
     with the least output error under the inputs' measured covariance `cov` (n_blocks, B, B).
 
@@ -535,13 +577,13 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
       K-quants and IQ4_XS, GPTQ rounds each row on the grid ggml's first quantization chose,
       and ggml quantizes those values (finding that grid again); for the other types the
       row's target moves against the correlated part of its errors and ggml quantizes it
-      again. With `tries` 2 only rows whose error exceeds `select` times its error with
-      independent columns get the second quantization; with more, every row gets
-      `tries - 1`, each a target shift from the best so far.
+      again. With `tries` 2 only rows whose error exceeds `select` (`select_ratio`) times
+      their error with independent columns get the second quantization; with more, every
+      row gets it, then target shifts from its best so far while they improve it, up to
+      `tries` quantizations in all.
     - "shift": "feedback" with the target shift for every type (no GPTQ rounding).
     - "weightings": each row the best of `tries` quantizations with other column weightings
-      (powers of the imatrix, flat, random ones fixed by `seed`): the search before issue 11,
-      13-29 times the time of `quantize_rows` at 16 tries.
+      (powers of the imatrix, flat, random ones fixed by `seed`): the search before issue 11.
 
     Super-blocks of the K and IQ types are quantized independently of each other and are
     chosen one by one; no choice depends on other rows, so the bytes do not depend on how
@@ -559,7 +601,9 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
         imatrix = _check_imatrix(imatrix, n_per_row, t.name)
     if tries < 2 or not n_rows:
         return quantize_rows(src, t.name, imatrix)
-    c = cov.astype(np.float64)
+    if select is None:
+        select = select_ratio(t.name)
+    c = np.asarray(cov, np.float32)
     with _one_blas_thread():
         if strategy == "weightings":
             return _best_of_weightings(src, t.name, imatrix, c, tries, seed).reshape(-1)
@@ -579,20 +623,22 @@ def _feedback_search(src: np.ndarray, type_name: str, imatrix: np.ndarray | None
     (one block for super-block types, searched block by block), GPTQ on the grid first
     where `gptq` and the type has one. Returns (rows, row bytes)."""
     raw = quantize_rows(src, type_name, imatrix).reshape(len(src), -1)
-    w = src.astype(np.float64)
-    err, out, diag = _errors(w, raw, type_name, c)
+    err, out, diag = _errors(src, raw, type_name, c)
     rows = np.flatnonzero(out > select * diag if tries == 2 else out > 0)
     if not rows.size:
         return raw
-    w, target, err, out = w[rows], w[rows], err[rows], out[rows]
-    ldlq = _ldl_feedback(c[0]) if gptq and type_name in _GRIDS and len(c) == 1 else None
+    w, err, out = src[rows], err[rows], out[rows]
+    target = w.copy()
+    grid = gptq and type_name in _GRIDS and len(c) == 1
+    ldlq = _ldl_feedback(c[0]) if grid else None
     shifts = None
     active = np.arange(len(rows))  # rows whose next candidate would be new
     for i in range(tries - 1):
         im = imatrix
         if i == 0 and ldlq is not None:
             offset, step = _grid(raw[rows], type_name)
-            cand = _ldlq(w, offset, step, _GRIDS[type_name].levels, ldlq)
+            cand = _ldlq(w.astype(np.float64), offset, step, _GRIDS[type_name].levels, ldlq)
+            cand = cand.astype(np.float32)
             if type_name in _PLAIN_REQUANT:
                 im = None
         else:
@@ -600,7 +646,7 @@ def _feedback_search(src: np.ndarray, type_name: str, imatrix: np.ndarray | None
             if all(s is None for s in shifts) or not active.size:
                 break
             cand = _shifted(target[active], err[active], shifts)
-        cand_raw = quantize_rows(cand.astype(np.float32), type_name, im).reshape(len(cand), -1)
+        cand_raw = quantize_rows(cand, type_name, im).reshape(len(cand), -1)
         e, o, _ = _errors(w[active], cand_raw, type_name, c)
         better = o < out[active]
         won = active[better]
@@ -617,12 +663,11 @@ def _best_of_weightings(src: np.ndarray, type_name: str, imatrix: np.ndarray | N
     column weightings."""
     n_rows, n_per_row = src.shape
     base = np.ones(n_per_row, np.float32) if imatrix is None else imatrix
-    w = src.astype(np.float64)
     best_raw = quantize_rows(src, type_name, imatrix).reshape(n_rows, -1)
-    best_err = _errors(w, best_raw, type_name, c)[1]
+    best_err = _errors(src, best_raw, type_name, c)[1]
     for weights in _search_weights(base, tries, seed):
         raw = quantize_rows(src, type_name, weights).reshape(n_rows, -1)
-        err = _errors(w, raw, type_name, c)[1]
+        err = _errors(src, raw, type_name, c)[1]
         better = err < best_err
         best_raw[better] = raw[better]
         best_err = np.where(better, err, best_err)

@@ -203,13 +203,13 @@ def test_output_error_is_the_blockwise_quadratic_form() -> None:
     e = (q.dequantize(raw, "Q4_K", w.shape) - w).astype(np.float64).reshape(8, 2, 256)
     want = sum(np.einsum("ri,ij,rj->r", e[:, k], cov[k].astype(np.float64), e[:, k])
                for k in range(2))
-    np.testing.assert_allclose(q.output_error(w, raw, "Q4_K", cov), want, rtol=1e-6)
+    np.testing.assert_allclose(q.output_error(w, raw, "Q4_K", cov), want, rtol=1e-5)  # float32
 
 
 # GPTQ on ggml's grid (Q*_K, IQ4_XS), the target shift (IQ lattices), rows spanning two
 # covariance blocks (Q8_0's 32-blocks are searched as whole rows)
 SEARCHED = ["Q4_K", "Q2_K", "Q3_K", "IQ4_XS", "IQ3_S", "IQ2_XXS", "Q8_0"]
-SEARCHES = [{}, {"tries": 3}, {"select": 0.0}, {"strategy": "shift"},
+SEARCHES = [{}, {"tries": 3}, {"select": 0.0}, {"strategy": "shift", "select": 0.0},
             {"tries": 4, "strategy": "weightings"}]
 
 
@@ -223,8 +223,11 @@ def test_search_never_loses_to_ggml_and_wins_in_total(type_name: str) -> None:
         assert searched.shape == plain.shape
         e_search = q.output_error(w, searched, type_name, cov)
         assert (e_search <= e_plain).all(), kw
-        if kw.get("strategy") != "weightings":  # Q8_0 ignores the weightings
-            assert e_search.sum() < 0.9 * e_plain.sum(), kw
+        if kw.get("strategy") == "weightings":  # Q8_0 ignores the weightings
+            continue
+        # every row searched: clearly less in total; the default searches some rows only
+        bound = 0.9 if kw.get("select") == 0.0 or kw.get("tries", 2) > 2 else 0.98
+        assert e_search.sum() < bound * e_plain.sum(), kw
     # search 0 and 1 are ggml's own quantization
     for tries in (0, 1):
         np.testing.assert_array_equal(
@@ -233,13 +236,14 @@ def test_search_never_loses_to_ggml_and_wins_in_total(type_name: str) -> None:
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q3_K", "IQ4_XS"])
 def test_gptq_on_the_grid_beats_sixteen_weightings(type_name: str) -> None:
-    """On the scalar types the default search (GPTQ's rounding on the grid ggml chose, which
-    ggml then finds again) removes more output error than the 16-candidate search did."""
+    """On the scalar types one second quantization (GPTQ's rounding on the grid ggml chose,
+    which ggml then finds again) removes more output error than 16 weightings did."""
     w, im, cov = gaussian(64, 512), positive(512), correlated_cov(512)
-    plain, default, old = (q.output_error(w, raw, type_name, cov).sum() for raw in (
-        q.quantize_rows(w, type_name, im), q.quantize_rows_searched(w, type_name, im, cov),
+    plain, gptq, old = (q.output_error(w, raw, type_name, cov).sum() for raw in (
+        q.quantize_rows(w, type_name, im),
+        q.quantize_rows_searched(w, type_name, im, cov, select=0.0),
         q.quantize_rows_searched(w, type_name, im, cov, 16, strategy="weightings")))
-    assert default < 0.8 * plain and default < old
+    assert gptq < 0.6 * plain and gptq < 0.8 * old
 
 
 @pytest.mark.parametrize("type_name,kw", [("IQ3_S", {}), ("Q4_K", {}), ("Q4_K", {"tries": 3}),
