@@ -167,10 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="quantization threads")
     e.add_argument("--plan-out", default=None, help="also write the plan JSON here")
     e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
-                   help="per row, keep the best of this many ggml quantizations by output "
-                        "error, where the stats hold input covariances (default "
-                        f"{pipeline.DEFAULT_SEARCH}: export takes about that many times "
-                        "longer to quantize; 0 writes what llama-quantize writes)")
+                   help="ggml quantizations a row may get, keeping the one with the least "
+                        "output error, where the stats hold input covariances (default "
+                        f"{pipeline.DEFAULT_SEARCH}: the rows whose errors line up with the "
+                        "inputs' correlations get a second one, corrected by GPTQ-style "
+                        "error feedback; about twice the quantizing time; more: every row, "
+                        "slower; 0 writes what llama-quantize writes)")
     pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")

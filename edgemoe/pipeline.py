@@ -215,10 +215,11 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
-    are copied. Where `stats` hold input covariances and `search` > 1, each row is the best
-    of `search` ggml quantizations by output error (export.quantize.quantize_rows_searched);
-    `search` 0 or 1 writes what llama-quantize writes with the same imatrix. `search_seed`
-    fixes the search's random candidates (the same seed, the same bytes)."""
+    are copied. Where `stats` hold input covariances and `search` > 1, rows get up to
+    `search` ggml quantizations, the later ones corrected by error feedback, and keep the
+    one with the least output error (export.quantize.quantize_rows_searched); `search` 0 or
+    1 writes what llama-quantize writes with the same imatrix. `search_seed` fixed the random
+    candidates of the search before issue 11; the error-feedback search has none."""
     from export.options import export_options  # (belongs with the imports above)
 
     adapter, source = model.adapter, model.source

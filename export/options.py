@@ -27,9 +27,10 @@ class ExportOptions:
     n_expert x n_per_row for the experts the file keeps). `covariance` maps a tensor name to
     its inputs' second moments ((n_blocks, B, B), or one per kept expert; an expert tensor's
     single one is shared, each expert scaling its correlations by its own imatrix row); with
-    `search` > 1 those tensors' rows are each the best of `search` ggml quantizations by
-    output error (`export.search.quantize_rows_searched`, whose random candidates
-    `search_seed` fixes). `reuse` is an earlier export of the same source with the same
+    `search` > 1 those tensors' rows get up to `search` ggml quantizations and keep the one
+    with the least output error (`export.quantize.quantize_rows_searched`; `search_seed`
+    fixed the random candidates of the search before issue 11, the error-feedback search
+    has none). `reuse` is an earlier export of the same source with the same
     statistics: tensors it holds with the same name, shape and type are copied from it
     instead of being read and quantized again (the sensitivity probes change one group of
     tensors at a time). `threads`: quantizing workers (None: `default_threads()`).

@@ -162,7 +162,7 @@ def write_gguf(
         stream = _DataStream(w.fout[0], infos, w.data_alignment)
         desc = f"writing {out_path.name}"
         if covariance and search > 1:  # tell why it takes longer than llama-quantize
-            desc += f" (best of {search} quantizations per row)"
+            desc += " (output-error search)"
         with ThreadPoolExecutor(threads) as pool, tqdm(
             total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
         ) as bar:
