@@ -67,7 +67,7 @@ _SIGNATURES = {
 
 
 class _TypeTraits(ctypes.Structure):
-    """`struct ggml_type_traits` of the pinned ggml.h (the fields up to the two we read)."""
+    """`struct ggml_type_traits` of the pinned ggml.h (`to_float` checked by the sizes)."""
 
     _fields_ = [
         ("type_name", ctypes.c_char_p),
@@ -182,8 +182,10 @@ def to_float(type_name: str, raw: np.ndarray, n: int) -> np.ndarray:
     if fn is None:
         traits = _TypeTraits.from_address(library().ggml_get_type_traits(t.value))
         blck, size = GGML_QUANT_SIZES[t]
-        if (traits.blck_size, traits.type_size) != (blck, size) or not traits.to_float:
+        if (traits.blck_size, traits.type_size) != (blck, size):
             raise GGMLLibraryError(f"{t.name}: ggml's type traits disagree with gguf-py's table")
+        if not traits.to_float:  # F32: nothing to convert
+            raise QuantizeError(f"ggml has no dequantizer for {t.name}")
         fn = _to_float.setdefault(t.value, _ToFloat(traits.to_float))
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     blck, size = GGML_QUANT_SIZES[t]
