@@ -21,9 +21,10 @@ from pathlib import Path
 import gguf
 
 import memory_planner as mp
-from edgemoe import pipeline, quality
-from edgemoe.llamacpp import open_llama
-from edgemoe.report import table
+from edgemoe import pipeline
+from edgemoe.llamacpp import open_llama, tokenize
+from edgemoe.report.tables import table
+from edgemoe.runtime import textscore
 from export.imatrix import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +65,15 @@ def main() -> None:
 
     llm = open_llama(f32, n_ctx=64, logits_all=False)
     text = (model_dir / "heldout.txt").read_text()
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
+    tokens = tokenize(llm, text)
     llm.close()
     slices = {"held-out 0-8191": tokens[:8192], "held-out 8192-16383": tokens[8192:16384],
               f"held-out 16384-{len(tokens) - 1}": tokens[16384:]}
     results = {}
     for name, toks in slices.items():
-        ref = quality.logprobs(f32, toks, args.ctx)
-        results[name] = {k: quality.compare(ref, quality.logprobs(p, toks, args.ctx), toks,
-                                            args.ctx).kld_mean for k, p in files.items()}
+        ref = textscore.logprobs(f32, toks, args.ctx)
+        results[name] = {k: textscore.compare(ref, textscore.logprobs(p, toks, args.ctx), toks,
+                                              args.ctx).kld_mean for k, p in files.items()}
     rows = []
     for name, r in results.items():
         for k, v in r.items():

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import gguf
@@ -26,6 +26,7 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
+from .gguf_io import atomic_output
 from .options import ExportOptions
 from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
 
@@ -129,7 +130,6 @@ def write_gguf(
     `add_metadata` fills the KV section (hyperparameters, tokenizer, names).
     """
     out_path = Path(out_path)
-    part = out_path.with_name(out_path.name + ".part")
     types = plan.by_name()
     missing = [r.spec.name for r in recipes if r.spec.name not in types]
     if missing:
@@ -155,7 +155,7 @@ def write_gguf(
                                         if r.spec.n_experts])
     total = sum(n for _, n in infos)
     copies = _reusable(reuse, recipes, types) if reuse is not None else {}
-    try:
+    with atomic_output(out_path) as part, closing(w):
         w.write_header_to_file(part)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -182,12 +182,6 @@ def write_gguf(
                     del chunk  # not held while the next one is awaited
                 stream.end()
         stream.close_check()
-        w.close()
-        os.replace(part, out_path)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d bytes of tensor data)", out_path, total)
     return out_path
 

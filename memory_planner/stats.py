@@ -60,7 +60,7 @@ class CalibStats:
     experts: dict[int, ExpertStats] = field(default_factory=dict)  # MoE layer -> stats
     n_tokens: int = 0
     datasets: tuple[str, ...] = ()
-    # measured in the runtime (edgemoe.sensitivity): KL divergence per unit of predicted
+    # measured in the runtime (edgemoe.calibration.sensitivity): KL divergence per unit of predicted
     # damage, per tensor, and for pruning; empty / None when not measured
     scales: dict[str, float] = field(default_factory=dict)
     prune_scale: float | None = None

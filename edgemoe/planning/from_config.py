@@ -27,7 +27,7 @@ from memory_planner.priors import (
 )
 from memory_planner.stats import CalibStats, ExpertStats
 
-from .pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
+from ..pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
 
 
 def read_config(config_path: str | Path) -> dict:

@@ -7,7 +7,7 @@ everything computed after it. This module turns that into handlers registered by
 
 Usage::
 
-    from edgemoe.hooks import EvalHooks, attach, moe_routing
+    from edgemoe.calibration.hooks import EvalHooks, attach, moe_routing
 
     counts = np.zeros((n_layer, n_expert), np.int64)
 
@@ -135,7 +135,8 @@ class _GGML:
         got = self.ggml_tensor_overhead() - GGML_OBJECT_SIZE
         if got != ctypes.sizeof(GGMLTensor):
             raise HookError(f"struct ggml_tensor is {got} bytes in this ggml, "
-                            f"{ctypes.sizeof(GGMLTensor)} in edgemoe.hooks: layout changed")
+                            f"{ctypes.sizeof(GGMLTensor)} in edgemoe.calibration.hooks: "
+                            "layout changed")
 
 
 _ggml: _GGML | None = None

@@ -1,10 +1,10 @@
 """Calibration: run the model in llama.cpp on text and measure what matters.
 
-Through the eval callback (`edgemoe.hooks`) every MoE layer reports, per token, the experts
-the router chose, their weights as the architecture normalises them, and each expert's
-output; every weight matrix's input is summed squared per column (llama.cpp's importance
-matrix, per expert for stacked expert tensors). The result is a `CalibStats`, written as a
-llama.cpp GGUF imatrix that also carries the expert statistics.
+Through the eval callback (`edgemoe.calibration.hooks`) every MoE layer reports, per token,
+the experts the router chose, their weights as the architecture normalises them, and each
+expert's output; every weight matrix's input is summed squared per column (llama.cpp's
+importance matrix, per expert for stacked expert tensors). The result is a `CalibStats`,
+written as a llama.cpp GGUF imatrix that also carries the expert statistics.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from export.imatrix import write_stats
 from export.quantize import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
 
-from . import pipeline
+from .. import pipeline
+from ..llamacpp import open_llama, tokenize
 from .hooks import EvalHooks, Node, attach
-from .llamacpp import open_llama
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 DEFAULT_COV_BUDGET = 1 << 30  # bytes of input covariances kept in a stats file
 
 # which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
@@ -238,9 +238,7 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     hooks = col.hooks()
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx), hooks)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-    if max_tokens:
-        tokens = tokens[:max_tokens]
+    tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]
     if not windows:
@@ -262,7 +260,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
     if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
-    on the first `probe_tokens` tokens (edgemoe.sensitivity). Writes the statistics to
+    on the first `probe_tokens` tokens (edgemoe.calibration.sensitivity). Writes the statistics to
     `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
     blocks of 256 columns; `cov_plan` says which) are kept too, within `cov_budget` bytes on
     disk (float64 accumulators take twice that in memory while calibrating): export's
@@ -283,7 +281,6 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
                         max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                         cov_blocks=cov_plan(model.specs, cov_budget))
     if sensitivity:
-        from .llamacpp import tokenize
         from .sensitivity import measure_scales
 
         tokens = tokenize(model.source.path, body)[:probe_tokens]
@@ -297,7 +294,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
 
 def summary(stats: CalibStats) -> str:
     """Per-layer expert usage: how uneven, and how much the least salient experts carry."""
-    from .report import table
+    from ..report.tables import table
 
     rows = []
     for layer, e in sorted(stats.experts.items()):
