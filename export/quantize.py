@@ -29,7 +29,6 @@ from .ggml import (
     GGMLLibraryError,
     QuantizeError,
     checked_type,
-    ggml_library_path,  # noqa: F401  (edgemoe.hooks finds the library here)
     init_type,
     library,
 )

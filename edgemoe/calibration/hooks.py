@@ -111,42 +111,24 @@ class HookError(RuntimeError):
     """A handler failed, or llama.cpp's structures are not what this module was written for."""
 
 
-class _GGML:
-    """The few libggml-base functions used here, loaded from llama-cpp-python's own copy."""
+_checked_layout = False
 
-    def __init__(self):
-        from export.quantize import ggml_library_path
 
-        # the same file libllama links (and ggml's quantizer uses): one ggml in the process
-        lib = ctypes.CDLL(str(ggml_library_path()))
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        for fn, args, res in [
-            ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
-            ("ggml_backend_tensor_set", [vp, vp, sz, sz], None),
-            ("ggml_backend_tensor_memset", [vp, ctypes.c_uint8, sz, sz], None),
-            ("ggml_nbytes", [vp], sz),
-            ("ggml_tensor_overhead", [], sz),
-            ("ggml_get_name", [vp], vp),
-            ("ggml_backend_buft_name", [vp], ctypes.c_char_p),
-        ]:
-            f = getattr(lib, fn)
-            f.argtypes, f.restype = args, res
-            setattr(self, fn, f)
-        got = self.ggml_tensor_overhead() - GGML_OBJECT_SIZE
+def ggml() -> ctypes.CDLL:
+    """libggml-base (`export.ggml.library`: the copy libllama links, one ggml in the
+    process), after checking that `GGMLTensor` matches this ggml's struct ggml_tensor."""
+    global _checked_layout
+    from export.ggml import library
+
+    lib = library()
+    if not _checked_layout:
+        got = lib.ggml_tensor_overhead() - GGML_OBJECT_SIZE
         if got != ctypes.sizeof(GGMLTensor):
             raise HookError(f"struct ggml_tensor is {got} bytes in this ggml, "
                             f"{ctypes.sizeof(GGMLTensor)} in edgemoe.calibration.hooks: "
                             "layout changed")
-
-
-_ggml: _GGML | None = None
-
-
-def ggml() -> _GGML:
-    global _ggml
-    if _ggml is None:
-        _ggml = _GGML()
-    return _ggml
+        _checked_layout = True
+    return lib
 
 
 def split_name(name: str) -> tuple[str, int | None]:
