@@ -25,9 +25,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.edgemoe import tiny_gguf
-
-ggufs = tiny_gguf.ggufs  # the session fixture
 
 TIMEOUT = 180
 
