@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from export.gguf_io import check_output
 from memory_planner import MemoryPlan, parse_size
 from memory_planner.stats import CalibStats
 
@@ -38,8 +39,9 @@ log = logging.getLogger("edgemoe")
 
 
 def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
-                source: str) -> tuple[CalibStats | None, str | None]:
-    """Calibration statistics from a stats/imatrix file, or a calibration run on text."""
+                source: str, model: pipeline.Model) -> tuple[CalibStats | None, str | None]:
+    """Calibration statistics from a stats/imatrix file (checked against `model`), or a
+    calibration run on text."""
     from export.imatrix import read_stats
 
     given = [x for x in (stats, imatrix, calib_text) if x]
@@ -47,7 +49,9 @@ def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
         raise ValueError("give one of --stats, --imatrix, --calib-text")
     path = stats or imatrix
     if path:
-        return read_stats(path), path
+        calib = read_stats(path)
+        calib.check_model(model.specs, path)
+        return calib, path
     if calib_text:
         from .calibration.collect import calibrate as run_calibration
 
@@ -55,6 +59,13 @@ def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
         stats = run_calibration(source, text=calib_text, output=str(out), sensitivity=True)
         return stats, str(out)
     return None, None
+
+
+def _read_plan(path: str) -> MemoryPlan:
+    try:
+        return MemoryPlan.load(path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a plan JSON from `edgemoe plan -o` ({e})") from None
 
 
 def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
@@ -76,18 +87,24 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0", type: str | None = None,
            stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
            no_prune: bool = False, threads: int | None = None,
-           plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH) -> Path:
+           plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH,
+           plan_file: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
                          f"weights on disk (hf download {source} --local-dir DIR), then "
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
     model = pipeline.open_model(source)
-    budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-    calib, _ = _load_stats(stats, imatrix, calib_text, source)
-    plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
+    out = check_output(output or f"{Path(source).name}-{memory}.gguf", model.source.files)
+    calib, _ = _load_stats(stats, imatrix, calib_text, source, model)
+    if plan_file:  # a plan JSON from `edgemoe plan -o`, for this model
+        plan, tradeoff = _read_plan(plan_file), []
+        plan.check_model(model.adapter.tensor_specs(plan.n_experts_kept or None), plan_file)
+    else:
+        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib,
+                                            prune=not no_prune)
     _show_plan(plan, tradeoff)
-    out = Path(output) if output else Path(f"{Path(source).name}-{memory}.gguf")
     if plan_out:
         plan.save(plan_out)
     path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
@@ -116,7 +133,7 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     else:
         model = pipeline.open_model(source)
         budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-        calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
+        calib, calib_path = _load_stats(stats, imatrix, calib_text, source, model)
         p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
     _show_plan(p, tradeoff)
     print("\nthe same types with llama.cpp's own tool:")
@@ -281,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="output .gguf (default SOURCE-MEMORY.gguf)")
     e.add_argument("--threads", type=int, default=None, help="quantization threads")
     e.add_argument("--plan-out", default=None, help="also write the plan JSON here")
+    e.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
+                   help="write this plan (from `edgemoe plan -o`) instead of planning again")
     e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
                    help="per row, keep the best of this many ggml quantizations by output "
                         "error, where the stats hold input covariances (default "
@@ -404,10 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # library errors are typed ValueErrors
         if show_traceback:
             raise
-        print(f"edgemoe: error: {exc}", file=sys.stderr)
+        is_os = isinstance(exc, OSError) and exc.filename and exc.strerror
+        print(f"edgemoe: error: {f'{exc.filename}: {exc.strerror}' if is_os else exc}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print("edgemoe: interrupted; no partial output was kept", file=sys.stderr)
+        print(f"edgemoe: interrupted; {exc or 'nothing was written to the output path'}",
+              file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         if on_main_thread:

@@ -10,12 +10,12 @@ renamed only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import closing
 from pathlib import Path
 
 import gguf
@@ -26,7 +26,7 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
-from .gguf_io import atomic_output
+from .gguf_io import header_bytes, resumable_output
 from .options import ExportOptions
 from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
 
@@ -155,18 +155,19 @@ def write_gguf(
                                         if r.spec.n_experts])
     total = sum(n for _, n in infos)
     copies = _reusable(reuse, recipes, types) if reuse is not None else {}
-    with atomic_output(out_path) as part, closing(w):
-        w.write_header_to_file(part)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        stream = _DataStream(w.fout[0], infos, w.data_alignment)
+    header = header_bytes(w)
+    fingerprint = _fingerprint(header, source, options)
+    with resumable_output(out_path, header, fingerprint, [n for _, n in infos],
+                          w.data_alignment) as (fout, first):
+        stream = _DataStream(fout, infos[first:], w.data_alignment)
         desc = f"writing {out_path.name}"
         if covariance and search > 1:  # tell why it takes longer than llama-quantize
             desc += f" (best of {search} quantizations per row)"
         with ThreadPoolExecutor(threads) as pool, tqdm(
-            total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
+            total=total, initial=sum(n for _, n in infos[:first]), unit="B", unit_scale=True,
+            desc=desc, disable=not progress,
         ) as bar:
-            for r in recipes:
+            for r in recipes[first:]:
                 type_name = types[r.spec.name].type
                 im = None if imatrix is None else imatrix.get(r.spec.name)
                 cov = None if covariance is None or search < 2 else covariance.get(r.spec.name)
@@ -184,6 +185,37 @@ def write_gguf(
         stream.close_check()
     log.info("wrote %s (%d bytes of tensor data)", out_path, total)
     return out_path
+
+
+def _fingerprint(header: bytes, source, options: ExportOptions) -> dict[str, str]:
+    """What decides the file's bytes besides its header, by part, so that a resumed export
+    is byte-identical to an uninterrupted one and a changed input says what changed."""
+    from . import quantize
+    from .ggml import ggml_library_path
+
+    def digest(*parts) -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p if isinstance(p, bytes) else repr(p).encode())
+        return h.hexdigest()[:32]
+
+    def arrays(d) -> list:
+        return [] if not d else [(k, v.shape, v.dtype.str, hashlib.sha256(
+            np.ascontiguousarray(v).data).hexdigest()) for k, v in sorted(d.items())]
+
+    def identity(p: Path) -> tuple:
+        st = p.stat()
+        return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+    reuse = [identity(Path(options.reuse))] if options.reuse is not None else []
+    return {
+        "plan or metadata": digest(header),
+        "source files": digest(*(identity(p) for p in source.files)),
+        "statistics or search": digest(options.search, options.search_seed, reuse,
+                                       arrays(options.imatrix), arrays(options.covariance)),
+        "quantizer": digest(Path(quantize.__file__).read_bytes(),
+                            identity(ggml_library_path())),
+    }
 
 
 def _reusable(path: str | Path, recipes: Sequence[TensorRecipe],

@@ -8,6 +8,7 @@ length that quantization blocks run along. Stacked expert tensors have `shape[0]
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,6 +107,22 @@ class MemoryPlan:
     solver: str = ""  # e.g. "milp/highs optimal"
     pruning_damage: float = 0.0  # predicted damage of the experts removed
 
+
+    def check_model(self, specs: list[TensorSpec], where: str) -> None:
+        """Raise ValueError unless this plan was made for a model with `specs` (the
+        source's tensors after the plan's pruning): the same tensor names and sizes."""
+        want = {s.name: math.prod(s.shape) for s in specs}
+        have = {t.name: t.n_elements for t in self.tensors}
+        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        if missing or extra:
+            raise ValueError(f"{where} is a plan for another model: {len(extra)} of its tensors "
+                             f"are not in this one ({', '.join(extra[:3]) or '-'}), "
+                             f"{len(missing)} of this model's are not in it "
+                             f"({', '.join(missing[:3]) or '-'})")
+        for name, n in want.items():
+            if have[name] != n:
+                raise ValueError(f"{where} is a plan for another model: {name} has {have[name]} "
+                                 f"weights in it, {n} in this model")
 
     @property
     def weight_bytes(self) -> int:
