@@ -116,6 +116,10 @@ class HFSource:
         """Weight tensors; FP8 scale tensors are folded into their weights, not listed."""
         return list(self._names)
 
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name`."""
+        return self._where.get(name, self.path)
+
     @property
     def files(self) -> list[Path]:
         """Every file the model is read from (the weights and the JSON beside them)."""
@@ -260,6 +264,9 @@ class GGUFSource:
     @property
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def file_of(self, name: str) -> Path:
+        return self.path
 
     @property
     def files(self) -> list[Path]:

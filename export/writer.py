@@ -29,6 +29,7 @@ from .arch.base import TensorRecipe
 from .gguf_io import header_bytes, resumable_output
 from .options import ExportOptions
 from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
+from .reads import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,13 @@ def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
     return quant
 
 
+def _finite(data: np.ndarray, r: TensorRecipe, source, expert: int | None = None) -> np.ndarray:
+    """`data` as loaded for `r`, or an error naming the source tensor and file if it holds
+    NaN or infinite values (llama.cpp would compute garbage with them)."""
+    name = r.hf_names[expert if expert is not None and not r.stacked else 0]
+    return check_finite(data, name, source.file_of(name))
+
+
 def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray | None,
                    cov: np.ndarray | None, pool: Executor, threads: int,
                    block: int) -> Iterator[np.ndarray]:
@@ -277,7 +285,7 @@ def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray
                 row_cov = cov[e]
             elif cov is not None:  # shared by the experts: scaled by this one's imatrix
                 row_cov = cov if row_im is None else scaled_correlation(cov, row_im)
-            return quant(r.load_expert(source, e), row_im, row_cov)
+            return quant(_finite(r.load_expert(source, e), r, source, e), row_im, row_cov)
 
         yield from _ordered(pool, one, range(r.spec.n_experts), window)
         return
@@ -288,12 +296,12 @@ def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray
         step = max(1, min(-(-shape[0] // threads), block // per_index))
 
         def part(start: int) -> np.ndarray:
-            a = source.load(name, range(start, min(start + step, shape[0])))
+            a = _finite(source.load(name, range(start, min(start + step, shape[0]))), r, source)
             return quant(a.reshape(-1, a.shape[-1]), imatrix, cov)
 
         yield from _ordered(pool, part, range(0, shape[0], step), window)
         return
-    data = r.load(source)
+    data = _finite(r.load(source), r, source)
     rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
     # split big matrices into row blocks so that all workers quantize at once
     n = rows.shape[0]

@@ -55,6 +55,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -318,25 +321,27 @@ class EvalHooks:
         return layer, found, any(when is not None for _, when in found), name
 
     def _callback(self, t: int, ask: bool, user_data) -> bool:
-        # called for every graph node: keep the common path (an unwanted node) short
-        raw = ctypes.string_at(t + NAME_OFFSET)
+        # called for every graph node: keep the common path (an unwanted node) short. Nothing
+        # may unwind through C, not even Ctrl-C's KeyboardInterrupt (raised here when the
+        # signal lands during a callback): errors are kept and re-raised after the decode.
         try:
-            route = self._routes[raw]
-        except KeyError:
-            route = self._routes[raw] = self._route(raw)
-        if route is None:
-            return not ask
-        layer, entries, conditional, name = route
-        if ask:
-            return not conditional or any(w is None or w(layer) for _, w in entries)
-        if not self.errors:
+            raw = ctypes.string_at(t + NAME_OFFSET)
             try:
+                route = self._routes[raw]
+            except KeyError:
+                route = self._routes[raw] = self._route(raw)
+            if route is None:
+                return not ask
+            layer, entries, conditional, name = route
+            if ask:
+                return not conditional or any(w is None or w(layer) for _, w in entries)
+            if not self.errors:
                 node = Node(t, name)
                 for fn, when in entries:
                     if when is None or when(layer):
                         fn(node)
-            except BaseException as exc:  # noqa: B036 - must not unwind through C
-                self.errors.append(exc)
+        except BaseException as exc:  # noqa: B036 - must not unwind through C
+            self.errors.append(exc)
         return True
 
     def raise_errors(self) -> None:
@@ -344,6 +349,8 @@ class EvalHooks:
         decode, fail if a required node name never occurred in the graph."""
         if self.errors:
             exc, self.errors = self.errors[0], []
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM during the decode
+                raise exc
             raise HookError(f"an eval handler failed: {exc!r}") from exc
         if not self.checked:
             self.checked = True
@@ -353,6 +360,30 @@ class EvalHooks:
                     f"llama.cpp computed no node named {', '.join(missing)} (with or without a "
                     "layer suffix): the graph was renamed, or the model has no such node. "
                     "Set hooks.record_names = True to list the names it has.")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the decode returns. Raised inside an eval callback (a
+    signal is handled at the next Python bytecode, which may be the callback's first), the
+    KeyboardInterrupt would end in ctypes, which prints and drops it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda sig, _frame: held.append(sig)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for sig in dict.fromkeys(held):  # replayed to the handlers that were in place
+            h = old[sig]
+            if callable(h):
+                h(sig, None)
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _hooked_context_class():
@@ -369,7 +400,8 @@ def _hooked_context_class():
             b = batch.batch
             self.hooks.batch = (int(b.pos[0]), int(b.n_tokens)) if b.n_tokens else None
             try:
-                super().decode(batch)
+                with _signals_held():
+                    super().decode(batch)
             finally:
                 self.hooks.batch = None
                 self.hooks.end_decode()
