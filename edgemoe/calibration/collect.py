@@ -25,7 +25,8 @@ from memory_planner.stats import CalibStats, ExpertStats
 
 from .. import pipeline
 from ..llamacpp import open_llama, tokenize
-from .hooks import EvalHooks, Node, attach
+from .hooks import EvalHooks, attach
+from .nodes import Node
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ def memory_breakdown(llm) -> dict[str, int]:
 def model_buffer_types(llm) -> dict[str, int]:
     """The buffer types holding the model's weights ("CPU", "CPU_REPACK", "AMX", ...) and
     their bytes."""
-    from ..calibration.hooks import ggml
+    from ..calibration.nodes import ggml
 
     name = ggml().ggml_backend_buft_name
     return {name(n.key).decode(): n.model for n in _breakdown(llm) if n.model}

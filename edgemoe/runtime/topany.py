@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
-from ..calibration.hooks import EvalHooks, GGMLTensor, HookError, Node, ggml, moe_routing
+from ..calibration.hooks import EvalHooks
+from ..calibration.nodes import GGMLTensor, HookError, Node, ggml, moe_routing
 
 WEIGHTS_NODE = "ffn_moe_weights"
 DOWN_NODE = "ffn_moe_down"  # the last op that reads the selection (mul_mat_id)

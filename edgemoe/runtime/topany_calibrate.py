@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration.hooks import EvalHooks, Node, attach
+from ..calibration.hooks import EvalHooks, attach
+from ..calibration.nodes import Node
 from ..llamacpp import open_llama
 from . import textscore
 from .topany import WEIGHTS_NODE, ExpertUse, TopAny

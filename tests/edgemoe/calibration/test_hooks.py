@@ -7,15 +7,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from edgemoe.calibration.hooks import (
-    EvalHooks,
-    GGMLTensor,
-    HookError,
-    attach,
-    ggml,
-    moe_routing,
-    split_name,
-)
+from edgemoe.calibration.hooks import EvalHooks, attach
+from edgemoe.calibration.nodes import GGMLTensor, HookError, ggml, moe_routing, split_name
 from edgemoe.llamacpp import eval_logits, open_llama
 from tests.helpers import PROMPT
 
