@@ -18,10 +18,10 @@ from pathlib import Path
 
 from export.gguf_io import check_output
 from memory_planner import MemoryPlan, parse_size
-from memory_planner.stats import CalibStats
 
 from . import pipeline
 from .llamacpp import tokenize
+from .planning.from_config import is_config_only
 from .planning.hub import fetch_config, looks_like_repo_id
 from .report import tables as report
 from .runtime import topany_calibrate, topany_metadata
@@ -38,36 +38,6 @@ from .runtime.validate import (
 log = logging.getLogger("edgemoe")
 
 
-def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
-                source: str, model: pipeline.Model) -> tuple[CalibStats | None, str | None]:
-    """Calibration statistics from a stats/imatrix file (checked against `model`), or a
-    calibration run on text."""
-    from export.imatrix import read_stats
-
-    given = [x for x in (stats, imatrix, calib_text) if x]
-    if len(given) > 1:
-        raise ValueError("give one of --stats, --imatrix, --calib-text")
-    path = stats or imatrix
-    if path:
-        calib = read_stats(path)
-        calib.check_model(model.specs, path)
-        return calib, path
-    if calib_text:
-        from .calibration.collect import calibrate as run_calibration
-
-        out = Path(f"{Path(source).name}.stats.gguf")
-        stats = run_calibration(source, text=calib_text, output=str(out), sensitivity=True)
-        return stats, str(out)
-    return None, None
-
-
-def _read_plan(path: str) -> MemoryPlan:
-    try:
-        return MemoryPlan.load(path)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a plan JSON from `edgemoe plan -o` ({e})") from None
-
-
 def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
     if tradeoff:
         print(report.tradeoff_table(tradeoff))
@@ -75,12 +45,6 @@ def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
     print(report.plan_table(plan))
     print()
     print(report.budget_table(plan))
-
-
-def _is_shape_only(source: str) -> bool:
-    p = Path(source)
-    return p.is_file() and p.suffix == ".json" or (
-        p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.safetensors")))
 
 
 def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
@@ -96,9 +60,9 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
     model = pipeline.open_model(source)
     out = check_output(output or f"{Path(source).name}-{memory}.gguf", model.source.files)
-    calib, _ = _load_stats(stats, imatrix, calib_text, source, model)
+    calib, _ = pipeline.load_stats(model, stats, imatrix, calib_text)
     if plan_file:  # a plan JSON from `edgemoe plan -o`, for this model
-        plan, tradeoff = _read_plan(plan_file), []
+        plan, tradeoff = MemoryPlan.load(plan_file), []
         plan.check_model(model.adapter.tensor_specs(plan.n_experts_kept or None), plan_file)
     else:
         budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
@@ -125,7 +89,7 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     tradeoff: list = []
     if looks_like_repo_id(source):
         source = str(fetch_config(source))
-    if _is_shape_only(source):
+    if is_config_only(source):
         from .planning.from_config import plan_from_config
 
         p = plan_from_config(source, memory, ctx, kv_type, reserve, type)
@@ -133,12 +97,12 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     else:
         model = pipeline.open_model(source)
         budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-        calib, calib_path = _load_stats(stats, imatrix, calib_text, source, model)
+        calib, calib_path = pipeline.load_stats(model, stats, imatrix, calib_text)
         p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
     _show_plan(p, tradeoff)
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
-    if calib_path and not _is_shape_only(source) and calib.in_cov:
+    if calib_path and not is_config_only(source) and calib.in_cov:
         print("\n(`edgemoe export` also picks each row's bytes among several ggml quantizations "
               "by output error, with the input covariances in the stats: the same types and "
               "sizes, less error; `--search 0` writes what this command writes)")

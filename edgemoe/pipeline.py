@@ -138,3 +138,27 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, options=options)
+
+
+def load_stats(model: Model, stats: str | None = None, imatrix: str | None = None,
+               calib_text: str | None = None) -> tuple[CalibStats | None, str | None]:
+    """Calibration statistics and their file: a stats/imatrix file (checked against `model`),
+    or a calibration run on `calib_text` (with probes) written beside the working folder."""
+    from export.imatrix import read_stats
+
+    given = [x for x in (stats, imatrix, calib_text) if x]
+    if len(given) > 1:
+        raise ValueError("give one of --stats, --imatrix, --calib-text")
+    path = stats or imatrix
+    if path:
+        calib = read_stats(path)
+        calib.check_model(model.specs, path)
+        return calib, path
+    if calib_text:
+        from .calibration.collect import calibrate
+
+        out = f"{model.source.path.name}.stats.gguf"
+        return calibrate(str(model.source.path), text=calib_text, output=out,
+                         sensitivity=True), out
+    return None, None
+

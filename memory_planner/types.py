@@ -198,4 +198,9 @@ class MemoryPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> MemoryPlan:
-        return cls.from_json(Path(path).read_text())
+        """A plan saved by `save` (`edgemoe plan -o`); ValueError naming the file if not."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a plan JSON from `edgemoe plan -o` ({e!r})") \
+                from None
