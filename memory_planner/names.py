@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 
 class TensorName(NamedTuple):
-    kind: str  # "ffn_down_exps", "attn_q", or the first part of a name outside the blocks
+    kind: str  # "ffn_down_exps", "attn_q", "output", "token_embd", ...
     layer: int | None  # the block index of a `blk.N.*` name, else None
 
 
-def parse_tensor_name(name: str) -> TensorName:
-    """The kind and layer of a GGUF tensor name.
+_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(.+?)(?:\.(?:weight|bias))?$")
 
-    In a block, the kind is the part after the index (`blk.3.attn_q.weight` -> `attn_q`;
-    `blk.61.nextn.eh_proj.weight` -> `nextn`); outside the blocks it is the first part
-    (`output.weight` -> `output`, `token_embd.weight` -> `token_embd`).
-    """
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) > 2:
-        return TensorName(parts[2], int(parts[1]) if parts[1].isdigit() else None)
-    return TensorName(parts[0], None)
+
+def parse_tensor_name(name: str) -> TensorName:
+    """The kind and layer of a GGUF tensor name: what lies between the block index and the
+    `.weight` / `.bias` suffix (`blk.3.attn_q.weight` -> `attn_q`, 3;
+    `blk.61.nextn.eh_proj.weight` -> `nextn.eh_proj`, 61; `blk.0.ssm_a` -> `ssm_a`, 0;
+    `output.weight` -> `output`, None)."""
+    m = _NAME.match(name)
+    return TensorName(m.group(2), int(m.group(1)) if m.group(1) else None)

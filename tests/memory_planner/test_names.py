@@ -10,7 +10,9 @@ from memory_planner.names import TensorName, parse_tensor_name
 @pytest.mark.parametrize("name, kind, layer", [
     ("blk.3.ffn_down_exps.weight", "ffn_down_exps", 3),
     ("blk.0.attn_q.bias", "attn_q", 0),
-    ("blk.61.nextn.eh_proj.weight", "nextn", 61),
+    ("blk.61.nextn.eh_proj.weight", "nextn.eh_proj", 61),
+    ("blk.0.ssm_a", "ssm_a", 0),
+    ("blk.2.exp_probs_b.bias", "exp_probs_b", 2),
     ("output.weight", "output", None),
     ("token_embd.weight", "token_embd", None),
     ("output_norm.weight", "output_norm", None),
