@@ -156,11 +156,12 @@ def resumable_output(path: str | Path, header: bytes, fingerprint: dict[str, str
         raise OutputError(f"{path} is being written by another edgemoe process right now "
                           f"(it holds the lock on {part.name})") from None
     fout = os.fdopen(fd, "r+b")
-    ends = [_aligned(len(header), alignment)]
+    ends = [_aligned(len(header), alignment)]  # where each tensor's padded data ends
     for n in sizes:
         ends.append(ends[-1] + _aligned(n, alignment))
-    first = _resume_point(part, note, header, fingerprint, ends, fout)
+    first = 0
     try:
+        first = _resume_point(part, note, header, fingerprint, ends, fout)
         need = ends[-1] - ends[first]
         free = shutil.disk_usage(part.parent).free
         if need > free:
@@ -177,7 +178,7 @@ def resumable_output(path: str | Path, header: bytes, fingerprint: dict[str, str
         note.unlink(missing_ok=True)
     except KeyboardInterrupt as e:
         fout.flush()
-        done = sum(1 for e_ in ends[1:] if e_ <= fout.tell())
+        done = sum(1 for end in ends[1:] if end <= fout.tell())
         raise type(e)(f"the {done} of {len(sizes)} tensors written are kept in {part}: run "
                       "the same command again to resume") from None
     except BaseException as e:
