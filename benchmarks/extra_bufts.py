@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgemoe.report import table  # noqa: E402
+from edgemoe.report.tables import table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "stdlib-moe"

@@ -36,10 +36,12 @@ import numpy as np
 from scipy.stats import spearmanr
 
 import memory_planner as mp
-from edgemoe import pipeline, quality
-from edgemoe.calibrate import calibrate
-from edgemoe.llamacpp import llama_quantize, open_llama
-from edgemoe.report import table
+from edgemoe import pipeline
+from edgemoe.calibration.collect import calibrate
+from edgemoe.damage import importance, measure_damage
+from edgemoe.llamacpp import llama_quantize, open_llama, tokenize
+from edgemoe.report.tables import table
+from edgemoe.runtime import textscore
 from memory_planner.stats import CalibStats, ExpertStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,18 +98,18 @@ def main() -> None:
                           progress=False)
     text = Path(args.heldout or model_dir / "heldout.txt").read_text()
     llm = open_llama(f32, n_ctx=64, logits_all=False)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)[: args.tokens]
+    tokens = tokenize(llm, text)[: args.tokens]
     llm.close()
-    ref = quality.logprobs(f32, tokens, args.ctx)
+    ref = textscore.logprobs(f32, tokens, args.ctx)
     stats = calibrate(str(model_dir), text=args.calib or str(model_dir / "calib.txt"),
                       output=str(work / "stats.gguf"), calib_model=str(f32), calib_type="F32",
                       sensitivity=True, progress=False)
     unprobed = replace(stats, scales={}, prune_scale=None)
-    imatrix_by_name = {s.name: pipeline.importance(stats, s) for s in model.specs
+    imatrix_by_name = {s.name: importance(stats, s) for s in model.specs
                        if s.quantizable and stats.importance(s.name) is not None}
 
     def measure(path: Path) -> dict:
-        q = quality.compare(ref, quality.logprobs(path, tokens, args.ctx), tokens, args.ctx)
+        q = textscore.compare(ref, textscore.logprobs(path, tokens, args.ctx), tokens, args.ctx)
         return {"kld": q.kld_mean, "kld_p99": q.kld_p99, "top1": q.top1_agreement,
                 "ppl": q.ppl, "ppl_ref": q.ppl_reference, "weight_bytes": weight_bytes(path)}
 
@@ -124,9 +126,8 @@ def main() -> None:
         presets[p] = measure(out)
 
     n_params = sum(s.n_elements for s in model.specs)
-    damage_cal = pipeline.measure_damage(model, stats=stats, progress=False,
-                                         ladder=mp.DEFAULT_LADDER + mp.quant_types
-                                         .IMATRIX_LADDER_EXTRA)
+    damage_cal = measure_damage(model, stats=stats, progress=False,
+                                ladder=mp.DEFAULT_LADDER + mp.quant_types.IMATRIX_LADDER_EXTRA)
     probe = pipeline.make_budget(a, 10**12, ctx=args.ctx)
     overhead = probe.kv_bytes + probe.compute_bytes  # the same at every cap
     results, rank_points = [], []

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import scipy  # noqa: E402
 
 import memory_planner as mp  # noqa: E402
-from edgemoe.shape_plan import plan_from_config, read_config  # noqa: E402
+from edgemoe.planning.from_config import plan_from_config, read_config  # noqa: E402
 from export.arch import adapter_for  # noqa: E402
 from memory_planner.quant_types import IMATRIX_LADDER_EXTRA, candidate_types  # noqa: E402
 

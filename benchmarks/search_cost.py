@@ -11,7 +11,7 @@ expert slices one call each, as export quantizes them), per type:
          output errors, output.weight above all, weigh most)
   kept/t the same ratio per GGUF tensor, averaged over tensors
   cut    1 - strategy / plain: the share of the summed output error removed
-Strategies (`export.quantize.quantize_rows_searched`):
+Strategies (`export.search.quantize_rows_searched`):
   weightings 16   best of the imatrix and 15 other column weightings per row (before issue 11)
   weightings 2    best of the imatrix and its square root per row
   feedback 2      the default (--search 2): GPTQ on ggml's grid (scalar K-quants, IQ4_XS) or a
@@ -211,7 +211,7 @@ def main() -> None:
     model = pipeline.open_model(args.model)
     stats_path = Path(args.stats) if args.stats else work / "stats.gguf"
     if not stats_path.is_file():
-        from edgemoe.calibrate import calibrate
+        from edgemoe.calibration.collect import calibrate
 
         calibrate(args.model, text=str(Path(args.model) / "calib.txt"), output=str(stats_path),
                   progress=False)

@@ -26,8 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgemoe import textscore, topany  # noqa: E402
-from edgemoe.report import table  # noqa: E402
+from edgemoe.llamacpp import tokenize  # noqa: E402
+from edgemoe.report.tables import table  # noqa: E402
+from edgemoe.runtime import topany, topany_calibrate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -47,20 +48,20 @@ def export_f32(model_dir: Path, out: Path) -> Path:
 def check_exactness(path: Path, tokens: list[int], threads: int | None) -> dict:
     import gguf
 
-    from edgemoe import runtime
-    from edgemoe.hooks import EvalHooks
+    from edgemoe.calibration.hooks import EvalHooks
     from edgemoe.llamacpp import eval_logits, open_llama
+    from edgemoe.runtime.model import load
 
     arch = gguf.GGUFReader(path).get_field("general.architecture").contents()
     plain = eval_logits(open_llama(path, n_ctx=len(tokens), threads=threads), tokens)
-    hooked = runtime.load(path, top_any=0, n_ctx=len(tokens), threads=threads, logits_all=True,
-                          hooks=EvalHooks())
+    hooked = load(path, top_any=0, n_ctx=len(tokens), threads=threads, logits_all=True,
+                  hooks=EvalHooks())
     k1 = open_llama(path, n_ctx=len(tokens), threads=threads,
                     kv_overrides={f"{arch}.expert_used_count": 1})
     hooks = EvalHooks()
     topany.SlotDropper(lambda layer, w: np.arange(w.shape[1])[None, :] % 2 == 1).install(hooks)
-    dropped = runtime.load(path, top_any=0, n_ctx=len(tokens), threads=threads,
-                           logits_all=True, hooks=hooks)
+    dropped = load(path, top_any=0, n_ctx=len(tokens), threads=threads, logits_all=True,
+                   hooks=hooks)
     return {"tokens": len(tokens),
             "tau0_bit_identical": bool(np.array_equal(eval_logits(hooked, tokens), plain)),
             "drop_second_equals_k1": bool(np.array_equal(eval_logits(dropped, tokens),
@@ -88,10 +89,8 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(args.gguf) if args.gguf else export_f32(model_dir, out_dir /
                                                          f"{model_dir.name}-F32.gguf")
-    calib = textscore.tokenize_file(path, (model_dir / "calib.txt").read_text(),
-                                    args.calib_tokens)
-    held = textscore.tokenize_file(path, (model_dir / "heldout.txt").read_text(),
-                                   args.heldout_tokens)
+    calib = tokenize(path, (model_dir / "calib.txt").read_text(), args.calib_tokens)
+    held = tokenize(path, (model_dir / "heldout.txt").read_text(), args.heldout_tokens)
     print(f"{path.name}: {len(calib)} calibration tokens, {len(held)} held-out tokens", flush=True)
 
     # exactness on this model: the callback with tau = 0 against plain llama-cpp-python,
@@ -100,11 +99,11 @@ def main(argv=None) -> dict:
     print(f"tau = 0 bit-identical: {exact['tau0_bit_identical']}; every second slot dropped "
           f"== expert_used_count 1: {exact['drop_second_equals_k1']}", flush=True)
 
-    ev_cal = topany.Evaluator(path, calib, args.ctx, args.threads)
-    ev_held = topany.Evaluator(path, held, args.ctx, args.threads)
+    ev_cal = topany_calibrate.Evaluator(path, calib, args.ctx, args.threads)
+    ev_held = topany_calibrate.Evaluator(path, held, args.ctx, args.threads)
     grid = [float(x) for x in args.grid.split(",")]
     t0 = time.time()
-    cal = topany.Calibrator(ev_cal, grid)
+    cal = topany_calibrate.Calibrator(ev_cal, grid)
     t_sens = time.time() - t0
     k = ev_cal.k
     max_share = (k - 1) / k
@@ -134,7 +133,7 @@ def main(argv=None) -> dict:
 
     budget = {}
     for method, fn in (("uniform", ev_cal.uniform), ("layer", cal.thresholds)):
-        c = topany.fit(ev_cal, fn, method, max_ppl_increase=0.01)
+        c = topany_calibrate.fit(ev_cal, fn, method, max_ppl_increase=0.01)
         budget[method] = {"calibration": c.to_dict(),
                           "heldout": measure(f"{method} (1% budget on calib)", None,
                                              np.asarray(c.thresholds, np.float32))}

@@ -34,9 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgemoe import runtime, topany  # noqa: E402
-from edgemoe.hooks import EvalHooks  # noqa: E402
-from edgemoe.report import table  # noqa: E402
+from edgemoe.calibration.hooks import EvalHooks  # noqa: E402
+from edgemoe.report.tables import table  # noqa: E402
+from edgemoe.runtime.model import load  # noqa: E402
+from edgemoe.runtime.topany import ExpertUse  # noqa: E402
+from edgemoe.runtime.topany_calibrate import slot_ratios, tau_for_share  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOKENIZER_DIR = ROOT / "models" / "stdlib-moe"
@@ -199,14 +201,14 @@ def main(argv=None) -> dict:
     ratios: list[np.ndarray] = []
     hooks = EvalHooks()
     hooks.add("ffn_moe_weights", lambda n: ratios.append(
-        topany.slot_ratios(n.read().reshape(n.ne[2], n.ne[1]))))
+        slot_ratios(n.read().reshape(n.ne[2], n.ne[1]))))
     n_ctx = len(prompt) + len(stream) + 8
-    probe = runtime.load(path, top_any=0, n_ctx=n_ctx, threads=args.threads, hooks=hooks)
+    probe = load(path, top_any=0, n_ctx=n_ctx, threads=args.threads, hooks=hooks)
     probe.eval(prompt)
     ratios.clear()
     for t in stream:
         probe.eval([t])
-    tau = topany.tau_for_share(np.concatenate(ratios), share, k)
+    tau = tau_for_share(np.concatenate(ratios), share, k)
     probe.close()
 
     configs = {
@@ -216,14 +218,14 @@ def main(argv=None) -> dict:
         "top-any, no skip": dict(top_any=tau, skip_dropped=False),
         "k=1 override": dict(top_any=0, kv_overrides={"qwen3moe.expert_used_count": 1}),
     }
-    llms = {name: runtime.load(path, n_ctx=n_ctx, threads=args.threads, **kw)
+    llms = {name: load(path, n_ctx=n_ctx, threads=args.threads, **kw)
             for name, kw in configs.items()}
     speeds: dict[str, list[float]] = {name: [] for name in llms}
     for llm in llms.values():  # the same prompt in every context, then warm-up tokens
         llm.eval(prompt)
         decode_tps(llm, stream[:2])
         if llm.dropper is not None:  # count decode tokens only
-            llm.dropper.use = topany.ExpertUse()
+            llm.dropper.use = ExpertUse()
     for rep in range(args.reps):
         chunk = stream[2 + rep * args.tokens: 2 + (rep + 1) * args.tokens]
         for name, llm in llms.items():

@@ -1,8 +1,14 @@
-"""The `edgemoe` command. Each verb is a function whose keyword arguments are its flags."""
+"""The `edgemoe` command. Each verb is a function whose keyword arguments are its flags.
+
+Planning and export: export, plan, calibrate, inspect. The file in llama.cpp: validate, run,
+chat, calibrate-top-any. `main` turns library errors into messages and exit codes;
+`edgemoe.supervise`, the console entry point, runs `python -m edgemoe.cli` in a child.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -10,33 +16,26 @@ import sys
 import threading
 from pathlib import Path
 
+from export.gguf_io import check_output
 from memory_planner import MemoryPlan, parse_size
-from memory_planner.stats import CalibStats
 
-from . import pipeline, report
-from .hub import fetch_config, looks_like_repo_id
+from . import pipeline
+from .llamacpp import tokenize
+from .planning.from_config import is_config_only
+from .planning.hub import fetch_config, looks_like_repo_id
+from .report import tables as report
+from .runtime import topany_calibrate, topany_metadata
+from .runtime.model import load
+from .runtime.validate import (
+    DEFAULT_EVAL_CTX,
+    DEFAULT_MAX_TOKENS,
+    PROBE_DECODE,
+    PROBE_PROMPT,
+    format_report,
+    validation_report,
+)
 
 log = logging.getLogger("edgemoe")
-
-
-def _load_stats(stats: str | None, imatrix: str | None, calib_text: str | None,
-                source: str) -> tuple[CalibStats | None, str | None]:
-    """Calibration statistics from a stats/imatrix file, or a calibration run on text."""
-    from export.imatrix import read_stats
-
-    given = [x for x in (stats, imatrix, calib_text) if x]
-    if len(given) > 1:
-        raise ValueError("give one of --stats, --imatrix, --calib-text")
-    path = stats or imatrix
-    if path:
-        return read_stats(path), path
-    if calib_text:
-        from .calibrate import calibrate as run_calibration
-
-        out = Path(f"{Path(source).name}.stats.gguf")
-        stats = run_calibration(source, text=calib_text, output=str(out), sensitivity=True)
-        return stats, str(out)
-    return None, None
 
 
 def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
@@ -48,28 +47,28 @@ def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
     print(report.budget_table(plan))
 
 
-def _is_shape_only(source: str) -> bool:
-    p = Path(source)
-    return p.is_file() and p.suffix == ".json" or (
-        p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.safetensors")))
-
-
 def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
            kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0", type: str | None = None,
            stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
            no_prune: bool = False, threads: int | None = None,
-           plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH) -> Path:
+           plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH,
+           plan_file: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
                          f"weights on disk (hf download {source} --local-dir DIR), then "
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
     model = pipeline.open_model(source)
-    budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-    calib, _ = _load_stats(stats, imatrix, calib_text, source)
-    plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
+    out = check_output(output or f"{Path(source).name}-{memory}.gguf", model.source.files)
+    calib, _ = pipeline.load_stats(model, stats, imatrix, calib_text)
+    if plan_file:  # a plan JSON from `edgemoe plan -o`, for this model
+        plan, tradeoff = MemoryPlan.load(plan_file), []
+        plan.check_model(model.adapter.tensor_specs(plan.n_experts_kept or None), plan_file)
+    else:
+        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib,
+                                            prune=not no_prune)
     _show_plan(plan, tradeoff)
-    out = Path(output) if output else Path(f"{Path(source).name}-{memory}.gguf")
     if plan_out:
         plan.save(plan_out)
     path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
@@ -90,26 +89,26 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     tradeoff: list = []
     if looks_like_repo_id(source):
         source = str(fetch_config(source))
-    if _is_shape_only(source):
-        from .shape_plan import plan_from_config
+    if is_config_only(source):
+        from .planning.from_config import plan_from_config
 
         p = plan_from_config(source, memory, ctx, kv_type, reserve, type)
         calib_path = None
     else:
         model = pipeline.open_model(source)
         budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
-        calib, calib_path = _load_stats(stats, imatrix, calib_text, source)
+        calib, calib_path = pipeline.load_stats(model, stats, imatrix, calib_text)
         p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
     _show_plan(p, tradeoff)
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
-    if calib_path and not _is_shape_only(source) and calib.in_cov:
+    if calib_path and not is_config_only(source) and calib.in_cov:
         print("\n(`edgemoe export` also picks each row's bytes among several ggml quantizations "
               "by output error, with the input covariances in the stats: the same types and "
               "sizes, less error; `--search 0` writes what this command writes)")
     if output:
         p.save(output)
-        from .heatmap import plan_heatmap
+        from .report.heatmap import plan_heatmap
 
         picture = plan_heatmap(p, Path(output).with_suffix(".png"), title=Path(source).name)
         print(f"\nwrote {output} and {picture}")
@@ -121,7 +120,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
               max_tokens: int | None = None, no_sensitivity: bool = False,
               cov_budget: str = "1GiB") -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
-    from . import calibrate as cal
+    from .calibration import collect as cal
 
     out = output or f"{Path(source).name}.stats.gguf"
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
@@ -134,6 +133,103 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
 def inspect(file: str) -> None:
     """Show a GGUF file's tensor types and bits per weight by layer and tensor kind."""
     print(report.inspect_gguf(file))
+
+
+def validate(file: str, reference: str | None = None, text: str | None = None,
+             top_any: str | None = None, json_path: str | None = None,
+             max_kld: float | None = None, memory: str | None = None,
+             ctx: int | None = None, kv_type: str | None = None,
+             eval_ctx: int = DEFAULT_EVAL_CTX, max_tokens: int = DEFAULT_MAX_TOKENS,
+             threads: int | None = None, n_prompt: int = PROBE_PROMPT,
+             n_decode: int = PROBE_DECODE, progress: bool = True) -> int:
+    """Measure FILE in llama.cpp (quality, speed, memory); exit code 1 when the memory cap
+    is exceeded or --max-kld is broken."""
+    r = validation_report(file, reference, text, top_any, max_kld, memory, ctx, kv_type,
+                          eval_ctx, max_tokens, threads, n_prompt, n_decode, progress)
+    print(format_report(r, max_kld))
+    if json_path:
+        Path(json_path).write_text(json.dumps(r, indent=1))
+    return r["exit_code"]
+
+
+def run(file: str, prompt: str, top_any: str | None = None, max_tokens: int = 256,
+        temperature: float = 0.8, ctx: int = 4096, threads: int | None = None,
+        seed: int | None = None, out=None) -> str:
+    """Complete PROMPT with FILE, streaming the text as it is generated."""
+    out = out or sys.stdout
+    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads,
+               **({"seed": seed} if seed is not None else {}))
+    pieces = []
+    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
+                                       stream=True):
+        piece = chunk["choices"][0]["text"]
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    _log_expert_use(llm)
+    return "".join(pieces)
+
+
+def chat(file: str, top_any: str | None = None, system: str | None = None,
+         max_tokens: int = 512, temperature: float = 0.7, ctx: int = 4096,
+         threads: int | None = None, inp=None, out=None) -> list[dict]:
+    """Chat with FILE in the terminal (its chat template); an empty line or EOF ends."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        out.write("> ")
+        out.flush()
+        line = inp.readline()
+        if not line or not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                temperature=temperature, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            reply.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    _log_expert_use(llm)
+    return messages
+
+
+def _log_expert_use(llm) -> None:
+    if llm.dropper is not None:
+        u = llm.expert_use
+        log.info("experts per token %.3f, %.1f%% of expert activations removed",
+                 u.experts_per_token, 100 * u.removed_share)
+
+
+def calibrate_top_any(file: str, text: str, share: float | None = None,
+                      max_ppl_increase: float | None = None, max_kld: float | None = None,
+                      method: str = "layer", output: str | None = None,
+                      json_path: str | None = None, eval_ctx: int = DEFAULT_EVAL_CTX,
+                      max_tokens: int = DEFAULT_MAX_TOKENS, threads: int | None = None,
+                      progress: bool = True) -> topany_calibrate.Calibration:
+    """Pick per-layer top-any thresholds for FILE on calibration TEXT and store them in the
+    GGUF (FILE itself unless --output is given)."""
+    tokens = tokenize(file, Path(text).read_text(encoding="utf-8", errors="replace"), max_tokens)
+    cal = topany_calibrate.calibrate(file, tokens, share=share,
+                                     max_ppl_increase=max_ppl_increase, max_kld=max_kld,
+                                     method=method, n_ctx=eval_ctx, threads=threads,
+                                     progress=progress)
+    rows = [[str(li), f"{cal.thresholds[int(li)]:.4f}", f"{100 * s:.1f}%"]
+            for li, s in cal.layer_shares.items()]
+    print(report.table(rows, ["layer", "tau", "removed"]))
+    print(f"\n{100 * cal.removed_share:.1f}% of expert activations removed on "
+          f"{cal.n_tokens} calibration tokens; perplexity {cal.ppl_base:.4f} -> {cal.ppl:.4f} "
+          f"({100 * cal.ppl_increase:+.2f}%), KLD {cal.kld_mean:.5f}")
+    dst = Path(output) if output else Path(file)
+    topany_metadata.write_top_any(file, dst, cal.thresholds, cal.to_dict())
+    print(f"wrote thresholds to {dst}")
+    if json_path:
+        cal.save(json_path)
+    return cal
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="output .gguf (default SOURCE-MEMORY.gguf)")
     e.add_argument("--threads", type=int, default=None, help="quantization threads")
     e.add_argument("--plan-out", default=None, help="also write the plan JSON here")
+    e.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
+                   help="write this plan (from `edgemoe plan -o`) instead of planning again")
     e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
                    help="ggml quantizations a row may get, keeping the one with the least "
                         "output error, where the stats hold input covariances (default "
@@ -195,15 +293,75 @@ def _parser() -> argparse.ArgumentParser:
                         "shared by a layer's experts (gate/up only), else none (default 1GiB)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
+
+    def top_any_flag(p):
+        p.add_argument("--top-any", dest="top_any", default=None, metavar="SPEC",
+                       help="top-any thresholds: 'file' (stored, default), 'off', one tau "
+                            "(0.3), one per block (0,0.2,...) or a calibration JSON")
+
+    def threads_flag(p):
+        p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+    v = sub.add_parser("validate", help=validate.__doc__, description=validate.__doc__)
+    v.add_argument("file", help="GGUF file")
+    v.add_argument("--reference", help="F32/BF16 GGUF or HF directory for KL divergence")
+    v.add_argument("--text", help="held-out text file for perplexity and KLD")
+    top_any_flag(v)
+    v.add_argument("--json", dest="json_path", metavar="REPORT", help="write the report here")
+    v.add_argument("--max-kld", dest="max_kld", type=float, default=None,
+                   help="fail (exit 1) when the mean KL divergence is above this")
+    v.add_argument("--memory", default=None, help="cap to check against (default: the plan's)")
+    v.add_argument("--ctx", type=int, default=None, help="context length (default: the plan's)")
+    v.add_argument("--kv-type", dest="kv_type", default=None,
+                   help="KV cache type (default: the plan's)")
+    v.add_argument("--eval-ctx", dest="eval_ctx", type=int, default=DEFAULT_EVAL_CTX,
+                   help="window for perplexity (default %(default)s)")
+    v.add_argument("--max-tokens", dest="max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="text tokens used at most (default %(default)s)")
+    threads_flag(v)
+
+    r = sub.add_parser("run", help=run.__doc__, description=run.__doc__)
+    r.add_argument("file")
+    r.add_argument("-p", "--prompt", required=True)
+    top_any_flag(r)
+    r.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=256)
+    r.add_argument("--temperature", type=float, default=0.8)
+    r.add_argument("--ctx", type=int, default=4096)
+    r.add_argument("--seed", type=int, default=None)
+    threads_flag(r)
+
+    ch = sub.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
+    ch.add_argument("file")
+    top_any_flag(ch)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=512)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--ctx", type=int, default=4096)
+    threads_flag(ch)
+
+    k = sub.add_parser("calibrate-top-any", help=calibrate_top_any.__doc__,
+                       description=calibrate_top_any.__doc__)
+    k.add_argument("file")
+    k.add_argument("--text", required=True, help="calibration text file")
+    goal = k.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--share", type=float, help="share of expert activations to remove")
+    goal.add_argument("--max-ppl-increase", dest="max_ppl_increase", type=float,
+                      help="relative perplexity budget, e.g. 0.01 for 1%%")
+    goal.add_argument("--max-kld", dest="max_kld", type=float, help="mean KLD budget")
+    k.add_argument("--method", choices=["layer", "uniform"], default="layer",
+                   help="per-layer sensitivity or one tau for all layers")
+    k.add_argument("-o", "--output", help="write the GGUF with thresholds here (default: FILE)")
+    k.add_argument("--json", dest="json_path", help="write the calibration report here")
+    k.add_argument("--eval-ctx", dest="eval_ctx", type=int, default=DEFAULT_EVAL_CTX)
+    k.add_argument("--max-tokens", dest="max_tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    threads_flag(k)
     for name, verb in VERBS.items():
         sub.choices[name].set_defaults(func=verb)
-    from .validate import add_cli  # validate, run, chat, calibrate-top-any
-
-    add_cli(sub)
     return p
 
 
-VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect}
+VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect,
+         "validate": validate, "run": run, "chat": chat, "calibrate-top-any": calibrate_top_any}
 
 
 class Terminated(KeyboardInterrupt):
@@ -231,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # library errors are typed ValueErrors
         if show_traceback:
             raise
-        print(f"edgemoe: error: {exc}", file=sys.stderr)
+        is_os = isinstance(exc, OSError) and exc.filename and exc.strerror
+        print(f"edgemoe: error: {f'{exc.filename}: {exc.strerror}' if is_os else exc}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print("edgemoe: interrupted; no partial output was kept", file=sys.stderr)
+        print(f"edgemoe: interrupted; {exc or 'nothing was written to the output path'}",
+              file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         if on_main_thread:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,18 +14,43 @@ from pathlib import Path
 
 import numpy as np
 
-PINNED_VERSION = "0.3.36"
+log = logging.getLogger(__name__)
+
 GGML_TYPE_F32 = 0  # ggml_type value, for an exact (F32) KV cache
+# the pin's one home is pyproject.toml: `llama-cpp-python==X` in the project's dependencies
+_PIN = re.compile(r"^\s*llama[-_.]cpp[-_.]python\s*==\s*([^\s;,\"']+)", re.IGNORECASE)
+_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@functools.cache
+def pinned_version() -> str | None:
+    """The llama-cpp-python version edgemoe is pinned to: from the installed edgemoe
+    distribution's requirements, else from the pyproject.toml of a source checkout run
+    without installing; None when neither is found."""
+    try:
+        requirements = importlib.metadata.requires("edgemoe") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = _PYPROJECT.read_text().splitlines() if _PYPROJECT.is_file() else []
+    for line in requirements:
+        m = _PIN.match(line.strip().lstrip("\"'"))
+        if m:
+            return m.group(1)
+    return None
 
 
 def check_version() -> None:
     """Fail loudly if llama-cpp-python is not the version whose internals we rely on."""
     import llama_cpp
 
-    if llama_cpp.__version__ != PINNED_VERSION:
+    pinned = pinned_version()
+    if pinned is None:
+        log.warning("no llama-cpp-python pin found (edgemoe is not installed and no "
+                    "pyproject.toml is beside it): version %s is not checked",
+                    llama_cpp.__version__)
+    elif llama_cpp.__version__ != pinned:
         raise RuntimeError(
             f"llama-cpp-python {llama_cpp.__version__} is installed; edgemoe is pinned to "
-            f"{PINNED_VERSION} (pip install llama-cpp-python=={PINNED_VERSION})"
+            f"{pinned} (pip install llama-cpp-python=={pinned})"
         )
 
 
@@ -116,10 +144,18 @@ def open_llama(path: str | Path, n_ctx: int = 512, f32_kv: bool = False,
         )
 
 
-def tokenize(path: str | Path, text: str) -> list[int]:
-    """llama.cpp's tokens for `text` (no BOS, special tokens as text) from a GGUF file, or
-    from a Hugging Face directory's tokenizer (which llama.cpp matches exactly)."""
-    path = Path(path)
+def tokenize(model, text: str, max_tokens: int | None = None) -> list[int]:
+    """llama.cpp's tokens for `text` (no BOS, special tokens as text), the first `max_tokens`
+    if given. `model`: an open `llama_cpp.Llama`, a GGUF file (its vocabulary alone is
+    loaded) or a Hugging Face directory (its tokenizer, which llama.cpp matches exactly)."""
+    if isinstance(model, (str, Path)):
+        tokens = _tokenize_file(Path(model), text)
+    else:
+        tokens = model.tokenize(text.encode(), add_bos=False, special=False)
+    return tokens[:max_tokens] if max_tokens else tokens
+
+
+def _tokenize_file(path: Path, text: str) -> list[int]:
     if path.is_dir():
         from transformers import AutoTokenizer
 
@@ -127,7 +163,7 @@ def tokenize(path: str | Path, text: str) -> list[int]:
                     ["input_ids"])
     llm = open_llama(path, n_ctx=8, logits_all=False, vocab_only=True)
     try:
-        return llm.tokenize(text.encode(), add_bos=False, special=False)
+        return tokenize(llm, text)
     finally:
         llm.close()
 

@@ -1,4 +1,5 @@
-"""The export pipeline: source -> budget -> damage estimates -> plan -> GGUF file.
+"""The export pipeline: source -> budget -> damage estimates (`edgemoe.damage`) -> plan ->
+GGUF file.
 
 Each step is a function a test or another tool can call on its own; the CLI strings them.
 """
@@ -11,15 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import memory_planner as mp
 from export.arch import Adapter, TensorRecipe, adapter_for_source
-from export.quantize import DEFAULT_SEARCH, relative_error, sample_rows
+from export.options import export_options
+from export.search import DEFAULT_SEARCH
 from export.source import GGUFSource, HFSource, open_source
 from export.writer import write_gguf
-from memory_planner.joint import damage_with_kept, keep_grid, solve_joint
+from memory_planner.joint import keep_grid, solve_joint
 from memory_planner.stats import CalibStats
+
+from .damage import measure_damage
 
 log = logging.getLogger(__name__)
 
@@ -67,104 +70,6 @@ def make_budget(adapter: Adapter, memory: str | int, ctx: int = DEFAULT_CTX,
     )
 
 
-@dataclass
-class Damage:
-    """Predicted damage of each candidate type: one number per dense tensor, one per expert
-    (already weighted by the expert's share of its layer) for stacked expert tensors."""
-
-    dense: dict[str, dict[str, float]]
-    per_expert: dict[str, dict[str, np.ndarray]]
-    model: str  # "relative-error" (no calibration) or "calibrated"
-
-    def table(self, specs, kept=None) -> dict[str, dict[str, float]]:
-        return damage_with_kept(specs, self.dense, self.per_expert, kept)
-
-    def scaled(self, scales: dict[str, float]) -> Damage:
-        """Damage in KL-divergence units, with per-tensor scales measured by probes
-        (tensors without a measured scale take the median)."""
-        if not scales:
-            return self
-        default = float(np.median(list(scales.values())))
-
-        def k(name):
-            return scales.get(name, default)
-
-        return Damage(
-            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.dense.items()},
-            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.per_expert.items()},
-            self.model + "+probed",
-        )
-
-
-def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
-    """Each expert's weight in the tensor's damage: its output-energy share when calibration
-    measured it, its selection share from an imatrix's counts, else uniform."""
-    E = spec.n_experts
-    if stats is not None and spec.layer in stats.experts:
-        return stats.experts[spec.layer].energy_share
-    if stats is not None and spec.name in stats.counts and len(stats.counts[spec.name]) == E:
-        c = np.asarray(stats.counts[spec.name], dtype=np.float64)
-        if c.sum() > 0:
-            return c / c.sum()
-    return np.full(E, 1.0 / E)
-
-
-def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
-                   stats: CalibStats | None = None, max_rows: int = 256,
-                   max_experts: int = 16, progress: bool = True) -> Damage:
-    """Relative quantization error of every quantizable tensor at every candidate type.
-
-    Measured with ggml itself on sampled rows. With calibration `stats` the error is
-    importance-weighted per column (and the quantizer uses the same importance matrix, as
-    llama.cpp does); each expert slice is measured with its own importance row and weighted
-    by the expert's share of the layer. For models with many experts, `max_experts` evenly
-    spaced experts are measured and the others take their mean error.
-    """
-    dense: dict[str, dict[str, float]] = {}
-    per_expert: dict[str, dict[str, np.ndarray]] = {}
-    todo = [r for r in model.recipes if r.spec.quantizable]
-    for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
-        spec = r.spec
-        types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
-        imatrix = importance(stats, spec)
-        if imatrix is None:  # ggml cannot make these types without an importance matrix
-            types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
-        if not spec.n_experts:
-            # only the rows relative_error samples are read: a 129k-row token_embd stays
-            # on disk
-            rows = sample_rows(spec.shape[0], max_rows)
-            data = r.load_rows(model.source, rows)
-            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=len(rows))
-                                for t in types}
-            continue
-        E = spec.n_experts
-        picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
-        errs = {t: np.full(E, np.nan) for t in types}
-        for e in picks:
-            data = r.load_expert(model.source, int(e))
-            im = None if imatrix is None else imatrix[e]
-            for t in types:
-                errs[t][e] = relative_error(data, t, im, max_rows=max_rows)
-        share = _expert_shares(stats, spec)
-        per_expert[spec.name] = {
-            t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
-        }
-    return Damage(dense, per_expert, "calibrated" if stats is not None else "relative-error")
-
-
-def importance(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray | None:
-    """The imatrix for a tensor, shaped (n_expert, n_per_row) or (n_per_row,), if known."""
-    if stats is None:
-        return None
-    im = stats.importance(spec.name)
-    if im is None:
-        return None
-    im = im.reshape(-1, spec.row_length)
-    if spec.n_experts:
-        return np.broadcast_to(im, (spec.n_experts, spec.row_length)) if len(im) == 1 else im
-    return im[0]
-
-
 def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
               ladder: Sequence[str] | None = None, stats: CalibStats | None = None,
               prune: bool = True, progress: bool = True) -> tuple[mp.MemoryPlan, list]:
@@ -210,23 +115,19 @@ def _prune_scale(stats: CalibStats) -> float:
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
-           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH,
-           search_seed: int = 0) -> Path:
+           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
     are copied. Where `stats` hold input covariances and `search` > 1, rows get up to
     `search` ggml quantizations, the later ones corrected by error feedback, and keep the
-    one with the least output error (export.quantize.quantize_rows_searched); `search` 0 or
-    1 writes what llama-quantize writes with the same imatrix. `search_seed` fixed the random
-    candidates of the search before issue 11; the error-feedback search has none."""
-    from export.options import export_options  # (belongs with the imports above)
-
+    one with the least output error (export.search.quantize_rows_searched); `search` 0 or
+    1 writes what llama-quantize writes with the same imatrix."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
     options = export_options(stats, model.recipes, recipes, kept, search=search,
-                             search_seed=search_seed, reuse=reuse, threads=threads,
+                             reuse=reuse, threads=threads,
                              progress=progress)
 
     def metadata(w) -> None:
@@ -236,3 +137,27 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
 
     return write_gguf(out, arch_name=adapter.arch_name, recipes=recipes, source=source,
                       plan=plan, add_metadata=metadata, options=options)
+
+
+def load_stats(model: Model, stats: str | None = None, imatrix: str | None = None,
+               calib_text: str | None = None) -> tuple[CalibStats | None, str | None]:
+    """Calibration statistics and their file: a stats/imatrix file (checked against `model`),
+    or a calibration run on `calib_text` (with probes) written beside the working folder."""
+    from export.imatrix import read_stats
+
+    given = [x for x in (stats, imatrix, calib_text) if x]
+    if len(given) > 1:
+        raise ValueError("give one of --stats, --imatrix, --calib-text")
+    path = stats or imatrix
+    if path:
+        calib = read_stats(path)
+        calib.check_model(model.specs, path)
+        return calib, path
+    if calib_text:
+        from .calibration.collect import calibrate
+
+        out = f"{model.source.path.name}.stats.gguf"
+        return calibrate(str(model.source.path), text=calib_text, output=out,
+                         sensitivity=True), out
+    return None, None
+

@@ -1,4 +1,4 @@
-"""ggml's quantizer library through ctypes: found, loaded and checked once.
+"""ggml's library through ctypes: found, loaded and checked once.
 
 The `libggml-base` that llama-cpp-python ships holds `ggml_quantize_chunk`, the code
 llama-quantize runs. It is loaded lazily and thread-safely, its symbols typed, and each type
@@ -63,6 +63,17 @@ _SIGNATURES = {
     "ggml_row_size": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
     "ggml_blck_size": (ctypes.c_int64, [ctypes.c_int]),
     "ggml_get_type_traits": (ctypes.c_void_p, [ctypes.c_int]),
+    # graph nodes and buffers, for the eval-callback hooks (edgemoe.calibration.hooks)
+    "ggml_backend_tensor_get": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                       ctypes.c_size_t]),
+    "ggml_backend_tensor_set": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                       ctypes.c_size_t]),
+    "ggml_backend_tensor_memset": (None, [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_size_t,
+                                          ctypes.c_size_t]),
+    "ggml_nbytes": (ctypes.c_size_t, [ctypes.c_void_p]),
+    "ggml_tensor_overhead": (ctypes.c_size_t, []),
+    "ggml_get_name": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "ggml_backend_buft_name": (ctypes.c_char_p, [ctypes.c_void_p]),
 }
 
 

@@ -9,6 +9,7 @@ Our stats file IS a llama.cpp GGUF imatrix (`general.type = imatrix`, tensors
 from __future__ import annotations
 
 import struct
+from contextlib import closing
 from pathlib import Path
 
 import gguf
@@ -17,6 +18,7 @@ import numpy as np
 from memory_planner.stats import CalibStats, ExpertStats
 
 from .gguf_check import check_gguf
+from .gguf_io import atomic_output
 
 KV_DATASETS = "imatrix.datasets"
 KV_CHUNK_COUNT = "imatrix.chunk_count"
@@ -63,17 +65,10 @@ def write_stats(stats: CalibStats, path: str | Path, chunk_size: int = 0) -> Pat
             w.add_tensor(f"edgemoe.blk.{layer}.{f}", np.asarray(getattr(e, f), dtype=np.float32))
         w.add_tensor(f"edgemoe.blk.{layer}.output_energy",
                      np.array([e.output_energy], dtype=np.float32))
-    part = path.with_name(path.name + ".part")
-    try:
+    with atomic_output(path) as part, closing(w):
         w.write_header_to_file(part)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        part.replace(path)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
     return path
 
 

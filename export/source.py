@@ -116,6 +116,16 @@ class HFSource:
         """Weight tensors; FP8 scale tensors are folded into their weights, not listed."""
         return list(self._names)
 
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name`."""
+        return self._where.get(name, self.path)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the model is read from (the weights and the JSON beside them)."""
+        return sorted({*self._where.values(), *self.path.glob("*.json"),
+                       *self.path.glob("tokenizer.model")})
+
     def __contains__(self, name: str) -> bool:
         return name in self._where and not name.endswith(_SCALE_SUFFIX)
 
@@ -254,6 +264,13 @@ class GGUFSource:
     @property
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def file_of(self, name: str) -> Path:
+        return self.path
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors

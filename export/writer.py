@@ -10,9 +10,9 @@ renamed only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -26,8 +26,11 @@ from memory_planner.quant_types import qtype
 from memory_planner.types import MemoryPlan
 
 from .arch.base import TensorRecipe
+from .gguf_io import header_bytes, resumable_output
 from .options import ExportOptions
-from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
+from .quantize import default_threads, quantize_rows
+from .reads import check_finite
+from .search import quantize_rows_searched, scaled_correlation
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +132,6 @@ def write_gguf(
     `add_metadata` fills the KV section (hyperparameters, tokenizer, names).
     """
     out_path = Path(out_path)
-    part = out_path.with_name(out_path.name + ".part")
     types = plan.by_name()
     missing = [r.spec.name for r in recipes if r.spec.name not in types]
     if missing:
@@ -149,24 +151,25 @@ def write_gguf(
 
     # the options the data loop below reads
     imatrix, covariance, reuse = options.imatrix, options.covariance, options.reuse
-    search, search_seed, progress = options.search, options.search_seed, options.progress
+    search, progress = options.search, options.progress
     threads = options.threads or default_threads()
     block = max([MIN_BLOCK_ELEMENTS] + [math.prod(r.spec.shape[1:]) for r in recipes
                                         if r.spec.n_experts])
     total = sum(n for _, n in infos)
     copies = _reusable(reuse, recipes, types) if reuse is not None else {}
-    try:
-        w.write_header_to_file(part)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        stream = _DataStream(w.fout[0], infos, w.data_alignment)
+    header = header_bytes(w)
+    fingerprint = _fingerprint(header, source, options)
+    with resumable_output(out_path, header, fingerprint, [n for _, n in infos],
+                          w.data_alignment) as (fout, first):
+        stream = _DataStream(fout, infos[first:], w.data_alignment)
         desc = f"writing {out_path.name}"
         if covariance and search > 1:  # tell why it takes longer than llama-quantize
             desc += " (output-error search)"
         with ThreadPoolExecutor(threads) as pool, tqdm(
-            total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
+            total=total, initial=sum(n for _, n in infos[:first]), unit="B", unit_scale=True,
+            desc=desc, disable=not progress,
         ) as bar:
-            for r in recipes:
+            for r in recipes[first:]:
                 type_name = types[r.spec.name].type
                 im = None if imatrix is None else imatrix.get(r.spec.name)
                 cov = None if covariance is None or search < 2 else covariance.get(r.spec.name)
@@ -174,7 +177,7 @@ def write_gguf(
                 if r.spec.name in copies:
                     chunks = _copied(reuse, *copies[r.spec.name], block)
                 else:
-                    quant = _quantizer(type_name, search, search_seed)
+                    quant = _quantizer(type_name, search)
                     chunks = _tensor_chunks(r, source, quant, im, cov, pool, threads, block)
                 for chunk in chunks:
                     stream.write(chunk)
@@ -182,14 +185,40 @@ def write_gguf(
                     del chunk  # not held while the next one is awaited
                 stream.end()
         stream.close_check()
-        w.close()
-        os.replace(part, out_path)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d bytes of tensor data)", out_path, total)
     return out_path
+
+
+def _fingerprint(header: bytes, source, options: ExportOptions) -> dict[str, str]:
+    """What decides the file's bytes besides its header, by part, so that a resumed export
+    is byte-identical to an uninterrupted one and a changed input says what changed."""
+    from . import quantize, search
+    from .ggml import ggml_library_path
+
+    def digest(*parts) -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p if isinstance(p, bytes) else repr(p).encode())
+        return h.hexdigest()[:32]
+
+    def arrays(d) -> list:
+        return [] if not d else [(k, v.shape, v.dtype.str, hashlib.sha256(
+            np.ascontiguousarray(v).data).hexdigest()) for k, v in sorted(d.items())]
+
+    def identity(p: Path) -> tuple:
+        st = p.stat()
+        return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+    reuse = [identity(Path(options.reuse))] if options.reuse is not None else []
+    return {
+        "plan or metadata": digest(header),
+        "source files": digest(*(identity(p) for p in source.files)),
+        "statistics or search": digest(options.search, reuse,
+                                       arrays(options.imatrix), arrays(options.covariance)),
+        "quantizer": digest(Path(quantize.__file__).read_bytes(),
+                            Path(search.__file__).read_bytes(),
+                            identity(ggml_library_path())),
+    }
 
 
 def _reusable(path: str | Path, recipes: Sequence[TensorRecipe],
@@ -218,7 +247,7 @@ def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np
             yield np.frombuffer(data, np.uint8)
 
 
-def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
+def _quantizer(type_name: str, search: int) -> Callable:
     """rows, imatrix, covariance -> bytes: ggml's quantization, searched where a covariance
     is given (float types are exact conversions: nothing to search)."""
     exact = type_name in ("F32", "F16", "BF16")
@@ -226,8 +255,15 @@ def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
     def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
         if cov is None or exact:
             return quantize_rows(rows, type_name, im)
-        return quantize_rows_searched(rows, type_name, im, cov, search, seed)
+        return quantize_rows_searched(rows, type_name, im, cov, search)
     return quant
+
+
+def _finite(data: np.ndarray, r: TensorRecipe, source, expert: int | None = None) -> np.ndarray:
+    """`data` as loaded for `r`, or an error naming the source tensor and file if it holds
+    NaN or infinite values (llama.cpp would compute garbage with them)."""
+    name = r.hf_names[expert if expert is not None and not r.stacked else 0]
+    return check_finite(data, name, source.file_of(name))
 
 
 def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray | None,
@@ -251,7 +287,7 @@ def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray
                 row_cov = cov[e]
             elif cov is not None:  # shared by the experts: scaled by this one's imatrix
                 row_cov = cov if row_im is None else scaled_correlation(cov, row_im)
-            return quant(r.load_expert(source, e), row_im, row_cov)
+            return quant(_finite(r.load_expert(source, e), r, source, e), row_im, row_cov)
 
         yield from _ordered(pool, one, range(r.spec.n_experts), window)
         return
@@ -262,12 +298,12 @@ def _tensor_chunks(r: TensorRecipe, source, quant: Callable, imatrix: np.ndarray
         step = max(1, min(-(-shape[0] // threads), block // per_index))
 
         def part(start: int) -> np.ndarray:
-            a = source.load(name, range(start, min(start + step, shape[0])))
+            a = _finite(source.load(name, range(start, min(start + step, shape[0]))), r, source)
             return quant(a.reshape(-1, a.shape[-1]), imatrix, cov)
 
         yield from _ordered(pool, part, range(0, shape[0], step), window)
         return
-    data = r.load(source)
+    data = _finite(r.load(source), r, source)
     rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
     # split big matrices into row blocks so that all workers quantize at once
     n = rows.shape[0]

@@ -2,7 +2,7 @@
 
 A prior damage is (how much a type hurts a typical weight matrix) x (how much that tensor's
 error reaches the model's output). Both factors are deliberately simple; measured errors
-(`edgemoe.pipeline.measure_damage`) or calibration statistics replace them when weights are
+(`edgemoe.damage.measure_damage`) or calibration statistics replace them when weights are
 at hand.
 
 1. `REL_ERROR`: relative quantization error ||W - Q(W)||^2 / ||W||^2 per GGUF type, measured

@@ -60,7 +60,7 @@ class CalibStats:
     experts: dict[int, ExpertStats] = field(default_factory=dict)  # MoE layer -> stats
     n_tokens: int = 0
     datasets: tuple[str, ...] = ()
-    # measured in the runtime (edgemoe.sensitivity): KL divergence per unit of predicted
+    # measured in the runtime (edgemoe.calibration.sensitivity): KL divergence per unit of predicted
     # damage, per tensor, and for pruning; empty / None when not measured
     scales: dict[str, float] = field(default_factory=dict)
     prune_scale: float | None = None
@@ -112,3 +112,21 @@ class CalibStats:
     @property
     def has_expert_stats(self) -> bool:
         return bool(self.experts)
+
+    def check_model(self, specs: list[TensorSpec], where: str) -> None:
+        """Raise ValueError unless these statistics could come from a model with `specs`:
+        they must share tensors with it, each with the model's row length and a matrix per
+        expert (or one for all)."""
+        by_name = {s.name: s for s in specs}
+        shared = [n for n in self.in_sum2 if n in by_name]
+        if self.in_sum2 and not shared:
+            raise ValueError(f"{where} is from another model: none of its "
+                             f"{len(self.in_sum2)} tensors ({next(iter(self.in_sum2))}, ...) "
+                             "is in this one")
+        for name in shared:
+            spec, (n_mat, n_col) = by_name[name], self.in_sum2[name].shape
+            if n_col != spec.row_length or n_mat not in (1, max(1, spec.n_experts)):
+                raise ValueError(
+                    f"{where} is from another model: {name} has {n_mat} x {n_col} statistics, "
+                    f"this model's is {max(1, spec.n_experts)} x {spec.row_length}")
+

@@ -8,6 +8,7 @@ length that quantization blocks run along. Stacked expert tensors have `shape[0]
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,6 +108,22 @@ class MemoryPlan:
     pruning_damage: float = 0.0  # predicted damage of the experts removed
 
 
+    def check_model(self, specs: list[TensorSpec], where: str) -> None:
+        """Raise ValueError unless this plan was made for a model with `specs` (the
+        source's tensors after the plan's pruning): the same tensor names and sizes."""
+        want = {s.name: math.prod(s.shape) for s in specs}
+        have = {t.name: t.n_elements for t in self.tensors}
+        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        if missing or extra:
+            raise ValueError(f"{where} is a plan for another model: {len(extra)} of its tensors "
+                             f"are not in this one ({', '.join(extra[:3]) or '-'}), "
+                             f"{len(missing)} of this model's are not in it "
+                             f"({', '.join(missing[:3]) or '-'})")
+        for name, n in want.items():
+            if have[name] != n:
+                raise ValueError(f"{where} is a plan for another model: {name} has {have[name]} "
+                                 f"weights in it, {n} in this model")
+
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
@@ -181,4 +198,9 @@ class MemoryPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> MemoryPlan:
-        return cls.from_json(Path(path).read_text())
+        """A plan saved by `save` (`edgemoe plan -o`); ValueError naming the file if not."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a plan JSON from `edgemoe plan -o` ({e!r})") \
+                from None

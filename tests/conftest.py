@@ -48,7 +48,7 @@ def _residual_stream_init(model, std: float, seed: int) -> None:
     rounding error (about 1% of its output) is carried whole into the next: a Q8_0 file's
     logits end 2-5% off and, the top two of near-Gaussian logits being close, 3-14% of its
     argmaxes differ from transformers'. With this init they are 1.1-1.3% off and 2-3% differ
-    (per family in the Q8_0 tests of test_export_llamacpp, test_qwen2moe_olmoe and
+    (per family in the Q8_0 tests of test_pipeline, test_qwen2moe_olmoe and
     test_deepseek_weights; with three other seeds, 992 to 1007 of 1024 tokens agree).
     """
     import torch
@@ -145,3 +145,17 @@ def tiny_model(request) -> Path:
     """Each supported architecture in turn."""
     return request.getfixturevalue({"qwen3_moe": "qwen3_dir", "mixtral": "mixtral_dir"}[
         request.param])
+
+
+@pytest.fixture(scope="session")
+def ggufs(qwen3_dir, mixtral_dir, tmp_path_factory) -> dict[str, Path]:
+    """GGUF exports of the tiny session checkpoints, written once per session:
+    {"qwen3": F32, "qwen3_q8": Q8_0, "mixtral": F32} paths."""
+    from tests.helpers import export_uniform
+
+    root = tmp_path_factory.mktemp("tiny-ggufs")
+    return {
+        "qwen3": export_uniform(qwen3_dir, root / "qwen3-f32.gguf", "F32"),
+        "qwen3_q8": export_uniform(qwen3_dir, root / "qwen3-q8_0.gguf", "Q8_0"),
+        "mixtral": export_uniform(mixtral_dir, root / "mixtral-f32.gguf", "F32"),
+    }

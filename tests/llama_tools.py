@@ -1,11 +1,13 @@
-"""llama.cpp's own command-line tools, built from the source of the installed llama-cpp-python.
+"""llama.cpp's own command-line tools and source files, from the sdist of the installed
+llama-cpp-python.
 
 llama-cpp-python ships libllama and libggml but not llama.cpp's programs. `llama_quantize_path`
 compiles the real `llama-quantize` (tools/quantize, plus the few files of common/ it uses:
 the imatrix loader, logging) from the sdist of the installed version and links it against the
 installed libraries, so the tool and the Python bindings run the very same quantizer. Built
 once per machine into a cache directory (10 to 20 s on 2 cores; the first sdist download
-adds 10 to 60 s).
+adds 10 to 60 s). `llama_cpp_file` gives one file of that source (tests compare edgemoe's
+tables with llama.cpp's), unpacked once into the same cache directory.
 
 Set EDGEMOE_LLAMA_SDIST to an sdist (.tar.gz, or an unpacked copy) to skip the download.
 """
@@ -97,8 +99,31 @@ def llama_quantize_path() -> Path:
     return out
 
 
-def _llama_cpp_source(version: str, tmp: Path) -> Path:
-    """vendor/llama.cpp of the sdist of `version`, unpacked under `tmp` (only what we need)."""
+def llama_cpp_file(path: str) -> Path:
+    """The file `path` (relative to vendor/llama.cpp, e.g. "src/llama-vocab.cpp") of the
+    installed llama-cpp-python's sdist, unpacked once into the cache directory.
+
+    Raises LlamaToolError when the sdist cannot be had or lacks the file.
+    """
+    version = installed_version()
+    out = cache_dir() / f"llama.cpp-{version}" / path
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="src-", dir=out.parent) as tmp:
+        found = _llama_cpp_source(version, Path(tmp), needed=(path,)) / path
+        if not found.is_file():
+            raise LlamaToolError(f"the {DIST} {version} sdist has no vendor/llama.cpp/{path}: "
+                                 "llama.cpp's layout changed")
+        copy = Path(tmp) / "copy"
+        shutil.copyfile(found, copy)
+        copy.replace(out)  # atomic: a concurrent unpack simply wins or loses
+    return out
+
+
+def _llama_cpp_source(version: str, tmp: Path, needed: tuple[str, ...] = NEEDED) -> Path:
+    """vendor/llama.cpp of the sdist of `version`, unpacked under `tmp` (only the files under
+    the `needed` prefixes)."""
     given = os.environ.get("EDGEMOE_LLAMA_SDIST")
     if given:
         sdist = Path(given)
@@ -112,7 +137,7 @@ def _llama_cpp_source(version: str, tmp: Path) -> Path:
     try:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)
-                       and m.name[len(prefix):].startswith(NEEDED)]
+                       and m.name[len(prefix):].startswith(needed)]
             # the "data" filter (Python >= 3.10.12 / 3.11.4) refuses links and absolute paths
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp / "src", members=[tar.getmember(f"{top}PKG-INFO"), *members],

@@ -9,19 +9,16 @@ only the expert counts are rewritten for a pruned file.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import gguf
 from gguf.gguf_writer import GGUFValue
 
+from memory_planner.names import parse_tensor_name
 from memory_planner.types import TensorSpec
 
 from .base import Adapter, IncompleteCheckpointError, TensorRecipe, UnsupportedModelError
 from .hparams import HParams
-
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
-_PLAIN_RE = re.compile(r"^(.+)\.(weight|bias)$")
 
 # Keys not copied: those the exporter writes itself (architecture, name, file type, plan),
 # those that described how the source was quantized or split, and the tokenizer, which
@@ -32,14 +29,6 @@ _NOT_COPIED_PREFIXES = ("general.architecture", "general.name", "general.file_ty
 
 # Non-stacked tensors whose first (numpy) axis is the expert, sliced when pruning.
 _EXPERT_ROW_KINDS = ("ffn_gate_inp", "exp_probs_b")
-
-
-def _kind(name: str) -> tuple[str, int | None]:
-    m = _LAYER_RE.match(name)
-    if m:
-        return m.group(2), int(m.group(1))
-    m = _PLAIN_RE.match(name)
-    return (m.group(1) if m else name), None
 
 
 def gguf_hparams(arch_name: str, values: Mapping, shapes: Mapping[str, tuple[int, ...]]
@@ -57,7 +46,7 @@ def gguf_hparams(arch_name: str, values: Mapping, shapes: Mapping[str, tuple[int
         return max(v) if isinstance(v, list) else v
 
     def width(kind: str, axis: int) -> int | None:
-        return next((s[axis] for n, s in shapes.items() if _kind(n)[0] == kind), None)
+        return next((s[axis] for n, s in shapes.items() if parse_tensor_name(n)[0] == kind), None)
 
     def optional(suffix: str, cast):
         v = key(suffix, required=False)
@@ -130,7 +119,7 @@ class GGUFAdapter(Adapter):
 
     # ---- GGUF tensors: the file's own, the expert axis resized when pruning
     def _is_expert_axis(self, name: str, shape: tuple[int, ...]) -> bool:
-        kind = _kind(name)[0]
+        kind = parse_tensor_name(name)[0]
         return bool(shape) and shape[0] == self.hp.n_expert and (
             kind.endswith("_exps") or kind in _EXPERT_ROW_KINDS)
 
@@ -138,7 +127,7 @@ class GGUFAdapter(Adapter):
         E = n_experts_kept or self.hp.n_expert
         specs = []
         for name, shape in self.shapes.items():
-            kind, layer = _kind(name)
+            kind, layer = parse_tensor_name(name)
             stacked = kind.endswith("_exps") and len(shape) == 3
             if self._is_expert_axis(name, shape):
                 shape = (E, *shape[1:])
@@ -150,7 +139,8 @@ class GGUFAdapter(Adapter):
         return specs
 
     def moe_layers(self) -> list[int]:
-        return sorted({_kind(n)[1] for n in self.shapes if _kind(n)[0] == "ffn_gate_inp"})
+        names = (parse_tensor_name(n) for n in self.shapes)
+        return sorted({n.layer for n in names if n.kind == "ffn_gate_inp"})
 
     def recipes(self, hf_names: Iterable[str],
                 kept_experts: dict[int, Sequence[int]] | None = None) -> list[TensorRecipe]:

@@ -10,13 +10,11 @@ import sys
 
 import pytest
 
-from edgemoe import llamacpp, runtime
+from edgemoe import llamacpp
+from edgemoe.runtime.memory import model_buffer_types
+from edgemoe.runtime.model import load
 from edgemoe.supervise import CRASH_EXIT
 from tests.conftest import ROOT, build_qwen3_moe
-
-from . import tiny_gguf
-
-ggufs = tiny_gguf.ggufs  # the session fixture
 
 AMX = "AMX_INT8" in llamacpp.cpu_features()
 LIBRARY = [ROOT / "edgemoe", ROOT / "export", ROOT / "memory_planner"]
@@ -45,18 +43,18 @@ def test_llama_cpp_models_are_opened_in_one_place():
 def test_every_opener_gets_the_load_policy(ggufs, monkeypatch):
     """open_llama, runtime.load (run, chat, validate) and the hooked contexts of calibration
     and top-any all load through edgemoe.llamacpp; no weight lands in an AMX buffer."""
-    from edgemoe.hooks import EvalHooks, attach
+    from edgemoe.calibration.hooks import EvalHooks, attach
 
     monkeypatch.delenv(llamacpp.EXTRA_BUFTS_ENV, raising=False)
     path = ggufs["qwen3_q8"]
     opened = [llamacpp.open_llama(path, n_ctx=64, threads=1),
-              runtime.load(path, n_ctx=64, threads=1, top_any=0),
-              runtime.load(path, n_ctx=64, threads=1, top_any=0.5),
+              load(path, n_ctx=64, threads=1, top_any=0),
+              load(path, n_ctx=64, threads=1, top_any=0.5),
               attach(llamacpp.open_llama(path, n_ctx=64, threads=1), EvalHooks())]
     for llm in opened:
         assert llm.model_params.use_extra_bufts is (not AMX)
         llm.eval([1, 2, 3])
-        assert "AMX" not in runtime.model_buffer_types(llm)
+        assert "AMX" not in model_buffer_types(llm)
         llm.close()
 
 

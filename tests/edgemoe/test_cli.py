@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import gguf
+import pytest
 
+from edgemoe import cli
 from edgemoe.cli import main
+from edgemoe.runtime.topany_metadata import read_top_any
+from tests.helpers import TEXT
 
 
 def test_export_plan_inspect(qwen3_dir, tmp_path, capsys):
@@ -67,7 +71,7 @@ def test_shape_only_plan_from_config(tmp_path, capsys):
 
 def test_calibrate_keeps_covariances_and_export_searches_with_them(qwen3_dir, tmp_path):
     from export.imatrix import read_stats
-    from tests.edgemoe.test_export_llamacpp import PROMPT
+    from tests.helpers import PROMPT
 
     text = tmp_path / "calib.txt"
     text.write_text(PROMPT * 12)
@@ -90,3 +94,29 @@ def test_calibrate_keeps_covariances_and_export_searches_with_them(qwen3_dir, tm
     quantized = [n for n, t in a.items() if t.tensor_type.name not in ("F32", "F16")]
     changed = [n for n in quantized if a[n].data.tobytes() != b[n].data.tobytes()]
     assert len(changed) >= len(quantized) - 1, (changed, quantized)  # token_embd: no input
+
+
+def test_runtime_verbs_are_registered(ggufs, tmp_path, capsys):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    p = cli._parser()
+    a = vars(p.parse_args(["validate", "f.gguf", "--json", "r.json", "--max-kld", "0.1",
+                           "--top-any", "0.3"]))
+    assert a["func"] is cli.validate and a["json_path"] == "r.json" and a["max_kld"] == 0.1
+    a = vars(p.parse_args(["run", "f.gguf", "-p", "hello", "-n", "3"]))
+    assert a["func"] is cli.run and a["prompt"] == "hello" and a["max_tokens"] == 3
+    assert vars(p.parse_args(["chat", "f.gguf"]))["func"] is cli.chat
+
+    out = tmp_path / "tau.gguf"
+    a = vars(p.parse_args(["calibrate-top-any", str(ggufs["qwen3"]), "--text", str(text_file),
+                           "--share", "0.2", "--method", "uniform", "-o", str(out),
+                           "--eval-ctx", "128", "--max-tokens", "256", "--threads", "1"]))
+    for flag in ("verb", "verbose", "traceback"):
+        a.pop(flag)
+    cal = a.pop("func")(**a, progress=False)
+    assert "removed" in capsys.readouterr().out
+    tau, info = read_top_any(out)
+    assert tau.tolist() == pytest.approx(list(cal.thresholds)) and info["method"] == "uniform"
+    with pytest.raises(SystemExit):
+        p.parse_args(["calibrate-top-any", "f.gguf", "--text", "t", "--share", "0.2",
+                      "--max-kld", "0.1"])

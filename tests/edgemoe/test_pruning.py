@@ -10,7 +10,7 @@ import memory_planner as mp
 from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from tests.arch_fixtures import prune_hf_checkpoint
-from tests.edgemoe.test_export_llamacpp import _hf_logits, _tokens
+from tests.helpers import hf_logits, hf_tokens
 
 KEPT = {0: (0, 2, 3), 1: (1, 2, 3)}  # 3 of 4 experts, different ones per layer
 
@@ -28,10 +28,10 @@ def test_pruned_f32_export_matches_pruned_transformers(tiny_model, tmp_path):
 
     assert llama_cpp.llama_model_n_params(llm.model) > 0
     assert llm.metadata[f"{model.adapter.arch_name}.expert_count"] == "3"
-    tokens = _tokens(tiny_model)
+    tokens = hf_tokens(tiny_model)
     got = eval_logits(llm, tokens)
-    want = _hf_logits(prune_hf_checkpoint(tiny_model, tmp_path / "hf_pruned", KEPT), tokens)
-    full = _hf_logits(tiny_model, tokens)
+    want = hf_logits(prune_hf_checkpoint(tiny_model, tmp_path / "hf_pruned", KEPT), tokens)
+    full = hf_logits(tiny_model, tokens)
     assert np.abs(full - want).max() > 0.1, "pruning these experts should change the logits"
     diff = np.abs(got - want).max()
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"

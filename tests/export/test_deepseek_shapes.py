@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import memory_planner as mp
-from edgemoe.shape_plan import plan_from_config, read_config
+from edgemoe.planning.from_config import plan_from_config, read_config
 from export.arch import ADAPTERS, adapter_for
 from memory_planner.priors import DAMAGE_MODEL, REL_ERROR, prior_damage
 from memory_planner.quant_types import DEFAULT_LADDER, IMATRIX_LADDER_EXTRA

@@ -22,7 +22,7 @@ from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import adapter_for
 from tests import arch_fixtures as af
-from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _q8_0_agreement, _tokens
+from tests.helpers import export_planned, hf_logits, hf_tokens, q8_0_agreement
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -58,7 +58,7 @@ def deepseek(tmp_path_factory, bpe_tokenizer_dir):
 def _max_diff(gguf_path, model_dir, tokens, reference_dir=None) -> float:
     llm = open_llama(gguf_path, n_ctx=64, f32_kv=True)
     got = eval_logits(llm, tokens)
-    want = _hf_logits(reference_dir or model_dir, tokens)
+    want = hf_logits(reference_dir or model_dir, tokens)
     assert np.abs(want).max() > 1.0, "logits too small for the comparison to mean anything"
     return float(np.abs(got - want).max())
 
@@ -87,8 +87,8 @@ def test_kv_b_split_is_llama_cpp_converter_layout(deepseek):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_f32_export_matches_transformers(deepseek, variant, tmp_path):
     model_dir = deepseek(variant)
-    tokens = _tokens(model_dir)
-    _export(model_dir, tmp_path / "f32.gguf", "F32")
+    tokens = hf_tokens(model_dir)
+    export_planned(model_dir, tmp_path / "f32.gguf", "F32")
     diff = _max_diff(tmp_path / "f32.gguf", model_dir, tokens)
     assert diff < 1e-3, f"max |llama.cpp - transformers| = {diff}"
 
@@ -109,10 +109,10 @@ def test_q8_0_export_is_llama_cpps_own_q8_0(deepseek, variant, tmp_path):
     from edgemoe.llamacpp import llama_quantize
 
     model_dir = deepseek(variant)
-    agree = _q8_0_agreement(model_dir, tmp_path / "q8.gguf")
+    agree = q8_0_agreement(model_dir, tmp_path / "q8.gguf")
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
-    _export(model_dir, tmp_path / "f32.gguf", "F32")
+    export_planned(model_dir, tmp_path / "f32.gguf", "F32")
     llama_quantize(tmp_path / "f32.gguf", tmp_path / "ref.gguf", "Q8_0", pure=True)
     assert af.tensor_differences(tmp_path / "q8.gguf", tmp_path / "ref.gguf") == []
 
@@ -137,9 +137,9 @@ def test_pruned_export_matches_pruned_transformers(deepseek, variant, tmp_path):
         bias = model.source.load("model.layers.2.mlp.gate.e_score_correction_bias")
         assert np.array_equal(np.asarray(tensors["blk.2.exp_probs_b.bias"].data),
                               bias[list(kept[2])])
-    tokens = _tokens(model_dir)
+    tokens = hf_tokens(model_dir)
     reference = af.prune_hf_checkpoint(model_dir, tmp_path / "hf_pruned", kept)
-    assert np.abs(_hf_logits(model_dir, tokens) - _hf_logits(reference, tokens)).max() > 0.1, \
+    assert np.abs(hf_logits(model_dir, tokens) - hf_logits(reference, tokens)).max() > 0.1, \
         "pruning these experts should change the logits"
     diff = _max_diff(out, reference, tokens)
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"
@@ -166,14 +166,14 @@ def test_fp8_checkpoint_converts_like_its_bf16_twin(deepseek, tmp_path):
     files = {}
     for name, d in (("fp8", fp8), ("bf16", bf16)):
         files[name] = tmp_path / f"{name}.gguf"
-        _export(d, files[name], "F32")
+        export_planned(d, files[name], "F32")
     a, b = gguf.GGUFReader(files["fp8"]), gguf.GGUFReader(files["bf16"])
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert not any(t.name.startswith("blk.3.") for t in a.tensors)  # MTP block not exported
     for ta, tb in zip(a.tensors, b.tensors):
         assert ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name
     # and the file is the model: logits of the BF16 twin in transformers (run in float32)
-    tokens = _tokens(bf16)
+    tokens = hf_tokens(bf16)
     diff = _max_diff(files["fp8"], bf16, tokens)
     assert diff < 1e-3, f"max |llama.cpp FP8 export - transformers BF16 twin| = {diff}"
 

@@ -20,7 +20,7 @@ from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import GGUFAdapter
 from export.source import GGUFSource, SourceError
 from tests import arch_fixtures as af
-from tests.edgemoe.test_export_llamacpp import _export, _tokens
+from tests.helpers import export_planned, hf_tokens
 
 FAMILIES = {"deepseek_v3": af.build_deepseek_v3, "qwen2_moe": af.build_qwen2_moe}
 KEPT = {"deepseek_v3": {1: tuple(e for e in range(16) if e % 4 != 1),
@@ -36,7 +36,7 @@ def bf16_pair(request, tmp_path_factory, bpe_tokenizer_dir):
     root = tmp_path_factory.mktemp(request.param)
     hf = FAMILIES[request.param](root / "hf", bpe_tokenizer_dir, dtype=torch.bfloat16)
     path = root / f"{request.param}-BF16.gguf"
-    plan = _export(hf, path, "BF16")
+    plan = export_planned(hf, path, "BF16")
     assert {t.type for t in plan.tensors} == {"BF16", "F32"}
     return request.param, hf, path
 
@@ -126,10 +126,10 @@ def test_gguf_describes_the_model_the_checkpoint_does(bf16_pair):
 
 def test_bf16_gguf_to_q8_0_is_the_checkpoints_q8_0(bf16_pair, tmp_path):
     _, hf, path = bf16_pair
-    _export(path, tmp_path / "from_gguf.gguf", "Q8_0")
-    _export(hf, tmp_path / "from_hf.gguf", "Q8_0")
+    export_planned(path, tmp_path / "from_gguf.gguf", "Q8_0")
+    export_planned(hf, tmp_path / "from_hf.gguf", "Q8_0")
     _same_file(tmp_path / "from_gguf.gguf", tmp_path / "from_hf.gguf")
-    tokens = _tokens(hf)
+    tokens = hf_tokens(hf)
     logits = [eval_logits(open_llama(tmp_path / f, n_ctx=64, f32_kv=True), tokens)
               for f in ("from_gguf.gguf", "from_hf.gguf")]
     assert np.abs(logits[0]).max() > 1.0
@@ -151,16 +151,17 @@ def test_pruned_gguf_export_is_the_pruned_checkpoint_export(bf16_pair, tmp_path)
     arch = pipeline.open_model(path).adapter.arch_name
     assert gguf.GGUFReader(files[0]).get_field(f"{arch}.expert_count").contents() == n_kept
     llm = open_llama(files[0], n_ctx=64)
-    assert np.isfinite(eval_logits(llm, _tokens(hf))).all()
+    assert np.isfinite(eval_logits(llm, hf_tokens(hf))).all()
 
 
 def test_calibrated_plan_from_gguf_is_the_checkpoints(bf16_pair, tmp_path):
     """Calibration runs a Q8_0 export of either source: the same file, so the same statistics,
     the same measured damage, the same plan and the same output. Pruning is weighed only
-    with a measured pruning cost (probes, tests/edgemoe/test_sensitivity.py): one is set here,
-    the same for both sources, and at this cap the plans prune (Qwen2-MoE to 2 of 4 experts,
-    DeepSeek-V3 to 8 of 16), so the pruned export from a GGUF source is compared too."""
-    from edgemoe.calibrate import calibrate
+    with a measured pruning cost (probes, tests/edgemoe/calibration/test_sensitivity.py): one
+    is set here, the same for both sources, and at this cap the plans prune (Qwen2-MoE to 2 of
+    4 experts, DeepSeek-V3 to 8 of 16), so the pruned export from a GGUF source is compared
+    too."""
+    from edgemoe.calibration.collect import calibrate
 
     _, hf, path = bf16_pair
     results = []

@@ -20,12 +20,12 @@ import pytest
 
 import memory_planner as mp
 from edgemoe import pipeline
-from edgemoe.calibrate import calibrate
+from edgemoe.calibration.collect import calibrate
 from edgemoe.cli import main
 from export.imatrix import read_stats, write_legacy, write_stats
-from export.quantize import output_error
+from export.search import output_error
 from memory_planner.stats import CalibStats
-from tests.edgemoe.test_export_llamacpp import PROMPT
+from tests.helpers import PROMPT
 from tests.llama_tools import llama_quantize_path
 
 N_CTX = 64

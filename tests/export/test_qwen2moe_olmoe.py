@@ -18,7 +18,7 @@ from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import UnsupportedModelError, adapter_for
 from tests import arch_fixtures as af
-from tests.edgemoe.test_export_llamacpp import _export, _hf_logits, _q8_0_agreement, _tokens
+from tests.helpers import export_planned, hf_logits, hf_tokens, q8_0_agreement
 
 BUILDERS = {"qwen2_moe": af.build_qwen2_moe, "olmoe": af.build_olmoe}
 # 3 of 4 experts, different ones per layer; each drops an expert these tokens use (of the 32
@@ -37,9 +37,9 @@ def _logits(path, tokens) -> np.ndarray:
 
 
 def test_f32_export_matches_transformers(family_dir, tmp_path):
-    tokens = _tokens(family_dir)
-    _export(family_dir, tmp_path / "f32.gguf", "F32")
-    want = _hf_logits(family_dir, tokens)
+    tokens = hf_tokens(family_dir)
+    export_planned(family_dir, tmp_path / "f32.gguf", "F32")
+    want = hf_logits(family_dir, tokens)
     assert np.abs(want).max() > 1.0, "logits too small for the comparison to mean anything"
     diff = np.abs(_logits(tmp_path / "f32.gguf", tokens) - want).max()
     assert diff < 1e-3, f"max |llama.cpp - transformers| = {diff}"
@@ -49,7 +49,7 @@ def test_q8_0_export_agrees_on_top1(family_dir, tmp_path):
     """A Q8_0 file's top-1 is transformers' on 95% of 1024 tokens of real text. Measured: 1004
     (qwen2_moe) and 1005 (olmoe); a Q4_0 export, 736 and 797. Before conftest's
     residual-stream init, 989 and 950."""
-    agree = _q8_0_agreement(family_dir, tmp_path / "q8.gguf")
+    agree = q8_0_agreement(family_dir, tmp_path / "q8.gguf")
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
 
@@ -63,10 +63,10 @@ def test_pruned_export_matches_pruned_transformers(family_dir, tmp_path):
     arch = model.adapter.arch_name
     assert gguf.GGUFReader(out).get_field(f"{arch}.expert_count").contents() == 3
 
-    tokens = _tokens(family_dir)
+    tokens = hf_tokens(family_dir)
     reference = af.prune_hf_checkpoint(family_dir, tmp_path / "hf_pruned", kept)
-    want = _hf_logits(reference, tokens)
-    assert np.abs(_hf_logits(family_dir, tokens) - want).max() > 0.1, \
+    want = hf_logits(reference, tokens)
+    assert np.abs(hf_logits(family_dir, tokens) - want).max() > 0.1, \
         "pruning these experts should change the logits"
     diff = np.abs(_logits(out, tokens) - want).max()
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import export.writer as writer
 from edgemoe import pipeline
+from edgemoe.damage import measure_damage
 from export.quantize import quantize_rows, relative_error
 from export.source import HFSource, SourceError
 
@@ -189,8 +190,7 @@ def test_damage_reads_only_the_sampled_rows_of_dense_tensors(kind, qwen3_dir, tm
         return out
 
     monkeypatch.setattr(type(model.source), "load", spy)
-    damage = pipeline.measure_damage(model, ladder=("Q4_K",), max_rows=max_rows,
-                                     progress=False)
+    damage = measure_damage(model, ladder=("Q4_K",), max_rows=max_rows, progress=False)
     monkeypatch.undo()
     got = damage.dense["token_embd.weight"]["Q4_K"]
     sizes = [n for name, n in read if name == embd.hf_names[0]]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import ctypes
 import json
-import os
 import re
 import shutil
 import sysconfig
@@ -40,6 +39,7 @@ from export.pretokenizer import (
 )
 from export.tokenizer import add_tokenizer
 from tests.conftest import BUNDLED_MODEL
+from tests.llama_tools import llama_cpp_file
 from tests.tokenizer_fixtures import (
     MULTILINGUAL,
     PROSE,
@@ -460,15 +460,6 @@ def test_canonical_regex_expands_case_insensitive_groups():
     assert canonical_regex("[\r\n]+") == r"[\r\n]+"
 
 
-def _llama_cpp_source() -> Path | None:
-    candidates = [os.environ.get("EDGEMOE_LLAMA_CPP_SRC", "")]
-    candidates += [str(p) for p in Path("/tmp/sdist").glob("llama_cpp_python-*/vendor/llama.cpp")]
-    for c in candidates:
-        if c and (Path(c) / "src" / "llama-vocab.cpp").is_file():
-            return Path(c) / "src" / "llama-vocab.cpp"
-    return None
-
-
 def _cpp_strings(code: str) -> tuple[str, ...]:
     lines = [ln for ln in code.splitlines() if not ln.strip().startswith("//")]
     return tuple(ast.literal_eval('"' + s + '"')
@@ -476,12 +467,10 @@ def _cpp_strings(code: str) -> tuple[str, ...]:
 
 
 def test_table_matches_llama_cpp_source():
-    """Every name in PRE_TOKENIZERS runs exactly our regexes in the pinned llama.cpp source
-    (set EDGEMOE_LLAMA_CPP_SRC to its vendor/llama.cpp directory)."""
-    src_path = _llama_cpp_source()
-    if src_path is None:
-        pytest.skip("llama.cpp source not found")
-    src = src_path.read_text(encoding="utf-8")
+    """Every name in PRE_TOKENIZERS runs exactly our regexes in the pinned llama.cpp source:
+    the sdist of the installed llama-cpp-python (tests/llama_tools.py fetches it, or set
+    EDGEMOE_LLAMA_SDIST to a copy)."""
+    src = llama_cpp_file("src/llama-vocab.cpp").read_text(encoding="utf-8")
     ctor = src[src.index("llm_tokenizer_bpe(const llama_vocab & vocab)"):]
     ctor = ctor[:ctor.index("std::vector<std::string> regex_exprs;")]
     regexes = {}

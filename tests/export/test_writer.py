@@ -97,7 +97,7 @@ def test_searched_export_does_not_depend_on_threads(qwen3_dir, tmp_path):
 
     import memory_planner as mp
     from export.options import ExportOptions
-    from export.quantize import cov_block
+    from export.search import cov_block
 
     model = pipeline.open_model(qwen3_dir)
     plan = mp.uniform_plan(model.specs, "Q4_K", mp.Budget(2**62), check_budget=False)

@@ -25,9 +25,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.edgemoe import tiny_gguf
-
-ggufs = tiny_gguf.ggufs  # the session fixture
 
 TIMEOUT = 180
 
@@ -337,3 +334,217 @@ def test_broken_pipe_is_quiet(ggufs, tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(timeout=TIMEOUT) == 128 + signal.SIGPIPE
     assert err == ""
+
+
+def test_output_is_the_source(gguf_source, tmp_path):
+    src = tree_hash(gguf_source)
+    r = edgemoe(*export_args(gguf_source, gguf_source), cwd=tmp_path)
+    assert_clean_failure(r, 2, ["src.gguf", "source file itself"], None, src)
+    assert not gguf_source.with_name("src.gguf.part").exists()
+
+
+def test_stats_from_another_model(model, tmp_path):
+    from export.imatrix import write_stats
+    from memory_planner.stats import CalibStats
+
+    other = tmp_path / "other.stats.gguf"
+    write_stats(CalibStats(in_sum2={"blk.0.attn_q.weight": np.ones((1, 512), np.float32)},
+                           counts={"blk.0.attn_q.weight": np.ones(1, np.float32)},
+                           n_tokens=1), other)
+    src = {**tree_hash(model), **tree_hash(other)}
+    r = edgemoe(*export_args(model, tmp_path / "o.gguf", "--stats", other), cwd=tmp_path)
+    assert_clean_failure(r, 2, ["other.stats.gguf", "from another model", "blk.0.attn_q"],
+                         tmp_path / "o.gguf", src)
+
+
+def test_plan_from_another_model(model, mixtral_dir, tmp_path):
+    plan = tmp_path / "mixtral-plan.json"
+    assert edgemoe("plan", mixtral_dir, "--memory", "1GB", "--type", "Q8_0", "-o", plan,
+                   cwd=tmp_path).code == 0
+    src = {**tree_hash(model), **tree_hash(plan)}
+    r = edgemoe("export", model, "--memory", "1GB", "--plan", plan, "-o", tmp_path / "o.gguf",
+                cwd=tmp_path)
+    assert_clean_failure(r, 2, ["mixtral-plan.json", "plan for another model"],
+                         tmp_path / "o.gguf", src)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(options) -> a fresh tmpfs folder with those mount options (root only)."""
+    points = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root")
+        points.append(point)
+        return point
+
+    yield mount
+    for p in points:
+        subprocess.run(["umount", str(p)], capture_output=True)
+
+
+def test_read_only_output_folder(model, tmp_path, mounted):
+    ro = mounted("ro,size=16m")
+    src = tree_hash(model)
+    r = edgemoe(*export_args(model, ro / "o.gguf"), cwd=tmp_path)
+    assert_clean_failure(r, 2, ["o.gguf.part", "Read-only file system"], ro / "o.gguf", src)
+
+
+def test_not_enough_disk_is_refused_with_the_numbers(model, tmp_path, mounted):
+    small = mounted("size=1m")
+    src = tree_hash(model)
+    r = edgemoe(*export_args(model, small / "o.gguf"), cwd=tmp_path)
+    assert_clean_failure(r, 2, ["o.gguf", "more to write but only", "free on"],
+                         small / "o.gguf", src)
+
+
+def test_disk_full_part_way(model, tmp_path):
+    """`ulimit -f`: the write fails after the header, mid-tensor data."""
+    def small_files():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    src = tree_hash(model)
+    r = edgemoe(*export_args(model, tmp_path / "o.gguf"), cwd=tmp_path, preexec_fn=small_files)
+    assert_clean_failure(r, 2, ["o.gguf.part", "File too large"], tmp_path / "o.gguf", src)
+
+
+# -- interruptions, and resuming after them ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    """A qwen3_moe whose Q2_K export on one thread takes seconds: time to interrupt it."""
+    from tests.conftest import build_qwen3_moe
+
+    return build_qwen3_moe(tmp_path_factory.mktemp("slow"), bpe_tokenizer_dir, n_layers=4,
+                           n_experts=16, hidden=512, ff=512)
+
+
+def slow_export(model: Path, out: Path) -> list:
+    return ["export", model, "--memory", "10GB", "--ctx", "256", "--type", "Q2_K",
+            "--threads", "1", "-o", out]
+
+
+def start(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`edgemoe ARGS` in a session of its own, as a terminal runs a foreground job."""
+    return subprocess.Popen([sys.executable, "-m", "edgemoe.supervise", *map(str, args)],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            start_new_session=True)
+
+
+def ctrl_c(p: subprocess.Popen) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to the whole foreground job."""
+    os.killpg(p.pid, signal.SIGINT)
+
+
+def kill_9(p: subprocess.Popen) -> None:
+    """SIGKILL to the supervisor and its child at once: nothing gets to clean up."""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+def wait_for(path: Path, min_size: int = 1, timeout: float = TIMEOUT) -> None:
+    t0 = time.monotonic()
+    while not (path.exists() and path.stat().st_size >= min_size):
+        assert time.monotonic() - t0 < timeout, f"{path} never reached {min_size} bytes"
+        time.sleep(0.05)
+
+
+def finish(p: subprocess.Popen) -> Outcome:
+    out, err = p.communicate(timeout=TIMEOUT)
+    return Outcome(p.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_export_keeps_the_part_to_resume(slow_model, tmp_path, sig):
+    out = tmp_path / "o.gguf"
+    src = tree_hash(slow_model)
+    p = start(slow_export(slow_model, out), tmp_path)
+    wait_for(out.with_name("o.gguf.part"), 4 << 20)
+    ctrl_c(p) if sig == signal.SIGINT else p.send_signal(sig)  # `kill PID`: the supervisor
+    r = finish(p)
+    assert_clean_failure(r, 128 + sig, ["interrupted", "o.gguf.part", "resume"], out, src,
+                         keep_part=True)
+
+
+def test_export_resumes_after_sigkill_byte_identical(slow_model, tmp_path):
+    whole = tmp_path / "whole.gguf"
+    assert edgemoe(*slow_export(slow_model, whole), cwd=tmp_path).code == 0
+    out = tmp_path / "o.gguf"
+    part = out.with_name("o.gguf.part")
+    p = start(slow_export(slow_model, out), tmp_path)
+    wait_for(part, whole.stat().st_size // 3)
+    kill_9(p)
+    kept = part.stat().st_size
+    assert not out.exists() and kept > 0
+    r = edgemoe(*slow_export(slow_model, out), cwd=tmp_path)
+    assert r.code == 0, r.err[-2000:]
+    assert "resuming o.gguf.part" in r.out
+    assert out.read_bytes() == whole.read_bytes()
+    assert not part.exists() and not part.with_name("o.gguf.part.json").exists()
+
+
+def test_a_changed_argument_starts_over(slow_model, tmp_path):
+    out = tmp_path / "o.gguf"
+    p = start(slow_export(slow_model, out), tmp_path)
+    wait_for(out.with_name("o.gguf.part"), 4 << 20)
+    ctrl_c(p)
+    assert finish(p).code == 130
+    args = slow_export(slow_model, out)
+    args[args.index("Q2_K")] = "Q3_K"
+    r = edgemoe(*args, cwd=tmp_path)
+    assert r.code == 0 and "resuming" not in r.out
+    assert "different export (the plan or metadata changed): starting over" in r.err
+
+
+def test_two_exports_to_one_output(slow_model, tmp_path):
+    out = tmp_path / "o.gguf"
+    first = start(slow_export(slow_model, out), tmp_path)
+    wait_for(out.with_name("o.gguf.part"), 1 << 20)
+    second = edgemoe(*slow_export(slow_model, out), cwd=tmp_path)
+    assert second.code == 2 and "Traceback" not in second.err
+    assert "being written by another edgemoe process" in second.last_err
+    r = finish(first)  # the first is unharmed
+    assert r.code == 0, r.err[-2000:]
+    assert out.is_file() and not out.with_name("o.gguf.part").exists()
+
+
+def calibrate_args(model: Path, out: Path) -> list:
+    return ["calibrate", model, "--no-sensitivity", "--ctx", "128", "--max-tokens", "1536",
+            "-o", out]
+
+
+def test_calibrate_ctrl_c_then_resume_after_sigkill(slow_model, tmp_path):
+    env = {"EDGEMOE_CHECKPOINT_SECONDS": "0"}  # a checkpoint after every window
+    whole = tmp_path / "whole.stats.gguf"
+    r = edgemoe(*calibrate_args(slow_model, whole), cwd=tmp_path, env=env)
+    assert r.code == 0, r.err[-2000:]
+    out = tmp_path / "s.stats.gguf"
+    checkpoint = out.with_name("s.stats.gguf.checkpoint.npz")
+    src = tree_hash(slow_model)
+
+    p = start(calibrate_args(slow_model, out), tmp_path, env)
+    wait_for(checkpoint)
+    ctrl_c(p)
+    r = finish(p)
+    assert_clean_failure(r, 130, ["interrupted", "checkpoint.npz", "resume"], out, src)
+
+    p = start(calibrate_args(slow_model, out), tmp_path, env)
+    stamp = checkpoint.stat().st_mtime_ns
+    t0 = time.monotonic()  # kill it once it has saved a later checkpoint
+    while checkpoint.stat().st_mtime_ns == stamp and time.monotonic() - t0 < TIMEOUT:
+        time.sleep(0.05)
+    kill_9(p)
+    r = edgemoe(*calibrate_args(slow_model, out), cwd=tmp_path, env=env)
+    assert r.code == 0, r.err[-2000:]
+    assert "resuming calibration" in r.out
+    assert out.read_bytes() == whole.read_bytes()
+    assert not checkpoint.exists()
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith("s.")) == [out.name]

@@ -24,7 +24,9 @@ import memory_planner as mp
 from memory_planner.joint import keep_grid, kept_by_saliency, pruning_damage
 from memory_planner.stats import CalibStats
 
-from . import pipeline, quality
+from .. import pipeline
+from ..damage import measure_damage
+from ..runtime import textscore
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +50,20 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
     specs = model.specs
     if per_tensor is None:
         per_tensor = sum(s.quantizable for s in specs) <= MAX_PER_TENSOR
-    damage = pipeline.measure_damage(model, ladder=(probe_type,), stats=stats,
-                                     progress=False).table(specs)
+    damage = measure_damage(model, ladder=(probe_type,), stats=stats,
+                            progress=False).table(specs)
     base = mp.uniform_plan(specs, base_type, mp.Budget(2**62), check_budget=False)
     groups = _groups(specs, per_tensor)
     with tempfile.TemporaryDirectory(prefix="edgemoe-probe-", dir=workdir) as tmp:
         tmp = Path(tmp)
         base_path = pipeline.export(model, base, tmp / "base.gguf", stats=stats, progress=False)
-        ref = quality.logprobs(base_path, tokens, n_ctx)
+        ref = textscore.logprobs(base_path, tokens, n_ctx)
 
         def kld_of(plan: mp.MemoryPlan) -> float:
             path = pipeline.export(model, plan, tmp / "probe.gguf", stats=stats, progress=False,
                                    reuse=base_path)
-            return quality.compare(ref, quality.logprobs(path, tokens, n_ctx), tokens,
-                                   n_ctx).kld_mean
+            return textscore.compare(ref, textscore.logprobs(path, tokens, n_ctx), tokens,
+                                     n_ctx).kld_mean
 
         scales: dict[str, float] = {}
         for label, names in tqdm(groups.items(), desc="sensitivity probes",

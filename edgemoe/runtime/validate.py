@@ -1,12 +1,12 @@
-"""Validation of an exported GGUF in llama.cpp, and the runtime verbs (run, chat).
+"""Validation of an exported GGUF in llama.cpp.
 
-`validate` measures, in llama.cpp, what a user of the file will get:
+`validation_report` (the `validate` verb) measures, in llama.cpp, what a user of the file will get:
 - quality on held-out text: perplexity, KL divergence to a reference (an F32/BF16 GGUF, or
   an HF directory converted to F32 on the fly; mean and 99th percentile), top-1 agreement;
 - experts computed per token with the file's top-any thresholds (or `--top-any`);
 - prompt and decode tokens per second;
 - memory, at the plan's context length and KV type: weight bytes, llama.cpp's model, KV,
-  compute and output buffers (`runtime.memory_breakdown`), and the peak resident memory of
+  compute and output buffers (`runtime.memory.memory_breakdown`), and the peak resident memory of
   a process that only runs the model, each set against the plan's cap.
 Exit code 1 when the cap is exceeded or `max_kld` is broken, else 0.
 
@@ -31,10 +31,14 @@ import gguf
 import numpy as np
 
 import memory_planner as mp
+from export.gguf_io import read_plan
 from memory_planner import format_size
 
-from . import runtime, textscore, topany
-from .report import table
+from ..llamacpp import tokenize
+from ..report.tables import table
+from . import textscore, topany, topany_metadata
+from .memory import memory_breakdown, peak_rss_bytes, rss_bytes
+from .model import load
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,6 @@ DEFAULT_EVAL_CTX = 512
 DEFAULT_MAX_TOKENS = 8192
 PROBE_PROMPT = 256
 PROBE_DECODE = 32
-
-
-def read_plan(path: str | Path) -> mp.MemoryPlan | None:
-    """The plan stored in an edgemoe GGUF (None for other files)."""
-    from export.writer import PLAN_KEY
-
-    f = gguf.GGUFReader(path).get_field(PLAN_KEY)
-    return mp.MemoryPlan.from_json(f.contents()) if f is not None else None
 
 
 def kv_type_id(kv_type: str) -> int:
@@ -72,10 +68,10 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
     """
     import llama_cpp  # its libraries belong to the interpreter's share, not the model's
 
-    rss_before = runtime.rss_bytes()
+    rss_before = rss_bytes()
     t0 = time.perf_counter()
-    llm = runtime.load(path, top_any=top_any, n_ctx=ctx, threads=threads,
-                       type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
+    llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads,
+               type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
     n_prompt = max(1, min(n_prompt, ctx - n_decode - 1))
@@ -94,7 +90,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
     for t in rest:  # one token per llama_decode: the decode path of generation
         llm.eval([t])
     decode_s = time.perf_counter() - t0
-    mem = runtime.memory_breakdown(llm)
+    mem = memory_breakdown(llm)
     out = {
         "ctx": ctx, "kv_type": kv_type, "threads": threads or os.cpu_count(),
         "load_s": load_s,
@@ -103,7 +99,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
         "weight_bytes": int(llama_cpp.llama_model_size(llm.model)),
         "model_buffer_bytes": mem["model"], "kv_bytes": mem["context"],
         "compute_bytes": mem["compute"], "output_bytes": mem["output"],
-        "rss_before_bytes": rss_before, "peak_rss_bytes": runtime.peak_rss_bytes(),
+        "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes(),
         "decode_experts_per_token": llm.expert_use.experts_per_token if llm.dropper else None,
         "prompt_experts_per_token": use_prompt.experts_per_token if llm.dropper else None,
     }
@@ -119,16 +115,16 @@ def probe(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
     args = {"path": str(path), "top_any": _jsonable(top_any), "ctx": ctx, "kv_type": kv_type,
             "tokens": None if tokens is None else [int(t) for t in tokens],
             "n_prompt": n_prompt, "n_decode": n_decode, "threads": threads}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    code = ("import json, sys; from edgemoe.validate import measure_runtime; "
+    code = ("import json, sys; from edgemoe.runtime.validate import measure_runtime; "
             "print('\\nPROBE ' + json.dumps(measure_runtime(**json.loads(sys.stdin.read()))))")
     r = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), env=env,
                        capture_output=True, text=True)
     lines = [x for x in r.stdout.splitlines() if x.startswith("PROBE ")]
     if r.returncode < 0:
-        from .supervise import likely_cause
+        from ..supervise import likely_cause
 
         sig = signal.Signals(-r.returncode)
         raise RuntimeError(f"the speed and memory measurement of {path} crashed ({sig.name}): "
@@ -150,7 +146,7 @@ def _jsonable(top_any):
 def convert_reference(hf_dir: str | Path, out_dir: str | Path, threads: int | None = None,
                       progress: bool = False) -> Path:
     """An F32 GGUF of an HF checkpoint (the KL reference)."""
-    from . import pipeline
+    from .. import pipeline
 
     model = pipeline.open_model(hf_dir)
     plan = mp.uniform_plan(model.specs, "F32", mp.Budget(cap_bytes=1 << 62), check_budget=False)
@@ -166,7 +162,7 @@ def reference_scores(reference: str | Path, wins, n_ctx: int, threads: int | Non
         if ref.is_dir():
             log.info("converting %s to an F32 GGUF for reference", ref)
             ref = convert_reference(ref, tmp, threads=threads, progress=progress)
-        llm = runtime.load(ref, top_any=0, n_ctx=n_ctx, threads=threads, logits_all=True,
+        llm = load(ref, top_any=0, n_ctx=n_ctx, threads=threads, logits_all=True,
                            type_k=0, type_v=0)
         s = textscore.score(llm, wins, keep_logprobs=True)
         llm.close()
@@ -178,17 +174,16 @@ def measure_quality(path: str | Path, text: str, top_any=None, reference=None,
                     kv_type: str = "f16", threads: int | None = None,
                     progress: bool = False) -> dict:
     """Perplexity (and KLD / top-1 agreement against `reference`) of `path` on `text`."""
-    llm = runtime.load(path, top_any=top_any, n_ctx=n_ctx, threads=threads, logits_all=True,
-                       type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
-    tokens = textscore.tokenize(llm, text, max_tokens)
-    wins = textscore.windows(tokens, n_ctx, textscore.bos_token(llm))
+    llm = load(path, top_any=top_any, n_ctx=n_ctx, threads=threads, logits_all=True,
+               type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
+    tokens = tokenize(llm, text, max_tokens)
+    wins = textscore.perplexity_windows(tokens, n_ctx, textscore.bos_token(llm))
     ref = None
     if reference is not None:
         llm.close()  # one model in memory at a time
         ref, _ = reference_scores(reference, wins, n_ctx, threads, progress)
-        llm = runtime.load(path, top_any=top_any, n_ctx=n_ctx, threads=threads,
-                           logits_all=True, type_k=kv_type_id(kv_type),
-                           type_v=kv_type_id(kv_type))
+        llm = load(path, top_any=top_any, n_ctx=n_ctx, threads=threads, logits_all=True,
+                   type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
     s = textscore.score(llm, wins, reference=ref)
     use = llm.expert_use
     k = int(llm.metadata.get(f"{llm.metadata.get('general.architecture')}.expert_used_count",
@@ -211,15 +206,16 @@ def measure_quality(path: str | Path, text: str, top_any=None, reference=None,
 
 # -- the report -------------------------------------------------------------------------------
 
-def validate(file: str, reference: str | None = None, text: str | None = None,
-             top_any: str | None = None, json_path: str | None = None,
-             max_kld: float | None = None, memory: str | None = None,
-             ctx: int | None = None, kv_type: str | None = None,
-             eval_ctx: int = DEFAULT_EVAL_CTX, max_tokens: int = DEFAULT_MAX_TOKENS,
-             threads: int | None = None, n_prompt: int = PROBE_PROMPT,
-             n_decode: int = PROBE_DECODE, progress: bool = True) -> int:
-    """Measure FILE in llama.cpp (quality, speed, memory); exit code 1 when the memory cap
-    is exceeded or --max-kld is broken."""
+def validation_report(file: str, reference: str | None = None, text: str | None = None,
+                      top_any: str | None = None, max_kld: float | None = None,
+                      memory: str | None = None, ctx: int | None = None,
+                      kv_type: str | None = None, eval_ctx: int = DEFAULT_EVAL_CTX,
+                      max_tokens: int = DEFAULT_MAX_TOKENS, threads: int | None = None,
+                      n_prompt: int = PROBE_PROMPT, n_decode: int = PROBE_DECODE,
+                      progress: bool = True) -> dict:
+    """Measure FILE in llama.cpp (quality, speed, memory): the report (`format_report` shows
+    it), with checks and an exit code, 1 when the memory cap is exceeded or `max_kld` is
+    broken."""
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"{file}: no such GGUF file")
@@ -232,12 +228,12 @@ def validate(file: str, reference: str | None = None, text: str | None = None,
     if max_kld is not None and reference is None:
         raise ValueError("--max-kld needs a --reference to measure KL divergence against")
 
-    stored, info = topany.read_top_any(path)
+    stored, info = topany_metadata.read_top_any(path)
     header = gguf.GGUFReader(path)
     arch = header.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     n_layer = int(header.get_field(f"{arch}.block_count").contents())
     del header
-    tau = topany.parse_spec(top_any, n_layer, stored)
+    tau = topany_metadata.parse_spec(top_any, n_layer, stored)
     report: dict = {"file": str(path), "top_any": {
         "spec": top_any, "thresholds": None if tau is None else [float(x) for x in tau],
         "stored_in_file": stored is not None, "info": info}}
@@ -247,7 +243,7 @@ def validate(file: str, reference: str | None = None, text: str | None = None,
                                             max_tokens, kv_type, threads, progress)
         report["quality"]["text"] = str(text)
         report["quality"]["reference"] = reference
-        prompt_tokens = textscore.tokenize_file(path, body, n_prompt + n_decode)
+        prompt_tokens = tokenize(path, body, n_prompt + n_decode)
     else:
         report["quality"] = None
         prompt_tokens = None
@@ -280,10 +276,7 @@ def validate(file: str, reference: str | None = None, text: str | None = None,
     report["checks"] = checks
     code = 1 if any(v is False for v in checks.values()) else 0
     report["exit_code"] = code
-    print(format_report(report, max_kld))
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=1))
-    return code
+    return report
 
 
 def _pct(x, cap) -> str:
@@ -340,155 +333,3 @@ def format_report(r: dict, max_kld: float | None = None) -> str:
                    f"{format_size(p['kv_bytes'])}, compute {format_size(p['compute_bytes'])}")
     out.append(f"\nexit code {r['exit_code']}")
     return "\n".join(out)
-
-
-# -- the runtime verbs ------------------------------------------------------------------------
-
-def run(file: str, prompt: str, top_any: str | None = None, max_tokens: int = 256,
-        temperature: float = 0.8, ctx: int = 4096, threads: int | None = None,
-        seed: int | None = None, out=None) -> str:
-    """Complete PROMPT with FILE, streaming the text as it is generated."""
-    out = out or sys.stdout
-    llm = runtime.load(file, top_any=top_any, n_ctx=ctx, threads=threads,
-                       **({"seed": seed} if seed is not None else {}))
-    pieces = []
-    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
-                                       stream=True):
-        piece = chunk["choices"][0]["text"]
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    _log_expert_use(llm)
-    return "".join(pieces)
-
-
-def chat(file: str, top_any: str | None = None, system: str | None = None,
-         max_tokens: int = 512, temperature: float = 0.7, ctx: int = 4096,
-         threads: int | None = None, inp=None, out=None) -> list[dict]:
-    """Chat with FILE in the terminal (its chat template); an empty line or EOF ends."""
-    inp, out = inp or sys.stdin, out or sys.stdout
-    llm = runtime.load(file, top_any=top_any, n_ctx=ctx, threads=threads)
-    messages = [{"role": "system", "content": system}] if system else []
-    while True:
-        out.write("> ")
-        out.flush()
-        line = inp.readline()
-        if not line or not line.strip():
-            break
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                                temperature=temperature, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content") or ""
-            reply.append(piece)
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    _log_expert_use(llm)
-    return messages
-
-
-def _log_expert_use(llm) -> None:
-    if llm.dropper is not None:
-        u = llm.expert_use
-        log.info("experts per token %.3f, %.1f%% of expert activations removed",
-                 u.experts_per_token, 100 * u.removed_share)
-
-
-def calibrate_top_any(file: str, text: str, share: float | None = None,
-                      max_ppl_increase: float | None = None, max_kld: float | None = None,
-                      method: str = "layer", output: str | None = None,
-                      json_path: str | None = None, eval_ctx: int = DEFAULT_EVAL_CTX,
-                      max_tokens: int = DEFAULT_MAX_TOKENS, threads: int | None = None,
-                      progress: bool = True) -> topany.Calibration:
-    """Pick per-layer top-any thresholds for FILE on calibration TEXT and store them in the
-    GGUF (FILE itself unless --output is given)."""
-    tokens = textscore.tokenize_file(file, Path(text).read_text(encoding="utf-8",
-                                                                 errors="replace"), max_tokens)
-    cal = topany.calibrate(file, tokens, share=share, max_ppl_increase=max_ppl_increase,
-                           max_kld=max_kld, method=method, n_ctx=eval_ctx, threads=threads,
-                           progress=progress)
-    rows = [[str(li), f"{cal.thresholds[int(li)]:.4f}", f"{100 * s:.1f}%"]
-            for li, s in cal.layer_shares.items()]
-    print(table(rows, ["layer", "tau", "removed"]))
-    print(f"\n{100 * cal.removed_share:.1f}% of expert activations removed on "
-          f"{cal.n_tokens} calibration tokens; perplexity {cal.ppl_base:.4f} -> {cal.ppl:.4f} "
-          f"({100 * cal.ppl_increase:+.2f}%), KLD {cal.kld_mean:.5f}")
-    dst = Path(output) if output else Path(file)
-    topany.write_top_any(file, dst, cal.thresholds, cal.to_dict())
-    print(f"wrote thresholds to {dst}")
-    if json_path:
-        cal.save(json_path)
-    return cal
-
-
-def add_cli(subparsers) -> None:
-    """Register validate, run, chat and calibrate-top-any on an argparse subparsers object;
-    each sets `func` to the verb function, whose keyword arguments are the other dests."""
-    def top_any_flag(p):
-        p.add_argument("--top-any", dest="top_any", default=None, metavar="SPEC",
-                       help="top-any thresholds: 'file' (stored, default), 'off', one tau "
-                            "(0.3), one per block (0,0.2,...) or a calibration JSON")
-
-    def threads_flag(p):
-        p.add_argument("--threads", type=int, default=None, help="CPU threads")
-
-    v = subparsers.add_parser("validate", help=validate.__doc__, description=validate.__doc__)
-    v.add_argument("file", help="GGUF file")
-    v.add_argument("--reference", help="F32/BF16 GGUF or HF directory for KL divergence")
-    v.add_argument("--text", help="held-out text file for perplexity and KLD")
-    top_any_flag(v)
-    v.add_argument("--json", dest="json_path", metavar="REPORT", help="write the report here")
-    v.add_argument("--max-kld", dest="max_kld", type=float, default=None,
-                   help="fail (exit 1) when the mean KL divergence is above this")
-    v.add_argument("--memory", default=None, help="cap to check against (default: the plan's)")
-    v.add_argument("--ctx", type=int, default=None, help="context length (default: the plan's)")
-    v.add_argument("--kv-type", dest="kv_type", default=None,
-                   help="KV cache type (default: the plan's)")
-    v.add_argument("--eval-ctx", dest="eval_ctx", type=int, default=DEFAULT_EVAL_CTX,
-                   help="window for perplexity (default %(default)s)")
-    v.add_argument("--max-tokens", dest="max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help="text tokens used at most (default %(default)s)")
-    threads_flag(v)
-    v.set_defaults(func=validate)
-
-    r = subparsers.add_parser("run", help=run.__doc__, description=run.__doc__)
-    r.add_argument("file")
-    r.add_argument("-p", "--prompt", required=True)
-    top_any_flag(r)
-    r.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=256)
-    r.add_argument("--temperature", type=float, default=0.8)
-    r.add_argument("--ctx", type=int, default=4096)
-    r.add_argument("--seed", type=int, default=None)
-    threads_flag(r)
-    r.set_defaults(func=run)
-
-    c = subparsers.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
-    c.add_argument("file")
-    top_any_flag(c)
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--ctx", type=int, default=4096)
-    threads_flag(c)
-    c.set_defaults(func=chat)
-
-    k = subparsers.add_parser("calibrate-top-any", help=calibrate_top_any.__doc__,
-                              description=calibrate_top_any.__doc__)
-    k.add_argument("file")
-    k.add_argument("--text", required=True, help="calibration text file")
-    goal = k.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--share", type=float, help="share of expert activations to remove")
-    goal.add_argument("--max-ppl-increase", dest="max_ppl_increase", type=float,
-                      help="relative perplexity budget, e.g. 0.01 for 1%%")
-    goal.add_argument("--max-kld", dest="max_kld", type=float, help="mean KLD budget")
-    k.add_argument("--method", choices=["layer", "uniform"], default="layer",
-                   help="per-layer sensitivity or one tau for all layers")
-    k.add_argument("-o", "--output", help="write the GGUF with thresholds here (default: FILE)")
-    k.add_argument("--json", dest="json_path", help="write the calibration report here")
-    k.add_argument("--eval-ctx", dest="eval_ctx", type=int, default=DEFAULT_EVAL_CTX)
-    k.add_argument("--max-tokens", dest="max_tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    threads_flag(k)
-    k.set_defaults(func=calibrate_top_any)

@@ -7,7 +7,7 @@ everything computed after it. This module turns that into handlers registered by
 
 Usage::
 
-    from edgemoe.hooks import EvalHooks, attach, moe_routing
+    from edgemoe.calibration.hooks import EvalHooks, attach, moe_routing
 
     counts = np.zeros((n_layer, n_expert), np.int64)
 
@@ -55,211 +55,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
-import gguf
-import numpy as np
+from .nodes import NAME_OFFSET, HookError, Node, ggml, split_name
 
 log = logging.getLogger(__name__)
-
-GGML_MAX_DIMS = 4
-GGML_MAX_SRC = 10
-GGML_MAX_OP_PARAMS = 64
-GGML_MAX_NAME = 64
-GGML_OBJECT_SIZE = 32  # struct ggml_object: offs, size, next, type + 4 bytes padding
-
-
-class GGMLTensor(ctypes.Structure):
-    """`struct ggml_tensor` (ggml/include/ggml.h); checked against ggml at first use."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * GGML_MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * GGML_MAX_NAME),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
-
-
-NAME_OFFSET = GGMLTensor.name.offset
-
-# element types a node can be read as; quantized nodes are only available as raw bytes
-_DTYPES: dict[gguf.GGMLQuantizationType, type] = {
-    gguf.GGMLQuantizationType.F32: np.float32,
-    gguf.GGMLQuantizationType.F16: np.float16,
-    gguf.GGMLQuantizationType.F64: np.float64,
-    gguf.GGMLQuantizationType.I8: np.int8,
-    gguf.GGMLQuantizationType.I16: np.int16,
-    gguf.GGMLQuantizationType.I32: np.int32,
-    gguf.GGMLQuantizationType.I64: np.int64,
-    gguf.GGMLQuantizationType.BF16: np.uint16,  # bit patterns; read() widens to float32
-}
-_NP_DTYPES = {int(t): np.dtype(d) for t, d in _DTYPES.items()}
-
-
-class HookError(RuntimeError):
-    """A handler failed, or llama.cpp's structures are not what this module was written for."""
-
-
-class _GGML:
-    """The few libggml-base functions used here, loaded from llama-cpp-python's own copy."""
-
-    def __init__(self):
-        from export.quantize import ggml_library_path
-
-        # the same file libllama links (and ggml's quantizer uses): one ggml in the process
-        lib = ctypes.CDLL(str(ggml_library_path()))
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        for fn, args, res in [
-            ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
-            ("ggml_backend_tensor_set", [vp, vp, sz, sz], None),
-            ("ggml_backend_tensor_memset", [vp, ctypes.c_uint8, sz, sz], None),
-            ("ggml_nbytes", [vp], sz),
-            ("ggml_tensor_overhead", [], sz),
-            ("ggml_get_name", [vp], vp),
-            ("ggml_backend_buft_name", [vp], ctypes.c_char_p),
-        ]:
-            f = getattr(lib, fn)
-            f.argtypes, f.restype = args, res
-            setattr(self, fn, f)
-        got = self.ggml_tensor_overhead() - GGML_OBJECT_SIZE
-        if got != ctypes.sizeof(GGMLTensor):
-            raise HookError(f"struct ggml_tensor is {got} bytes in this ggml, "
-                            f"{ctypes.sizeof(GGMLTensor)} in edgemoe.hooks: layout changed")
-
-
-_ggml: _GGML | None = None
-
-
-def ggml() -> _GGML:
-    global _ggml
-    if _ggml is None:
-        _ggml = _GGML()
-    return _ggml
-
-
-def split_name(name: str) -> tuple[str, int | None]:
-    """`ffn_moe_topk-5` -> ("ffn_moe_topk", 5); a name without a layer suffix -> (name, None)."""
-    base, sep, tail = name.rpartition("-")
-    if sep and tail.isdigit():
-        return base, int(tail)
-    return name, None
-
-
-class Node:
-    """A graph node seen from a handler. Valid only during the handler call."""
-
-    def __init__(self, ptr: int, name: str | None = None):
-        self.ptr = ptr
-        self.t = t = GGMLTensor.from_address(ptr)
-        self.name = t.name.decode(errors="replace") if name is None else name
-        self.kind, self.layer = split_name(self.name)
-        self.type = t.type
-        self.ne = tuple(t.ne)  # element counts in ggml order (ne[0] is the row length)
-        self.nb = tuple(t.nb)
-        self.shape = self.ne[::-1]  # what read() returns: (ne[3], ne[2], ne[1], ne[0])
-        self._dtype = _NP_DTYPES.get(self.type)
-
-    def memset(self, value: int, offset: int, size: int) -> None:
-        """Set `size` bytes at byte `offset` of the node's data to `value` (no read)."""
-        ggml().ggml_backend_tensor_memset(self.ptr, value, offset, size)
-
-    @property
-    def type_name(self) -> str:
-        return gguf.GGMLQuantizationType(self.type).name
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes spanned by the node's data (with the gaps of a strided view)."""
-        return int(ggml().ggml_nbytes(self.ptr))
-
-    def src(self, i: int) -> Node | None:
-        p = self.t.src[i]
-        return Node(p) if p else None
-
-    def read_raw(self) -> np.ndarray:
-        """The bytes the node spans, as uint8 (any type, quantized included)."""
-        buf = np.empty(self.nbytes, np.uint8)
-        ggml().ggml_backend_tensor_get(self.ptr, buf.ctypes.data, 0, buf.nbytes)
-        return buf
-
-    def _strided(self, raw: np.ndarray) -> np.ndarray:
-        if self._dtype is None:
-            raise HookError(f"{self.name} is {self.type_name}; only read_raw() reads it")
-        return np.ndarray(self.shape, self._dtype, buffer=raw, strides=self.nb[::-1])
-
-    @property
-    def contiguous(self) -> bool:
-        """Elements packed in ggml order, no gaps (not a strided or permuted view)."""
-        if self._dtype is None:
-            return False
-        step = self._dtype.itemsize
-        for n, b in zip(self.ne, self.nb):
-            if n > 1 and b != step:
-                return False
-            step *= n
-        return True
-
-    def read(self) -> np.ndarray:
-        """A copy of the node, shape (ne[3], ne[2], ne[1], ne[0]); BF16 comes as float32."""
-        raw = self.read_raw()
-        if self.contiguous:
-            out = raw.view(self._dtype).reshape(self.shape)
-        else:
-            out = np.array(self._strided(raw))
-        if self.type == gguf.GGMLQuantizationType.BF16:
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out
-
-    def matrix(self) -> np.ndarray:
-        """The node as rows of ne[0] elements: (ne[1] * ne[2] * ne[3], ne[0])."""
-        return self.read().reshape(-1, self.ne[0])
-
-    def write(self, values) -> None:
-        """Write `values` (broadcast to read()'s shape) into the node; strides respected."""
-        if self._dtype is None or self.type == gguf.GGMLQuantizationType.BF16:
-            raise HookError(f"{self.name}: writing {self.type_name} nodes is not supported")
-        nbytes = self.nbytes
-        if self.contiguous:
-            raw = np.ascontiguousarray(np.broadcast_to(values, self.shape), self._dtype)
-        else:  # a strided view spans gaps that belong to other data: keep them as they are
-            raw = self.read_raw()
-            self._strided(raw)[...] = values
-        ggml().ggml_backend_tensor_set(self.ptr, raw.ctypes.data, 0, nbytes)
-
-    def __repr__(self) -> str:
-        return f"Node({self.name!r}, {self.type_name}, ne={self.ne})"
-
-
-@dataclass
-class Routing:
-    """The experts chosen for a batch at one layer: ids and router weights, (n_tokens, k)."""
-
-    layer: int
-    ids: np.ndarray  # int32, column 0 is the top choice of the router
-    weights: np.ndarray  # float32, before renormalisation
-
-
-def moe_routing(weights_node: Node) -> Routing:
-    """Routing of an `ffn_moe_weights` node (F32 [1, k, n_tokens]) and its `ffn_moe_topk`."""
-    topk = weights_node.src(1)
-    if topk is None or split_name(topk.name)[0] != "ffn_moe_topk":
-        got = None if topk is None else topk.name
-        raise HookError(f"{weights_node.name}: src[1] is {got}, expected ffn_moe_topk")
-    k, n = weights_node.ne[1], weights_node.ne[2]
-    return Routing(weights_node.layer, topk.read().reshape(n, k),
-                   weights_node.read().reshape(n, k))
-
 
 Handler = Callable[[Node], None]
 
@@ -335,25 +138,27 @@ class EvalHooks:
         return layer, found, any(when is not None for _, when in found), name
 
     def _callback(self, t: int, ask: bool, user_data) -> bool:
-        # called for every graph node: keep the common path (an unwanted node) short
-        raw = ctypes.string_at(t + NAME_OFFSET)
+        # called for every graph node: keep the common path (an unwanted node) short. Nothing
+        # may unwind through C, not even Ctrl-C's KeyboardInterrupt (raised here when the
+        # signal lands during a callback): errors are kept and re-raised after the decode.
         try:
-            route = self._routes[raw]
-        except KeyError:
-            route = self._routes[raw] = self._route(raw)
-        if route is None:
-            return not ask
-        layer, entries, conditional, name = route
-        if ask:
-            return not conditional or any(w is None or w(layer) for _, w in entries)
-        if not self.errors:
+            raw = ctypes.string_at(t + NAME_OFFSET)
             try:
+                route = self._routes[raw]
+            except KeyError:
+                route = self._routes[raw] = self._route(raw)
+            if route is None:
+                return not ask
+            layer, entries, conditional, name = route
+            if ask:
+                return not conditional or any(w is None or w(layer) for _, w in entries)
+            if not self.errors:
                 node = Node(t, name)
                 for fn, when in entries:
                     if when is None or when(layer):
                         fn(node)
-            except BaseException as exc:  # noqa: B036 - must not unwind through C
-                self.errors.append(exc)
+        except BaseException as exc:  # noqa: B036 - must not unwind through C
+            self.errors.append(exc)
         return True
 
     def raise_errors(self) -> None:
@@ -361,6 +166,8 @@ class EvalHooks:
         decode, fail if a required node name never occurred in the graph."""
         if self.errors:
             exc, self.errors = self.errors[0], []
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM during the decode
+                raise exc
             raise HookError(f"an eval handler failed: {exc!r}") from exc
         if not self.checked:
             self.checked = True
@@ -370,6 +177,30 @@ class EvalHooks:
                     f"llama.cpp computed no node named {', '.join(missing)} (with or without a "
                     "layer suffix): the graph was renamed, or the model has no such node. "
                     "Set hooks.record_names = True to list the names it has.")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the decode returns. Raised inside an eval callback (a
+    signal is handled at the next Python bytecode, which may be the callback's first), the
+    KeyboardInterrupt would end in ctypes, which prints and drops it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda sig, _frame: held.append(sig)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for sig in dict.fromkeys(held):  # replayed to the handlers that were in place
+            h = old[sig]
+            if callable(h):
+                h(sig, None)
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 def _hooked_context_class():
@@ -386,7 +217,8 @@ def _hooked_context_class():
             b = batch.batch
             self.hooks.batch = (int(b.pos[0]), int(b.n_tokens)) if b.n_tokens else None
             try:
-                super().decode(batch)
+                with _signals_held():
+                    super().decode(batch)
             finally:
                 self.hooks.batch = None
                 self.hooks.end_decode()

@@ -1,87 +1,14 @@
-"""The edgemoe runtime: llama-cpp-python's `Llama` with top-any thresholds active.
+"""Memory: what llama.cpp allocated for a context, by buffer kind, and the process's own.
 
-    from edgemoe import runtime
-    llm = runtime.load("model.gguf")                # thresholds from the file's metadata
-    llm = runtime.load("model.gguf", top_any=0.3)   # one tau for every MoE layer
-    llm = runtime.load("model.gguf", top_any=0)     # plain llama.cpp, no callback at all
-    llm("def fib(n):", max_tokens=32)               # completion, as llama_cpp.Llama
-    llm.create_chat_completion(messages=[...], stream=True)
-    llm.expert_use.experts_per_token                # experts computed per token and layer
-
-`EdgeLlama` is a `llama_cpp.Llama`: completion, chat (the GGUF's chat template), streaming,
-sampling and tokenization are llama-cpp-python's. Only the context differs: when any
-threshold is above 0 it is built with an eval callback that applies them
-(`edgemoe.topany`, `edgemoe.hooks`).
+`memory_breakdown` reads llama.cpp's own numbers (`llama_get_memory_breakdown`, behind its
+memory report); `peak_rss_bytes` and `rss_bytes` read the kernel's.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from . import topany
-from .hooks import EvalHooks, attach
-from .llamacpp import open_llama
-
-
-def _llama_class():
-    import llama_cpp
-
-    class EdgeLlama(llama_cpp.Llama):
-        """A `llama_cpp.Llama` applying top-any thresholds; see `load`."""
-
-        def __init__(self, *, model_path: str, top_any=None, hooks: EvalHooks | None = None,
-                     skip_dropped: bool = True, **kwargs):
-            super().__init__(model_path=model_path, **kwargs)
-            n_layer = int(llama_cpp.llama_model_n_layer(self.model))
-            stored, self.top_any_info = topany.read_top_any(model_path)
-            tau = topany.parse_spec(top_any, n_layer, stored)
-            self.thresholds = np.zeros(n_layer, np.float32) if tau is None else tau
-            arch = self.metadata.get("general.architecture", "")
-            if self.thresholds.any() and arch in topany.UNSUPPORTED_ARCHS:
-                raise ValueError(f"top-any thresholds are not supported for {arch}")
-            self.dropper = None
-            if self.thresholds.any() or hooks is not None:
-                hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds,
-                                             skip=skip_dropped).install(hooks)
-                attach(self, hooks)
-
-        @property
-        def expert_use(self) -> topany.ExpertUse:
-            """Experts seen and kept since load (empty for plain llama.cpp, tau = 0)."""
-            return self.dropper.use if self.dropper is not None else topany.ExpertUse()
-
-    return EdgeLlama
-
-
-_EdgeLlama = None
-
-
-def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
-         n_ctx: int = 4096, threads: int | None = None, hooks: EvalHooks | None = None,
-         skip_dropped: bool = True, **kwargs):
-    """Open a GGUF on the CPU as an `EdgeLlama` (a `llama_cpp.Llama`).
-
-    `top_any`: None uses the thresholds stored in the file (none: plain llama.cpp); a float
-    is one tau for every MoE layer, a sequence one per block, 0 or "off" plain llama.cpp.
-    `hooks` adds your own eval handlers (the callback is then installed even at tau = 0).
-    `skip_dropped=False` keeps dropped slots in the expert matmuls (pointing at the top
-    expert: no weight bytes read, but their FLOPs spent); the results are identical.
-    Other keyword arguments go to `llama_cpp.Llama`.
-    """
-    global _EdgeLlama
-    if _EdgeLlama is None:
-        _EdgeLlama = _llama_class()
-    kwargs.setdefault("logits_all", False)
-    return open_llama(path, n_ctx=n_ctx, threads=threads, llama_class=_EdgeLlama,
-                      top_any=top_any, hooks=hooks, skip_dropped=skip_dropped, **kwargs)
-
-
-# -- what llama.cpp allocated ----------------------------------------------------------------
 
 class _MapNode(ctypes.Structure):
     """A libstdc++ red-black tree node of std::map<ggml_backend_buffer_type_t,
@@ -146,7 +73,7 @@ def memory_breakdown(llm) -> dict[str, int]:
 def model_buffer_types(llm) -> dict[str, int]:
     """The buffer types holding the model's weights ("CPU", "CPU_REPACK", "AMX", ...) and
     their bytes."""
-    from .hooks import ggml
+    from ..calibration.nodes import ggml
 
     name = ggml().ggml_backend_buft_name
     return {name(n.key).decode(): n.model for n in _breakdown(llm) if n.model}

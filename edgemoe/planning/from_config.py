@@ -27,7 +27,7 @@ from memory_planner.priors import (
 )
 from memory_planner.stats import CalibStats, ExpertStats
 
-from .pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
+from ..pipeline import DEFAULT_CTX, DEFAULT_KV_TYPE, make_budget
 
 
 def read_config(config_path: str | Path) -> dict:
@@ -88,3 +88,11 @@ def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryP
         plan = replace(plan, kept_experts={},
                        solver=plan.solver + " (which experts: calibrate to choose)")
     return plan
+
+
+def is_config_only(source: str | Path) -> bool:
+    """A config.json, or a folder with one and no weights: planned from shapes alone."""
+    p = Path(source)
+    return p.is_file() and p.suffix == ".json" or (
+        p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.safetensors")))
+

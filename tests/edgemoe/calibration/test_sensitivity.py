@@ -6,11 +6,11 @@ import numpy as np
 
 import memory_planner as mp
 from edgemoe import pipeline
-from edgemoe.calibrate import calibrate
+from edgemoe.calibration.collect import calibrate
+from edgemoe.calibration.sensitivity import measure_scales
 from edgemoe.llamacpp import model_weight_bytes, open_llama, tokenize
-from edgemoe.sensitivity import measure_scales
 from export.imatrix import read_stats, write_stats
-from tests.edgemoe.test_export_llamacpp import PROMPT
+from tests.helpers import PROMPT
 
 
 def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):

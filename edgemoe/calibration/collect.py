@@ -1,16 +1,18 @@
 """Calibration: run the model in llama.cpp on text and measure what matters.
 
-Through the eval callback (`edgemoe.hooks`) every MoE layer reports, per token, the experts
-the router chose, their weights as the architecture normalises them, and each expert's
-output; every weight matrix's input is summed squared per column (llama.cpp's importance
-matrix, per expert for stacked expert tensors). The result is a `CalibStats`, written as a
-llama.cpp GGUF imatrix that also carries the expert statistics.
+Through the eval callback (`edgemoe.calibration.hooks`) every MoE layer reports, per token,
+the experts the router chose, their weights as the architecture normalises them, and each
+expert's output; every weight matrix's input is summed squared per column (llama.cpp's
+importance matrix, per expert for stacked expert tensors). The result is a `CalibStats`,
+written as a llama.cpp GGUF imatrix that also carries the expert statistics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import tempfile
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +20,23 @@ from tqdm import tqdm
 
 import memory_planner as mp
 from export.imatrix import write_stats
-from export.quantize import cov_block
+from export.search import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
 
-from . import pipeline
-from .hooks import EvalHooks, Node, attach
-from .llamacpp import open_llama
+from .. import pipeline
+from ..llamacpp import open_llama, tokenize
+from .hooks import EvalHooks, attach
+from .nodes import Node
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 DEFAULT_COV_BUDGET = 1 << 30  # bytes of input covariances kept in a stats file
+# the sums are saved between windows at most this often, so that an interrupted or killed
+# calibration resumes from there (EDGEMOE_CHECKPOINT_SECONDS overrides it)
+CHECKPOINT_SECONDS = 60.0
+_SUMS = ("selected", "weight_sum", "saliency_sum", "energy_sum", "output_energy")
+_TABLES = ("in_cov", "in_sum2", "counts")
 
 # which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
 _DENSE_INPUTS = {
@@ -176,6 +184,22 @@ class _Collector:
         h.add("ffn_moe_out", self.on_moe_out)
         return h
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Every accumulator, by name, for a checkpoint (float64, exact)."""
+        out = {k: getattr(self, k) for k in _SUMS}
+        out["n_tokens"] = np.array(self.n_tokens)
+        for table in _TABLES:
+            out.update({f"{table}/{k}": v for k, v in getattr(self, table).items()})
+        return out
+
+    def load_state(self, state) -> None:
+        for k in _SUMS:
+            setattr(self, k, np.array(state[k]))
+        self.n_tokens = int(state["n_tokens"])
+        for table in _TABLES:
+            setattr(self, table, {k.split("/", 1)[1]: np.array(state[k]) for k in state.files
+                                  if k.startswith(f"{table}/")})
+
     def stats(self, datasets: tuple[str, ...]) -> CalibStats:
         # sums are accumulated in float64 and kept as the stats file stores them (float32),
         # so that planning and quantizing from these stats or from the file are the same
@@ -230,26 +254,89 @@ def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, tuple[int, bo
 def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx: int = 512,
             max_tokens: int | None = None, progress: bool = True,
             dataset: str = "text",
-            cov_blocks: dict[str, tuple[int, bool]] | None = None) -> CalibStats:
+            cov_blocks: dict[str, tuple[int, bool]] | None = None,
+            checkpoint: Path | None = None, fingerprint: str = "") -> CalibStats:
     """Run `gguf_path` in llama.cpp over `text` in windows of `n_ctx` tokens; statistics.
 
-    `cov_blocks` (`cov_plan`) asks for those tensors' input covariances."""
+    `cov_blocks` (`cov_plan`) asks for those tensors' input covariances. With `checkpoint`
+    the sums are saved there between windows (`CHECKPOINT_SECONDS`), and a checkpoint of the
+    same `fingerprint` is resumed: the windows it covers are not run again, and the result
+    is the same to the bit (the sums are float64, in window order)."""
     col = _Collector(n_layer, n_expert, cov_blocks)
+    start = _resume(col, checkpoint, fingerprint)
     hooks = col.hooks()
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx), hooks)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-    if max_tokens:
-        tokens = tokens[:max_tokens]
+    tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]
     if not windows:
         raise ValueError("the calibration text is too short: no tokens to run")
-    for w in tqdm(windows, desc="calibrating in llama.cpp", disable=not progress):
-        llm.reset()
-        llm.eval(w)
+    every = float(os.environ.get("EDGEMOE_CHECKPOINT_SECONDS", CHECKPOINT_SECONDS))
+    saved, saved_at = start, time.monotonic()
+    try:
+        for i, w in enumerate(tqdm(windows[start:], desc="calibrating in llama.cpp",
+                                   initial=start, total=len(windows), disable=not progress),
+                              start + 1):
+            llm.reset()
+            llm.eval(w)
+            if checkpoint is not None and time.monotonic() - saved_at >= every \
+                    and i < len(windows):
+                _save(col, checkpoint, fingerprint, i)
+                saved, saved_at = i, time.monotonic()
+    except KeyboardInterrupt as e:
+        if checkpoint is None or not saved:
+            raise
+        raise type(e)(f"the sums of the first {saved} of {len(windows)} windows are kept in "
+                      f"{checkpoint}: run the same command again to resume") from None
     del llm
     return col.stats((dataset,))
+
+
+def _resumable(checkpoint: Path, fingerprint: str) -> bool:
+    try:
+        with np.load(checkpoint) as state:
+            return str(state["fingerprint"]) == fingerprint
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _resume(col: _Collector, checkpoint: Path | None, fingerprint: str) -> int:
+    """Load `checkpoint` into `col` if it is of this run; the windows it covers."""
+    if checkpoint is None or not checkpoint.is_file():
+        return 0
+    try:
+        with np.load(checkpoint) as state:
+            if str(state["fingerprint"]) != fingerprint:
+                log.warning("%s is from a calibration with other inputs: starting over",
+                            checkpoint)
+                return 0
+            col.load_state(state)
+            done = int(state["windows_done"])
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("%s cannot be read (%s): starting over", checkpoint, e)
+        return 0
+    print(f"resuming calibration from {checkpoint.name}: {done} windows were run before",
+          flush=True)
+    return done
+
+
+def _save(col: _Collector, checkpoint: Path, fingerprint: str, windows_done: int) -> None:
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, fingerprint=np.array(fingerprint), windows_done=np.array(windows_done),
+                 **col.state())
+    os.replace(tmp, checkpoint)  # a kill mid-save keeps the previous checkpoint
+
+
+def _fingerprint(source_files, body: str, **settings) -> str:
+    """What decides the statistics: the source files, the text, the settings."""
+    h = hashlib.sha256(body.encode())
+    for p in source_files:
+        st = Path(p).stat()
+        h.update(repr((str(Path(p).resolve()), st.st_size, st.st_mtime_ns)).encode())
+    h.update(repr(sorted(settings.items())).encode())
+    return h.hexdigest()
 
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
@@ -262,7 +349,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
     if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
-    on the first `probe_tokens` tokens (edgemoe.sensitivity). Writes the statistics to
+    on the first `probe_tokens` tokens (edgemoe.calibration.sensitivity). Writes the statistics to
     `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
     blocks of 256 columns; `cov_plan` says which) are kept too, within `cov_budget` bytes on
     disk (float64 accumulators take twice that in memory while calibrating): export's
@@ -272,18 +359,26 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     body = text_path.read_text(encoding="utf-8", errors="replace")
     model = pipeline.open_model(source)
     a = model.adapter
-    with tempfile.TemporaryDirectory(prefix="edgemoe-calib-") as tmp:
-        gguf_path = calib_model
-        if gguf_path is None:
+    # beside the output: the model as llama.cpp runs it, and the checkpoint of the sums;
+    # both are kept when the run is interrupted and removed when it completes
+    base = Path(output) if output else Path(f"{Path(source).name}.stats.gguf")
+    work = base.with_name(f"{base.name}.{calib_type.lower()}.gguf")
+    checkpoint = base.with_name(base.name + ".checkpoint.npz")
+    blocks = cov_plan(model.specs, cov_budget)
+    fingerprint = _fingerprint(model.source.files + ([calib_model] if calib_model else []),
+                               body, n_ctx=n_ctx, max_tokens=max_tokens, calib_type=calib_type,
+                               cov_blocks=blocks)
+    gguf_path = calib_model
+    if gguf_path is None:
+        gguf_path = work
+        if not (work.is_file() and _resumable(checkpoint, fingerprint)):
             plan = mp.uniform_plan(model.specs, calib_type, mp.Budget(cap_bytes=2**62),
                                    check_budget=False)
-            gguf_path = pipeline.export(model, plan, Path(tmp) / "calib.gguf",
-                                        progress=progress)
-        stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
-                        max_tokens=max_tokens, progress=progress, dataset=text_path.name,
-                        cov_blocks=cov_plan(model.specs, cov_budget))
+            pipeline.export(model, plan, work, progress=progress)  # itself resumable
+    stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
+                    max_tokens=max_tokens, progress=progress, dataset=text_path.name,
+                    cov_blocks=blocks, checkpoint=checkpoint, fingerprint=fingerprint)
     if sensitivity:
-        from .llamacpp import tokenize
         from .sensitivity import measure_scales
 
         tokens = tokenize(model.source.path, body)[:probe_tokens]
@@ -292,12 +387,15 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)
+    checkpoint.unlink(missing_ok=True)
+    if calib_model is None:
+        work.unlink(missing_ok=True)
     return stats
 
 
 def summary(stats: CalibStats) -> str:
     """Per-layer expert usage: how uneven, and how much the least salient experts carry."""
-    from .report import table
+    from ..report.tables import table
 
     rows = []
     for layer, e in sorted(stats.experts.items()):

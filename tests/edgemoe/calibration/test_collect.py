@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemoe.calibrate import calibrate
+from edgemoe.calibration.collect import calibrate
 from export.imatrix import read_stats
 from export.source import HFSource
-from tests.edgemoe.test_export_llamacpp import PROMPT
+from tests.helpers import PROMPT
 
 N_CTX = 64
 
@@ -109,6 +109,7 @@ def test_stats_file_drives_llama_cpps_own_quantizer(qwen3_dir, tmp_path):
 
     import memory_planner as mp
     from edgemoe import pipeline
+    from edgemoe.damage import importance
     from edgemoe.llamacpp import llama_quantize
 
     text = tmp_path / "calib.txt"
@@ -119,7 +120,7 @@ def test_stats_file_drives_llama_cpps_own_quantizer(qwen3_dir, tmp_path):
     model = pipeline.open_model(qwen3_dir)
     f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62)),
                           tmp_path / "f32.gguf", progress=False)
-    imatrix = {s.name: pipeline.importance(stats, s).reshape(-1) for s in model.specs
+    imatrix = {s.name: importance(stats, s).reshape(-1) for s in model.specs
                if s.quantizable and stats.importance(s.name) is not None}
     assert "blk.0.ffn_down_exps.weight" in imatrix
     llama_quantize(f32, tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=imatrix)
@@ -139,7 +140,7 @@ def test_stats_file_drives_llama_cpps_own_quantizer(qwen3_dir, tmp_path):
 
 def test_shared_expert_covariances_when_per_expert_ones_do_not_fit(qwen3_dir, tmp_path):
     from edgemoe import pipeline
-    from edgemoe.calibrate import cov_plan
+    from edgemoe.calibration.collect import cov_plan
 
     specs = pipeline.open_model(qwen3_dir).specs
     full = cov_plan(specs, 2**40)
@@ -170,7 +171,7 @@ def test_shared_expert_covariances_when_per_expert_ones_do_not_fit(qwen3_dir, tm
     import gguf
 
     import memory_planner as mp
-    from export.quantize import output_error
+    from export.search import output_error
 
     model = pipeline.open_model(qwen3_dir)
 

@@ -7,12 +7,10 @@ import ctypes
 import numpy as np
 import pytest
 
-from edgemoe.hooks import EvalHooks, GGMLTensor, HookError, attach, ggml, moe_routing, split_name
+from edgemoe.calibration.hooks import EvalHooks, attach
+from edgemoe.calibration.nodes import GGMLTensor, HookError, ggml, moe_routing, split_name
 from edgemoe.llamacpp import eval_logits, open_llama
-
-from . import tiny_gguf
-
-ggufs = tiny_gguf.ggufs  # the session fixture
+from tests.helpers import PROMPT
 
 # the nodes edgemoe's runtime and calibration read or write (llama-graph.cpp build_moe_ffn)
 REQUIRED = ("ffn_moe_logits", "ffn_moe_probs", "ffn_moe_argsort", "ffn_moe_topk",
@@ -20,8 +18,6 @@ REQUIRED = ("ffn_moe_logits", "ffn_moe_probs", "ffn_moe_argsort", "ffn_moe_topk"
 
 
 def _tokens(llm, n=40):
-    from .tiny_gguf import PROMPT
-
     return llm.tokenize(PROMPT.encode(), add_bos=False)[:n]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from memory_planner import MemoryPlan
+from memory_planner.names import parse_tensor_name
 
 
 def plan_heatmap(plan: MemoryPlan, path: str | Path, title: str = "") -> Path:
@@ -21,18 +22,18 @@ def plan_heatmap(plan: MemoryPlan, path: str | Path, title: str = "") -> Path:
     for t in plan.tensors:
         if t.type == "F32":
             continue
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            cells[(int(parts[1]), parts[2])] = t.bits_per_weight
+        kind, layer = parse_tensor_name(t.name)
+        if layer is not None:
+            cells[(layer, kind)] = t.bits_per_weight
         else:
-            extra.append(f"{parts[0]} {t.type} ({t.bits_per_weight:.2f} bpw)")
+            extra.append(f"{kind} {t.type} ({t.bits_per_weight:.2f} bpw)")
     layers = sorted({k[0] for k in cells})
     kinds = list(dict.fromkeys(k[1] for k in cells))
     grid = np.full((len(layers), len(kinds)), np.nan)
     for (layer, kind), bpw in cells.items():
         grid[layers.index(layer), kinds.index(kind)] = bpw
-    types = {(int(t.name.split(".")[1]), t.name.split(".")[2]): t.type for t in plan.tensors
-             if t.name.startswith("blk.") and t.type != "F32"}
+    types = {(n.layer, n.kind): t.type for t in plan.tensors
+             if (n := parse_tensor_name(t.name)).layer is not None and t.type != "F32"}
 
     fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, 0.35 * len(layers) + 2.2))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.5,

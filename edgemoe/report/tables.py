@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 
 from memory_planner import MemoryPlan, format_size
+from memory_planner.names import parse_tensor_name
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -50,11 +51,6 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _kind(name: str) -> str:
-    parts = name.split(".")
-    return parts[2] if parts[0] == "blk" else parts[0]
-
-
 def _type_summary(types: Iterable[str]) -> str:
     c = Counter(types)
     return " ".join(f"{t}x{n}" if n > 1 else t for t, n in sorted(c.items(), key=lambda x: -x[1]))
@@ -64,7 +60,7 @@ def _by_kind(entries: Iterable[tuple[str, str, int, int]]) -> list[list[str]]:
     """entries: (name, type, n_elements, nbytes) -> rows by tensor kind."""
     groups: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
     for name, t, n, nbytes in entries:
-        groups[_kind(name)].append((t, n, nbytes))
+        groups[parse_tensor_name(name).kind].append((t, n, nbytes))
     rows = []
     for kind, items in groups.items():
         n = sum(i[1] for i in items)
@@ -102,8 +98,8 @@ def inspect_gguf(path: str | Path) -> str:
     lines.append(table(_by_kind(entries), ["tensor", "count", "params", "types", "bpw", "bytes"]))
     layers: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
     for name, t, ne, nb in entries:
-        layer = name.split(".")[1] if name.startswith("blk.") else "-"
-        layers[layer].append((f"{_kind(name)}={t}", ne, nb))
+        kind, layer = parse_tensor_name(name)
+        layers["-" if layer is None else str(layer)].append((f"{kind}={t}", ne, nb))
     rows = []
     for layer, items in sorted(layers.items(), key=lambda x: (x[0] == "-", int(x[0]) if
                                                              x[0].isdigit() else 0)):
@@ -140,9 +136,8 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
     for t in plan.tensors:
         if t.type == "F32":
             continue
-        parts = t.name.split(".")
-        layer = parts[1] if parts[0] == "blk" else None
-        by_kind[(_kind(t.name), t.type)].append(layer)
+        kind, layer = parse_tensor_name(t.name)
+        by_kind[(kind, t.type)].append(None if layer is None else str(layer))
     base = (Counter(t.type for t in plan.tensors if t.type != "F32").most_common(1)
             or [("F32", 0)])[0][0]  # an all-F32 plan is llama-quantize's F32
     args = []
@@ -165,7 +160,7 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
 def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> str:
     """The llama-server command that runs `path` as planned (context, KV cache type), with
     the flags this machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
-    from .llamacpp import server_flags
+    from ..llamacpp import server_flags
 
     args = ["llama-server", "-m", str(path)]
     if plan is not None:

@@ -1,0 +1,112 @@
+"""Predicted damage: how much each candidate type hurts each tensor, the planner's input.
+
+Measured with ggml itself on sampled rows (relative quantization error), importance-weighted
+when calibration statistics are given, one number per dense tensor and one per expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+import memory_planner as mp
+from export.quantize import relative_error, sample_rows
+from memory_planner.joint import damage_with_kept
+from memory_planner.stats import CalibStats
+
+if TYPE_CHECKING:
+    from .pipeline import Model
+
+
+@dataclass
+class Damage:
+    """Predicted damage of each candidate type: one number per dense tensor, one per expert
+    (already weighted by the expert's share of its layer) for stacked expert tensors."""
+
+    dense: dict[str, dict[str, float]]
+    per_expert: dict[str, dict[str, np.ndarray]]
+    model: str  # "relative-error" (no calibration) or "calibrated"
+
+    def table(self, specs, kept=None) -> dict[str, dict[str, float]]:
+        return damage_with_kept(specs, self.dense, self.per_expert, kept)
+
+    def scaled(self, scales: dict[str, float]) -> Damage:
+        """Damage in KL-divergence units, with per-tensor scales measured by probes
+        (tensors without a measured scale take the median)."""
+        if not scales:
+            return self
+        default = float(np.median(list(scales.values())))
+
+        def k(name):
+            return scales.get(name, default)
+
+        return Damage(
+            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.dense.items()},
+            {n: {t: v * k(n) for t, v in d.items()} for n, d in self.per_expert.items()},
+            self.model + "+probed",
+        )
+
+
+def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
+    """Each expert's weight in the tensor's damage: its output-energy share when calibration
+    measured it, its selection share from an imatrix's counts, else uniform."""
+    E = spec.n_experts
+    if stats is not None and spec.layer in stats.experts:
+        return stats.experts[spec.layer].energy_share
+    if stats is not None and spec.name in stats.counts and len(stats.counts[spec.name]) == E:
+        c = np.asarray(stats.counts[spec.name], dtype=np.float64)
+        if c.sum() > 0:
+            return c / c.sum()
+    return np.full(E, 1.0 / E)
+
+
+def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
+                   stats: CalibStats | None = None, max_rows: int = 256,
+                   max_experts: int = 16, progress: bool = True) -> Damage:
+    """Relative quantization error of every quantizable tensor at every candidate type.
+
+    Measured with ggml itself on sampled rows. With calibration `stats` the error is
+    importance-weighted per column (and the quantizer uses the same importance matrix, as
+    llama.cpp does); each expert slice is measured with its own importance row and weighted
+    by the expert's share of the layer. For models with many experts, `max_experts` evenly
+    spaced experts are measured and the others take their mean error.
+    """
+    dense: dict[str, dict[str, float]] = {}
+    per_expert: dict[str, dict[str, np.ndarray]] = {}
+    todo = [r for r in model.recipes if r.spec.quantizable]
+    for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
+        spec = r.spec
+        types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
+        imatrix = importance(stats, spec)
+        if imatrix is None:  # ggml cannot make these types without an importance matrix
+            types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
+        if not spec.n_experts:
+            # only the rows relative_error samples are read: a 129k-row token_embd stays
+            # on disk
+            rows = sample_rows(spec.shape[0], max_rows)
+            data = r.load_rows(model.source, rows)
+            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=len(rows))
+                                for t in types}
+            continue
+        E = spec.n_experts
+        picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
+        errs = {t: np.full(E, np.nan) for t in types}
+        for e in picks:
+            data = r.load_expert(model.source, int(e))
+            im = None if imatrix is None else imatrix[e]
+            for t in types:
+                errs[t][e] = relative_error(data, t, im, max_rows=max_rows)
+        share = _expert_shares(stats, spec)
+        per_expert[spec.name] = {
+            t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
+        }
+    return Damage(dense, per_expert, "calibrated" if stats is not None else "relative-error")
+
+
+def importance(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray | None:
+    """The imatrix for a tensor, shaped (n_expert, n_per_row) or (n_per_row,), if known."""
+    return None if stats is None else stats.importance_for(spec)
