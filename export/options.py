@@ -29,9 +29,10 @@ class ExportOptions:
     single one is shared, each expert scaling its correlations by its own imatrix row); with
     `search` > 1 those tensors' rows get up to `search` ggml quantizations and keep the one
     with the least output error (`export.search.quantize_rows_searched`). `reuse` is an
-    earlier export of the same source with the same statistics: tensors it holds with the same name, shape and type are copied from it
-    instead of being read and quantized again (the sensitivity probes change one group of
-    tensors at a time). `threads`: quantizing workers (None: `default_threads()`).
+    earlier export of the same source with the same statistics: tensors it holds with the
+    same name, shape and type are copied from it instead of being read and quantized again
+    (the sensitivity probes change one group of tensors at a time). `threads`: quantizing
+    workers (None: `default_threads()`).
     """
 
     imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
