@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from export.gguf_io import check_output
+from export.split import SplitSpec, parse_shard
 from memory_planner import MemoryPlan, parse_size
 
 from . import pipeline
@@ -52,12 +53,19 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
            no_prune: bool = False, threads: int | None = None,
            plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH,
-           plan_file: str | None = None) -> Path:
+           plan_file: str | None = None, split_max_size: str | None = None,
+           shard: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
                          f"weights on disk (hf download {source} --local-dir DIR), then "
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
+    split = None
+    if split_max_size or shard:
+        if not split_max_size:
+            raise ValueError("--shard writes one file of a split export: give --split-max-size")
+        i, n = parse_shard(shard) if shard else (None, None)
+        split = SplitSpec(parse_size(split_max_size), i, n)
     model = pipeline.open_model(source)
     out = check_output(output or f"{Path(source).name}-{memory}.gguf", model.source.files)
     calib, _ = pipeline.load_stats(model, stats, imatrix, calib_text)
@@ -71,9 +79,15 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
     _show_plan(plan, tradeoff)
     if plan_out:
         plan.save(plan_out)
-    path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
-    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)\nrun it with llama.cpp: "
-          f"{report.llama_server_command(path, plan)}")
+    path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search,
+                           split=split)
+    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
+    if split is not None and split.shard is None:
+        files = sorted(path.parent.glob(path.name.replace("-00001-of-", "-*-of-")))
+        print(f"and {len(files) - 1} more files beside it "
+              f"({sum(f.stat().st_size for f in files):,} bytes in all)")
+    if split is None or split.shard in (None, 1):  # llama.cpp is given the first file
+        print(f"run it with llama.cpp: {report.llama_server_command(path, plan)}")
     return path
 
 
@@ -271,6 +285,13 @@ def _parser() -> argparse.ArgumentParser:
                         "inputs' correlations get a second one, corrected by GPTQ-style "
                         "error feedback; about twice the quantizing time; more: every row, "
                         "slower; 0 writes what llama-quantize writes)")
+    e.add_argument("--split-max-size", dest="split_max_size", default=None, metavar="SIZE",
+                   help="write llama.cpp's split layout (OUT-00001-of-0000N.gguf ...), each "
+                        "file at most SIZE (e.g. 50GB, the Hub's limit); llama.cpp loads the "
+                        "first file")
+    e.add_argument("--shard", default=None, metavar="i/N",
+                   help="with --split-max-size, write only file i of N (one process per "
+                        "file, e.g. a job array; give every process the same --plan)")
     pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")

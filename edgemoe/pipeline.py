@@ -18,6 +18,7 @@ from export.arch import Adapter, TensorRecipe, adapter_for_source
 from export.options import export_options
 from export.search import DEFAULT_SEARCH
 from export.source import GGUFSource, HFSource, open_source
+from export.split import SplitSpec
 from export.writer import write_gguf
 from memory_planner.joint import keep_grid, solve_joint
 from memory_planner.stats import CalibStats
@@ -115,20 +116,21 @@ def _prune_scale(stats: CalibStats) -> float:
 
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
-           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH) -> Path:
+           reuse: str | Path | None = None, search: int = DEFAULT_SEARCH,
+           split: SplitSpec | None = None) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
     are copied. Where `stats` hold input covariances and `search` > 1, rows get up to
     `search` ggml quantizations, the later ones corrected by error feedback, and keep the
     one with the least output error (export.search.quantize_rows_searched); `search` 0 or
-    1 writes what llama-quantize writes with the same imatrix."""
+    1 writes what llama-quantize writes with the same imatrix. `split`: llama.cpp's split
+    files (`export.split`); returns the first file's path (or the shard's)."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
     options = export_options(stats, model.recipes, recipes, kept, search=search,
-                             reuse=reuse, threads=threads,
-                             progress=progress)
+                             reuse=reuse, threads=threads, progress=progress, split=split)
 
     def metadata(w) -> None:
         w.add_name(source.name)

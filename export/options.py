@@ -17,6 +17,7 @@ from memory_planner.stats import CalibStats
 
 from .arch.base import TensorRecipe
 from .search import DEFAULT_SEARCH
+from .split import SplitSpec
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ExportOptions:
     earlier export of the same source with the same statistics: tensors it holds with the
     same name, shape and type are copied from it instead of being read and quantized again
     (the sensitivity probes change one group of tensors at a time). `threads`: quantizing
-    workers (None: `default_threads()`).
+    workers (None: `default_threads()`). `split`: write llama.cpp's split layout, or one
+    file of it (`export.split.SplitSpec`).
     """
 
     imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -41,6 +43,7 @@ class ExportOptions:
     reuse: str | Path | None = None
     threads: int | None = None
     progress: bool = True
+    split: SplitSpec | None = None
 
 
 def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
@@ -48,7 +51,7 @@ def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
                    kept: Mapping[int, Sequence[int]] | None = None, *,
                    search: int = DEFAULT_SEARCH,
                    reuse: str | Path | None = None, threads: int | None = None,
-                   progress: bool = True) -> ExportOptions:
+                   progress: bool = True, split: SplitSpec | None = None) -> ExportOptions:
     """The options for writing `recipes` (the file's tensors, experts pruned as `kept` says:
     layer -> source expert ids) of a model whose unpruned tensors are `full`.
 
@@ -70,4 +73,4 @@ def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
             if cov is not None:
                 cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
                 covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
-    return ExportOptions(imatrix, covariance, search, reuse, threads, progress)
+    return ExportOptions(imatrix, covariance, search, reuse, threads, progress, split)
