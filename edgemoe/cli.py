@@ -88,6 +88,7 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
               f"({sum(f.stat().st_size for f in files):,} bytes in all)")
     if split is None or split.shard in (None, 1):  # llama.cpp is given the first file
         print(f"run it with llama.cpp: {report.llama_server_command(path, plan)}")
+        print(f"model card and ollama Modelfile: edgemoe card {path}")
     return path
 
 
@@ -147,6 +148,15 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
 def inspect(file: str) -> None:
     """Show a GGUF file's tensor types and bits per weight by layer and tensor kind."""
     print(report.inspect_gguf(file))
+
+
+def card(file: str, validation: str | None = None, output_dir: str | None = None) -> None:
+    """Write a model card (README.md), the plan's heatmap and an ollama Modelfile beside
+    FILE (an edgemoe export; the first file of a split one)."""
+    from .report.card import write_card
+
+    for p in write_card(file, validation, output_dir):
+        print(f"wrote {p}")
 
 
 def validate(file: str, reference: str | None = None, text: str | None = None,
@@ -314,6 +324,12 @@ def _parser() -> argparse.ArgumentParser:
                         "shared by a layer's experts (gate/up only), else none (default 1GiB)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
+    cd = sub.add_parser("card", help=card.__doc__, description=card.__doc__)
+    cd.add_argument("file")
+    cd.add_argument("--validation", metavar="REPORT.json",
+                    help="an `edgemoe validate --json` report of FILE, shown in the card")
+    cd.add_argument("--output-dir", dest="output_dir", default=None,
+                    help="folder to write into (default: FILE's)")
 
     def top_any_flag(p):
         p.add_argument("--top-any", dest="top_any", default=None, metavar="SPEC",
@@ -381,7 +397,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect,
+VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect, "card": card,
          "validate": validate, "run": run, "chat": chat, "calibrate-top-any": calibrate_top_any}
 
 

@@ -70,7 +70,7 @@ def exported(qwen3_dir, tmp_path_factory):
 def test_split_files_hold_the_single_files_tensors_and_load_in_llama_cpp(exported, qwen3_dir):
     single, first, max_bytes, _, tmp = exported
     files = sorted(tmp.glob("split-*-of-*.gguf"))
-    assert first == files[0] and first.name.endswith("-00001-of-%05d.gguf" % len(files))
+    assert first == files[0] and first.name.endswith(f"-00001-of-{len(files):05d}.gguf")
     assert len(files) >= 3, "a third of the file per split should make at least 3 files"
     assert all(f.stat().st_size <= max_bytes for f in files)
 
