@@ -58,7 +58,7 @@ def _budget(model, memory, ctx, kv_type, reserve, setup):
     return setup.placed(model.adapter, memory, ctx, kv_type, reserve)
 
 
-def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
+def _show_plan(plan: MemoryPlan, tradeoff: list, adapter=None) -> None:
     if tradeoff:
         print(report.tradeoff_table(tradeoff))
         print()
@@ -67,7 +67,8 @@ def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
     print(report.budget_table(plan))
     if plan.devices:
         print()
-        print(report.device_table(plan))
+        print(report.device_table(plan, adapter.tensor_specs(plan.n_experts_kept or None),
+                                  adapter.n_expert_used))
 
 
 def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
@@ -94,7 +95,7 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
         budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib,
                                             prune=not no_prune, solver=solver)
-    _show_plan(plan, tradeoff)
+    _show_plan(plan, tradeoff, model.adapter)
     if plan_out:
         plan.save(plan_out)
     path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
@@ -122,19 +123,20 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     if is_config_only(source):
         from .planning.from_config import plan_from_config, read_config
 
+        adapter = adapter_for(read_config(source))
         budget, solver = None, mp_solve
         if setup:
-            budget, solver = setup.placed(adapter_for(read_config(source)), memory, ctx,
-                                          kv_type, reserve)
+            budget, solver = setup.placed(adapter, memory, ctx, kv_type, reserve)
         p = plan_from_config(source, memory, ctx, kv_type, reserve, type, budget=budget,
                              solver=solver)
     else:
         model = pipeline.open_model(source)
+        adapter = model.adapter
         budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         calib, calib_path = pipeline.load_stats(model, stats, imatrix, calib_text)
         p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune,
                                          solver=solver)
-    _show_plan(p, tradeoff)
+    _show_plan(p, tradeoff, adapter)
     if p.devices:
         print(f"\nrun the exported file with: {report.llama_server_command('MODEL.gguf', p)}")
     print("\nthe same types with llama.cpp's own tool:")

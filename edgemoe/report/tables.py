@@ -193,9 +193,10 @@ def offload_flags(plan: MemoryPlan) -> list[str]:
     return out
 
 
-def device_table(plan: MemoryPlan) -> str:
-    """Per device of a GPU + CPU plan: weights, what llama.cpp adds there, total and cap."""
-    from memory_planner.placement import device_weight_bytes
+def device_table(plan: MemoryPlan, specs=None, n_used: int = 0) -> str:
+    """Per device of a GPU + CPU plan: weights, what llama.cpp adds there, total and cap;
+    with the model's `specs`, the decode speed the bandwidths predict."""
+    from memory_planner.placement import decode_seconds, device_weight_bytes
 
     used = device_weight_bytes(plan.tensors, plan.placement)
     rows = []
@@ -204,5 +205,10 @@ def device_table(plan: MemoryPlan) -> str:
         total = w + d.fixed_bytes
         rows.append([d.name, format_size(w), format_size(d.fixed_bytes), format_size(total),
                      format_size(d.cap_bytes), f"{100 * total / d.cap_bytes:.1f}%"])
-    return table(rows, ["device", "weights", "KV + buffers + reserve", "total", "cap", "used"])
+    out = table(rows, ["device", "weights", "KV + buffers + reserve", "total", "cap", "used"])
+    if specs is not None and all(d.bandwidth for d in plan.devices):
+        s = decode_seconds(plan, specs, n_used)
+        out += (f"\ndecode estimate: {1 / s:.1f} tokens/s (weights read per token over "
+                + ", ".join(f"{d.name} {d.bandwidth / 1e9:g} GB/s" for d in plan.devices) + ")")
+    return out
 
