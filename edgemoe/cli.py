@@ -16,9 +16,11 @@ import sys
 import threading
 from pathlib import Path
 
+from export.arch import adapter_for
 from export.gguf_io import check_output
 from export.split import SplitSpec, parse_shard
 from memory_planner import MemoryPlan, parse_size
+from memory_planner import solve as mp_solve
 
 from . import pipeline
 from .llamacpp import tokenize
@@ -39,13 +41,35 @@ from .runtime.validate import (
 log = logging.getLogger("edgemoe")
 
 
-def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
+def _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth):
+    """The GPUs of --gpu-memory (None: a system-RAM-only plan)."""
+    if not gpu_memory:
+        if min_tps:
+            raise ValueError("--min-tps weighs devices' speeds: give --gpu-memory too")
+        return None
+    from .planning.gpu import GPUSetup
+
+    return GPUSetup.parse(gpu_memory, cpu_bandwidth, gpu_bandwidth, min_tps)
+
+
+def _budget(model, memory, ctx, kv_type, reserve, setup):
+    """The budget and one-keep-count solver: system RAM only, or GPUs + system RAM."""
+    if setup is None:
+        return pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve), mp_solve
+    return setup.placed(model.adapter, memory, ctx, kv_type, reserve)
+
+
+def _show_plan(plan: MemoryPlan, tradeoff: list, adapter=None) -> None:
     if tradeoff:
         print(report.tradeoff_table(tradeoff))
         print()
     print(report.plan_table(plan))
     print()
     print(report.budget_table(plan))
+    if plan.devices:
+        print()
+        print(report.device_table(plan, adapter.tensor_specs(plan.n_experts_kept or None),
+                                  adapter.n_expert_used))
 
 
 def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
@@ -54,7 +78,9 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            no_prune: bool = False, threads: int | None = None,
            plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH,
            plan_file: str | None = None, split_max_size: str | None = None,
-           shard: str | None = None) -> Path:
+           shard: str | None = None, gpu_memory: list[str] | None = None,
+           min_tps: float | None = None, cpu_bandwidth: str | None = None,
+           gpu_bandwidth: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
@@ -73,10 +99,11 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
         plan, tradeoff = MemoryPlan.load(plan_file), []
         plan.check_model(model.adapter.tensor_specs(plan.n_experts_kept or None), plan_file)
     else:
-        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        setup = _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth)
+        budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib,
-                                            prune=not no_prune)
-    _show_plan(plan, tradeoff)
+                                            prune=not no_prune, solver=solver)
+    _show_plan(plan, tradeoff, model.adapter)
     if plan_out:
         plan.save(plan_out)
     path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search,
@@ -95,7 +122,9 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
 def plan(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
          kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0",
          type: str | None = None, stats: str | None = None, imatrix: str | None = None,
-         calib_text: str | None = None, no_prune: bool = False) -> MemoryPlan:
+         calib_text: str | None = None, no_prune: bool = False,
+         gpu_memory: list[str] | None = None, min_tps: float | None = None,
+         cpu_bandwidth: str | None = None, gpu_bandwidth: str | None = None) -> MemoryPlan:
     """Plan an export of SOURCE for MEMORY without writing the model.
 
     SOURCE may also be a config.json (or a folder with one and no weights): the plan is then
@@ -104,17 +133,27 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     tradeoff: list = []
     if looks_like_repo_id(source):
         source = str(fetch_config(source))
+    calib_path = None
+    setup = _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth)
     if is_config_only(source):
-        from .planning.from_config import plan_from_config
+        from .planning.from_config import plan_from_config, read_config
 
-        p = plan_from_config(source, memory, ctx, kv_type, reserve, type)
-        calib_path = None
+        adapter = adapter_for(read_config(source))
+        budget, solver = None, mp_solve
+        if setup:
+            budget, solver = setup.placed(adapter, memory, ctx, kv_type, reserve)
+        p = plan_from_config(source, memory, ctx, kv_type, reserve, type, budget=budget,
+                             solver=solver)
     else:
         model = pipeline.open_model(source)
-        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        adapter = model.adapter
+        budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         calib, calib_path = pipeline.load_stats(model, stats, imatrix, calib_text)
-        p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
-    _show_plan(p, tradeoff)
+        p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune,
+                                         solver=solver)
+    _show_plan(p, tradeoff, adapter)
+    if p.devices:
+        print(f"\nrun the exported file with: {report.llama_server_command('MODEL.gguf', p)}")
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
     if calib_path and not is_config_only(source) and calib.in_cov:
@@ -280,6 +319,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="a llama.cpp importance matrix (.gguf or legacy .dat)")
         sp.add_argument("--calib-text", default=None, help="calibrate on this text file first")
         sp.add_argument("--no-prune", action="store_true", help="keep every expert")
+        sp.add_argument("--gpu-memory", dest="gpu_memory", action="append", default=None,
+                        metavar="SIZE", help="a GPU's memory beside --memory (system RAM): "
+                        "plan types and placement together, print the llama-server offload "
+                        "flags; several GPUs: 24GB,24GB or the flag repeated (experts are "
+                        "not pruned in these plans)")
+        sp.add_argument("--min-tps", dest="min_tps", type=float, default=None,
+                        help="with --gpu-memory: the best plan decoding at least this many "
+                             "tokens/s, estimated from bytes read per token and bandwidths")
+        sp.add_argument("--cpu-bandwidth", dest="cpu_bandwidth", default=None,
+                        metavar="SIZE", help="system RAM read bandwidth per second "
+                        "(default 60GB)")
+        sp.add_argument("--gpu-bandwidth", dest="gpu_bandwidth", default=None,
+                        metavar="SIZE", help="GPU memory bandwidth per second (default 900GB)")
 
     e = sub.add_parser("export", help="export a model as a GGUF that fits the memory cap")
     budget_flags(e)

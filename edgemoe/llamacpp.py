@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.metadata
 import logging
@@ -226,3 +227,48 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str = "Q8_0",
                                         ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) failed with {rc}")
+
+
+class _BuftOverride(ctypes.Structure):
+    """`struct llama_model_tensor_buft_override` (llama.h; the binding types the field as
+    a bare pointer)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def tensors_moved_to_cpu(path: str | Path, patterns: Sequence[str]) -> set[str]:
+    """The tensors llama.cpp moves to the CPU when `path` is loaded with these
+    `--override-tensor PATTERN=CPU` patterns: read from llama.cpp's own loader (its
+    "buffer type overridden" log lines), with no weights allocated (`no_alloc`)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    cpu = ctypes.CDLL(str(lib))
+    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    buft = cpu.ggml_backend_cpu_buffer_type()
+    encoded = [p.encode() for p in patterns]  # kept alive while llama.cpp reads them
+    overrides = (_BuftOverride * (len(encoded) + 1))()  # NULL-terminated
+    for i, p in enumerate(encoded):
+        overrides[i].pattern = p
+        overrides[i].buft = buft
+    moved: set[str] = set()
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        m = re.match(rb"tensor (\S+) \(.*\) buffer type overridden to", text or b"")
+        if m:
+            moved.add(m.group(1).decode())
+
+    with _params_lock:
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+        try:
+            params = model_params(tensor_buft_overrides=ctypes.cast(overrides, ctypes.c_void_p),
+                                  no_alloc=True, load_mode=0)  # as common/fit.cpp: LOAD_MODE_NONE
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            if not model:
+                raise RuntimeError(f"{path}: llama.cpp could not load it with the overrides")
+            llama_cpp.llama_model_free(model)
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return moved

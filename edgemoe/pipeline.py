@@ -73,14 +73,18 @@ def make_budget(adapter: Adapter, memory: str | int, ctx: int = DEFAULT_CTX,
 
 def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
               ladder: Sequence[str] | None = None, stats: CalibStats | None = None,
-              prune: bool = True, progress: bool = True) -> tuple[mp.MemoryPlan, list]:
+              prune: bool = True, progress: bool = True,
+              solver=mp.solve) -> tuple[mp.MemoryPlan, list]:
     """A forced single-type plan (`type_name`), or the least-damage plan under the budget.
+    `solver` plans one keep count (a GPU + CPU plan passes edgemoe.planning.gpu's).
 
     With calibration statistics that include expert saliency and a measured pruning scale
     (sensitivity probes), and `prune`, expert pruning is weighed against bits: returns the
     plan and the keep-count trade-off it explored.
     """
     if type_name is not None:
+        if solver is not mp.solve:
+            raise ValueError("--type makes a one-type plan: it cannot be placed on devices")
         return mp.uniform_plan(model.specs, type_name, budget), []
     if ladder is None:
         ladder = mp.DEFAULT_LADDER + (mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
@@ -97,12 +101,13 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
     if stats is not None:
         damage = damage.scaled(stats.scales)
     if len(grid) == 1:
-        plan = mp.solve(model.specs, damage.table(model.specs), budget, ladder=ladder,
-                        damage_model=damage.model)
+        plan = solver(model.specs, damage.table(model.specs), budget, ladder=ladder,
+                      damage_model=damage.model)
         return plan, []
     return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
                        grid, ladder=ladder, damage_model=damage.model,
-                       prune_scale=_prune_scale(stats), n_groups=adapter.n_expert_groups)
+                       prune_scale=_prune_scale(stats), n_groups=adapter.n_expert_groups,
+                       solver=solver)
 
 
 def _prune_scale(stats: CalibStats) -> float:

@@ -78,6 +78,16 @@ class Budget(_FlatRecord):
 
 
 @dataclass(frozen=True)
+class Device(_FlatRecord):
+    """One memory pool of a GPU + CPU plan: what it holds besides the weights it is given."""
+
+    name: str  # "CPU", or "GPU0", "GPU1", ... in llama.cpp's device order
+    cap_bytes: int
+    fixed_bytes: int = 0  # KV cache, compute buffers and reserve that llama.cpp puts here
+    bandwidth: float = 0.0  # bytes/s it reads weights at while decoding (0: not modelled)
+
+
+@dataclass(frozen=True)
 class TensorPlan(_FlatRecord):
     """The decision for one tensor: its GGUF type and exact byte size."""
 
@@ -106,6 +116,9 @@ class MemoryPlan:
     kept_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     solver: str = ""  # e.g. "milp/highs optimal"
     pruning_damage: float = 0.0  # predicted damage of the experts removed
+    # a GPU + CPU plan (memory_planner.placement): the devices, and per tensor its device
+    devices: tuple[Device, ...] = ()
+    placement: dict[str, str] = field(default_factory=dict)
 
 
     def check_model(self, specs: list[TensorSpec], where: str) -> None:
@@ -158,6 +171,10 @@ class MemoryPlan:
                 v = v.to_dict()
             elif f.name == "kept_experts":
                 v = {k: list(ids) for k, ids in v.items()}
+            elif f.name == "devices":
+                v = [dev.to_dict() for dev in v]
+            elif f.name == "placement":
+                v = dict(v)
             d[f.name] = v
         # derived totals, for people and other tools reading the JSON; ignored on load
         d["totals"] = {
@@ -184,6 +201,8 @@ class MemoryPlan:
             kept_experts={k: tuple(v) for k, v in d["kept_experts"].items()},
             solver=d["solver"],
             pruning_damage=d.get("pruning_damage", 0.0),
+            devices=tuple(Device.from_dict(x) for x in d.get("devices", ())),
+            placement=dict(d.get("placement", {})),
         )
 
     def to_json(self) -> str:

@@ -158,8 +158,9 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
 
 
 def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> str:
-    """The llama-server command that runs `path` as planned (context, KV cache type), with
-    the flags this machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
+    """The llama-server command that runs `path` as planned (context, KV cache type; for a
+    GPU + CPU plan the offload flags that reproduce its placement), with the flags this
+    machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
     from ..llamacpp import server_flags
 
     args = ["llama-server", "-m", str(path)]
@@ -168,5 +169,46 @@ def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> st
         args += ["-c", str(b.ctx)]
         if b.kv_type.lower() != "f16":
             args += ["--cache-type-k", b.kv_type.lower(), "--cache-type-v", b.kv_type.lower()]
+        args += offload_flags(plan)
     return " ".join(args + server_flags())
+
+
+def offload_flags(plan: MemoryPlan) -> list[str]:
+    """`-ngl`, `--tensor-split` and `--n-cpu-moe` or `--override-tensor` for a GPU + CPU
+    plan (none for a CPU plan). The regexes are quoted for a POSIX shell."""
+    from memory_planner.placement import n_cpu_moe, override_patterns
+
+    gpus = [d for d in plan.devices if d.name != "CPU"]
+    if not gpus:
+        return []
+    out = ["-ngl", "999"]
+    if len(gpus) > 1:
+        out += ["--tensor-split", ",".join(f"{d.cap_bytes / 1e9:g}" for d in gpus)]
+    n = n_cpu_moe(plan)
+    if n:
+        out += ["--n-cpu-moe", str(n)]
+    elif n is None:
+        out += ["--override-tensor",
+                "'" + ",".join(f"{p}=CPU" for p in override_patterns(plan)) + "'"]
+    return out
+
+
+def device_table(plan: MemoryPlan, specs=None, n_used: int = 0) -> str:
+    """Per device of a GPU + CPU plan: weights, what llama.cpp adds there, total and cap;
+    with the model's `specs`, the decode speed the bandwidths predict."""
+    from memory_planner.placement import decode_seconds, device_weight_bytes
+
+    used = device_weight_bytes(plan.tensors, plan.placement)
+    rows = []
+    for d in plan.devices:
+        w = used.get(d.name, 0)
+        total = w + d.fixed_bytes
+        rows.append([d.name, format_size(w), format_size(d.fixed_bytes), format_size(total),
+                     format_size(d.cap_bytes), f"{100 * total / d.cap_bytes:.1f}%"])
+    out = table(rows, ["device", "weights", "KV + buffers + reserve", "total", "cap", "used"])
+    if specs is not None and all(d.bandwidth for d in plan.devices):
+        s = decode_seconds(plan, specs, n_used)
+        out += (f"\ndecode estimate: {1 / s:.1f} tokens/s (weights read per token over "
+                + ", ".join(f"{d.name} {d.bandwidth / 1e9:g} GB/s" for d in plan.devices) + ")")
+    return out
 
