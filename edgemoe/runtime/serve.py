@@ -15,8 +15,6 @@ llama-cpp-python's server keeps its model and settings in module globals: one ap
 process. Needs the `serve` extra: pip install 'edgemoe[serve]'.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from collections.abc import Sequence
@@ -97,7 +95,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
                   title="edgemoe serve", version=_version())
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
-    app.include_router(_router(server_app))
+    app.include_router(_router(server_app, proxy))
 
     @app.get("/metrics", tags=["edgemoe"], response_class=Response, response_model=None)
     def metrics():
@@ -107,21 +105,84 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
     return app
 
 
-def _router(server_app):
-    """llama-cpp-python's routes and handlers, under `_route_class()`; the two completion
-    routes without their response model, whose validation would drop
-    `usage.experts_per_token`."""
-    from fastapi import APIRouter
+def _router(server_app, proxy):
+    """llama-cpp-python's routes and handlers, under `_route_class()`. The completion routes
+    go without their response model, whose validation would drop `usage.experts_per_token`,
+    and check a streamed request's prompt length before the stream starts."""
+    from fastapi import APIRouter, Depends
+    from llama_cpp.server import types
 
+    calls = {server_app.create_completion: (types.CreateCompletionRequest, "__call__"),
+             server_app.create_chat_completion: (types.CreateChatCompletionRequest,
+                                                 "create_chat_completion")}
     router = APIRouter(route_class=_route_class())
     for route in server_app.router.routes:
-        completion = route.path in ("/v1/completions", "/v1/chat/completions")
+        completion = calls.get(route.endpoint)
+        checks = [Depends(_stream_prompt_check(proxy, *completion))] if completion else []
         router.add_api_route(
             route.path, route.endpoint, methods=list(route.methods),
-            dependencies=route.dependencies, summary=route.summary, tags=route.tags,
-            response_model=None if completion else route.response_model,
+            dependencies=[*route.dependencies, *checks], summary=route.summary,
+            tags=route.tags, response_model=None if completion else route.response_model,
             include_in_schema=route.include_in_schema)
     return router
+
+
+def _stream_prompt_check(proxy, request_type, method: str):
+    """A route dependency: a streamed request whose prompt exceeds the context gets
+    llama-cpp-python's own 400 (context_length_exceeded). Without it the error would come
+    after the stream's 200 has been sent, as an empty stream."""
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    async def check(request: Request) -> None:
+        try:
+            body = request_type.model_validate(await request.json())
+        except Exception:  # FastAPI's own validation of the body answers it
+            return
+        if body.stream:
+            # as the route passes them, less what only changes sampling
+            kwargs = body.model_dump(exclude=_NOT_LLAMA_ARGS | {"logit_bias", "grammar"})
+            if isinstance(kwargs.get("prompt"), list):  # as the route takes it
+                kwargs["prompt"] = kwargs["prompt"][0] if kwargs["prompt"] else ""
+            await run_in_threadpool(check_prompt_fits, proxy(body.model), method, kwargs)
+
+    return check
+
+
+# request fields that llama-cpp-python's routes do not pass to the model
+_NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
+
+
+class _PromptFits(Exception):
+    pass
+
+
+def check_prompt_fits(llm, method: str, kwargs: dict) -> None:
+    """Run llama-cpp-python's `Llama.<method>(**kwargs)` (its chat template, tokenization and
+    context check) on a stand-in for `llm` that stops where evaluation would start; raises
+    llama-cpp-python's ValueError when the prompt does not fit. `llm` is only read."""
+    import llama_cpp
+
+    class Probe:
+        __call__ = llama_cpp.Llama.__call__
+        create_chat_completion = llama_cpp.Llama.create_chat_completion
+        create_completion = llama_cpp.Llama.create_completion
+        _create_completion = llama_cpp.Llama._create_completion
+        cache = None  # no state loaded from a prompt cache
+
+        def __getattr__(self, name):  # tokenizer, metadata, chat handlers, n_ctx: the model's
+            return getattr(llm, name)
+
+        def set_seed(self, seed):  # the model's sampler seed stays as it is
+            pass
+
+        def generate(self, *args, **kwargs):  # reached once the prompt passed the check
+            raise _PromptFits()
+
+    try:
+        next(iter(getattr(Probe(), method)(**{**kwargs, "stream": True})))
+    except _PromptFits:
+        pass
 
 
 def _route_class():

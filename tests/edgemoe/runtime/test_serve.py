@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from edgemoe.runtime import serve
+from edgemoe.runtime.model import load
 from edgemoe.runtime.topany_metadata import write_top_any
 from tests.conftest import ROOT
 
@@ -132,7 +133,36 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(servers):
     with pytest.raises(openai.BadRequestError) as err:
         s.client.completions.create(model="tiny", prompt="import os\n" * CTX, max_tokens=4)
     assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:  # before the stream's 200
+        list(chat(s.client, "import os\n" * CTX, stream=True))
+    assert err.value.code == "context_length_exceeded"
     assert chat(s.client, "still there?").choices[0].finish_reason in ("stop", "length")
+
+
+# words of 2 tokens: a prompt fits CTX up to ~128 of them, a chat message (template) ~122
+@pytest.mark.parametrize("method, words", [("create_chat_completion", 119), ("__call__", 125)])
+def test_stream_prompt_check_agrees_with_the_model_at_the_context_edge(ggufs, method, words):
+    llm = load(ggufs["qwen3_q8"], n_ctx=CTX, threads=2)
+    verdicts = []
+    for n in range(words, words + 7):
+        text = " ".join(["os"] * n)
+        kwargs = ({"messages": [{"role": "user", "content": text}]} if method != "__call__"
+                  else {"prompt": text})
+        seed, evaluated = llm._seed, llm.n_tokens
+        try:
+            serve.check_prompt_fits(llm, method, kwargs)
+            probe = True
+        except ValueError:
+            probe = False
+        assert (llm._seed, llm.n_tokens) == (seed, evaluated)  # the model was only read
+        try:
+            getattr(llm, method)(**kwargs, max_tokens=1)
+            real = True
+        except ValueError:
+            real = False
+        verdicts.append((probe, real))
+    assert all(probe == real for probe, real in verdicts), verdicts
+    assert {True, False} == {real for _, real in verdicts}  # the edge is in the range
 
 
 def test_experts_per_token_reported_below_k_with_thresholds(servers):
