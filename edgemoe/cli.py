@@ -205,6 +205,8 @@ def serve(file: str, host: str = "127.0.0.1", port: int = 8080, top_any: str | N
     top-any thresholds active; experts per token in each response's usage and at /metrics."""
     from .runtime.serve import serve as serve_file
 
+    print(f"edgemoe: serving {file} at http://{host}:{port}/v1 (OpenAI API; experts per "
+          "token in each response's usage and at /metrics)", flush=True)
     serve_file(file, host=host, port=port, top_any=top_any, ctx=ctx, threads=threads,
                alias=alias, api_key=api_key)
 

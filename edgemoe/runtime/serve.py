@@ -15,15 +15,12 @@ llama-cpp-python's server keeps its model and settings in module globals: one ap
 process. Needs the `serve` extra: pip install 'edgemoe[serve]'.
 """
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..calibration.hooks import EvalHooks
 from .model import load
-
-log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless asked: the API has no key by default
 DEFAULT_PORT = 8080  # llama-server's

@@ -196,3 +196,13 @@ def test_missing_server_extra_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # what an absent package looks like
     with pytest.raises(serve.ServeExtraMissing, match=r"pip install 'edgemoe\[serve\]'"):
         serve.create_app("model.gguf")
+
+
+def test_serve_verb_listens_on_this_machine_only_by_default():
+    from edgemoe import cli
+
+    a = vars(cli._parser().parse_args(["serve", "f.gguf"]))
+    assert a["func"] is cli.serve and (a["host"], a["port"]) == ("127.0.0.1", 8080)
+    a = vars(cli._parser().parse_args(["serve", "f.gguf", "--host", "0.0.0.0", "--top-any",
+                                       "off", "--api-key", "k"]))
+    assert (a["host"], a["top_any"], a["api_key"]) == ("0.0.0.0", "off", "k")
