@@ -51,7 +51,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
     `GET /metrics`. `top_any` as in `load`; `alias` is the model id `/v1/models` lists
     (default: the file name without .gguf); with `api_key`, requests need that bearer key."""
     server_app, server_model, settings, _ = _server_modules()
-    from fastapi import FastAPI, Response
+    from fastapi import Depends, FastAPI, Response
     from fastapi.middleware import Middleware
     from fastapi.middleware.cors import CORSMiddleware
     from starlette_context.middleware import RawContextMiddleware
@@ -94,7 +94,8 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
                        allow_methods=["*"], allow_headers=["*"])
     app.include_router(_router(server_app, proxy))
 
-    @app.get("/metrics", tags=["edgemoe"], response_class=Response, response_model=None)
+    @app.get("/metrics", tags=["edgemoe"], response_class=Response, response_model=None,
+             dependencies=[Depends(server_app.authenticate)])  # the API key, if one is set
     def metrics():
         return Response(metrics_text(proxy()), media_type="text/plain; version=0.0.4")
 
