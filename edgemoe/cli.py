@@ -24,10 +24,9 @@ from .llamacpp import tokenize
 from .planning.from_config import is_config_only
 from .planning.hub import fetch_config, looks_like_repo_id
 from .report import tables as report
+from .runtime import serve as serving
 from .runtime import topany_calibrate, topany_metadata
 from .runtime.model import load
-from .runtime.serve import DEFAULT_HOST, DEFAULT_PORT
-from .runtime.serve import serve as serve_file
 from .runtime.validate import (
     DEFAULT_EVAL_CTX,
     DEFAULT_MAX_TOKENS,
@@ -200,15 +199,16 @@ def chat(file: str, top_any: str | None = None, system: str | None = None,
     return messages
 
 
-def serve(file: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+def serve(file: str, host: str = serving.DEFAULT_HOST, port: int = serving.DEFAULT_PORT,
           top_any: str | None = None, ctx: int = 4096, threads: int | None = None,
           alias: str | None = None, api_key: str | None = None) -> None:
     """Serve FILE over an OpenAI-compatible HTTP API (llama-cpp-python's server) with its
     top-any thresholds active; experts per token in each response's usage and at /metrics."""
-    print(f"edgemoe: serving {file} at http://{host}:{port}/v1 (OpenAI API; experts per "
-          "token in each response's usage and at /metrics)", flush=True)
-    serve_file(file, host=host, port=port, top_any=top_any, ctx=ctx, threads=threads,
-               alias=alias, api_key=api_key)
+    app = serving.create_app(file, top_any, ctx, threads, alias, api_key)
+    print(f"edgemoe: serving {file} ({serving.thresholds_summary(app)}) at "
+          f"http://{host}:{port}/v1; experts per token in each response's usage and at "
+          "/metrics", flush=True)
+    serving.run(app, host, port)
 
 
 def _log_expert_use(llm) -> None:
@@ -352,9 +352,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     sv.add_argument("file")
-    sv.add_argument("--host", default=DEFAULT_HOST,
+    sv.add_argument("--host", default=serving.DEFAULT_HOST,
                     help="address to listen on (default %(default)s: this machine only)")
-    sv.add_argument("--port", type=int, default=DEFAULT_PORT, help="default %(default)s")
+    sv.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="default %(default)s")
     top_any_flag(sv)
     sv.add_argument("--ctx", type=int, default=4096, help="context length (default 4096)")
     sv.add_argument("--alias", default=None, help="model id in /v1/models (default: file name)")

@@ -269,14 +269,20 @@ def _number(v) -> str:
     return str(int(v)) if float(v).is_integer() else f"{float(v):.6g}"
 
 
-def serve(path: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          top_any: str | float | Sequence[float] | None = None, ctx: int = 4096,
-          threads: int | None = None, alias: str | None = None, api_key: str | None = None,
-          log_level: str = "info") -> None:
-    """Serve `path` until SIGINT or SIGTERM, then shut down cleanly: no new connections,
-    running requests answered, the model closed."""
+def thresholds_summary(app) -> str:
+    """The served model's top-any thresholds in a few words."""
+    tau = app.state.proxy().thresholds
+    on = tau[tau > 0]
+    if not on.size:
+        return "top-any off"
+    span = f"{on.min():.3g}" if on.min() == on.max() else f"{on.min():.3g}-{on.max():.3g}"
+    return f"top-any tau {span} in {on.size} of {tau.size} blocks"
+
+
+def run(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info"):
+    """Serve `app` (from `create_app`) until SIGINT or SIGTERM, then shut down cleanly: no
+    new connections, running requests answered, the model closed."""
     *_, uvicorn = _server_modules()
-    app = create_app(path, top_any, ctx, threads, alias, api_key)
     from llama_cpp.server import app as server_app
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
