@@ -106,7 +106,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
 def _router(server_app, proxy):
     """llama-cpp-python's routes and handlers, under `_route_class()`. The completion routes
     go without their response model, whose validation would drop `usage.experts_per_token`,
-    and check a streamed request's prompt length before the stream starts."""
+    and check the prompt's length before anything is sent (`_prompt_check`)."""
     from fastapi import APIRouter, Depends
     from llama_cpp.server import types
 
@@ -116,7 +116,7 @@ def _router(server_app, proxy):
     router = APIRouter(route_class=_route_class())
     for route in server_app.router.routes:
         completion = calls.get(route.endpoint)
-        checks = [Depends(_stream_prompt_check(proxy, *completion))] if completion else []
+        checks = [Depends(_prompt_check(proxy, *completion))] if completion else []
         router.add_api_route(
             route.path, route.endpoint, methods=list(route.methods),
             dependencies=[*route.dependencies, *checks], summary=route.summary,
@@ -125,11 +125,12 @@ def _router(server_app, proxy):
     return router
 
 
-def _stream_prompt_check(proxy, request_type, method: str):
-    """A route dependency: a streamed request whose prompt exceeds the context gets
-    llama-cpp-python's own 400 (context_length_exceeded). Without it the error would come
-    after the stream's 200 has been sent, as an empty stream."""
-    from fastapi import Request
+def _prompt_check(proxy, request_type, method: str):
+    """A route dependency: a prompt longer than the context gets llama-cpp-python's own 400
+    (context_length_exceeded) also when streamed, where the error would otherwise come after
+    the stream's 200, as an empty stream; a prompt of no tokens gets a 400 (llama-cpp-python
+    fails an assertion on it, a 500, where the model adds no BOS: Qwen's do not)."""
+    from fastapi import HTTPException, Request
     from starlette.concurrency import run_in_threadpool
 
     async def check(request: Request) -> None:
@@ -137,18 +138,24 @@ def _stream_prompt_check(proxy, request_type, method: str):
             body = request_type.model_validate(await request.json())
         except Exception:  # FastAPI's own validation of the body answers it
             return
-        if body.stream:
-            # as the route passes them, less what only changes sampling
-            kwargs = body.model_dump(exclude=_NOT_LLAMA_ARGS | {"logit_bias", "grammar"})
-            if isinstance(kwargs.get("prompt"), list):  # as the route takes it
-                kwargs["prompt"] = kwargs["prompt"][0] if kwargs["prompt"] else ""
+        # as the route passes them, less what only changes sampling
+        kwargs = body.model_dump(exclude=_NOT_LLAMA_ARGS | {"logit_bias", "grammar"})
+        if isinstance(kwargs.get("prompt"), list):  # as the route takes it
+            kwargs["prompt"] = kwargs["prompt"][0] if kwargs["prompt"] else ""
+        try:
             await run_in_threadpool(check_prompt_fits, proxy(body.model), method, kwargs)
+        except EmptyPrompt as exc:
+            raise HTTPException(400, str(exc)) from exc
 
     return check
 
 
 # request fields that llama-cpp-python's routes do not pass to the model
 _NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
+
+
+class EmptyPrompt(ValueError):
+    """The prompt has no tokens to evaluate."""
 
 
 class _PromptFits(Exception):
@@ -158,7 +165,8 @@ class _PromptFits(Exception):
 def check_prompt_fits(llm, method: str, kwargs: dict) -> None:
     """Run llama-cpp-python's `Llama.<method>(**kwargs)` (its chat template, tokenization and
     context check) on a stand-in for `llm` that stops where evaluation would start; raises
-    llama-cpp-python's ValueError when the prompt does not fit. `llm` is only read."""
+    llama-cpp-python's ValueError when the prompt does not fit, `EmptyPrompt` when it has no
+    tokens. `llm` is only read."""
     import llama_cpp
 
     class Probe:
@@ -174,7 +182,9 @@ def check_prompt_fits(llm, method: str, kwargs: dict) -> None:
         def set_seed(self, seed):  # the model's sampler seed stays as it is
             pass
 
-        def generate(self, *args, **kwargs):  # reached once the prompt passed the check
+        def generate(self, tokens, *args, **kwargs):  # reached once the prompt fits
+            if not len(tokens):
+                raise EmptyPrompt("the prompt has no tokens")
             raise _PromptFits()
 
     try:

@@ -146,10 +146,12 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(servers):
     with pytest.raises(openai.BadRequestError) as err:  # before the stream's 200
         list(chat(s.client, "import os\n" * CTX, stream=True))
     assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # no BOS added: nothing to evaluate
+        s.client.completions.create(model="tiny", prompt="", max_tokens=4)
     assert chat(s.client, "still there?").choices[0].finish_reason in ("stop", "length")
 
 
-def test_stream_prompt_check_agrees_with_the_model_at_the_context_edge(ggufs):
+def test_prompt_check_agrees_with_the_model_at_the_context_edge(ggufs):
     llm = load(ggufs["qwen3_q8"], n_ctx=CTX, threads=2)
     # words of 2 tokens: a prompt fits CTX up to 128 of them, a chat message (template) 122
     for method, words in (("create_chat_completion", 120), ("__call__", 126)):
@@ -173,6 +175,10 @@ def test_stream_prompt_check_agrees_with_the_model_at_the_context_edge(ggufs):
             verdicts.append((probe, real))
         assert all(probe == real for probe, real in verdicts), (method, verdicts)
         assert {True, False} == {real for _, real in verdicts}  # the edge is in the range
+    with pytest.raises(serve.EmptyPrompt):
+        serve.check_prompt_fits(llm, "__call__", {"prompt": ""})
+    with pytest.raises(AssertionError):  # what llama-cpp-python does with it (no BOS here)
+        llm("", max_tokens=1)
 
 
 def test_experts_per_token_reported_below_k_with_thresholds(servers):
