@@ -11,6 +11,10 @@ always counted. Reported:
 - at `GET /metrics`, Prometheus text: the same since the server started, tokens evaluated,
   the share of expert activations removed, per-layer figures and the thresholds.
 
+Where llama-cpp-python's server answers a bad request with a 500 (bad JSON, a body of the
+wrong shape, a prompt of no tokens) or a 200 (a streamed prompt longer than the context),
+this one answers 400 before anything is sent.
+
 llama-cpp-python's server keeps its model and settings in module globals: one app per
 process. Needs the `serve` extra: pip install 'edgemoe[serve]'.
 """
