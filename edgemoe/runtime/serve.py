@@ -69,14 +69,13 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
         """llama-cpp-python's model holder, opening its model with edgemoe's `load`."""
 
         def load_llama_from_model_settings(self, model: settings.ModelSettings):
-            # an EvalHooks makes load count expert use even without thresholds
+            # only fields given below are read: the others could come from the environment
+            # (an EvalHooks makes load count expert use even without thresholds)
             return load(model.model, top_any=top_any, n_ctx=model.n_ctx,
-                        threads=model.n_threads, hooks=EvalHooks(), n_batch=model.n_batch,
-                        seed=model.seed, chat_format=model.chat_format,
-                        verbose=model.verbose)
+                        threads=model.n_threads, hooks=EvalHooks())
 
-    # explicit values: these are pydantic BaseSettings, which would read HOST, API_KEY, ...
-    # from the environment for anything left out
+    # explicit values: these are pydantic BaseSettings, which would read HOST, API_KEY, SEED
+    # ... from the environment for anything left out
     server = settings.ServerSettings(
         host=DEFAULT_HOST, port=DEFAULT_PORT, api_key=api_key, root_path="",
         # llama-cpp-python's default cuts a running stream short when another request
