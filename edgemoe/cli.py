@@ -1,7 +1,7 @@
 """The `edgemoe` command. Each verb is a function whose keyword arguments are its flags.
 
 Planning and export: export, plan, calibrate, inspect. The file in llama.cpp: validate, run,
-chat, calibrate-top-any. `main` turns library errors into messages and exit codes;
+chat, serve, calibrate-top-any. `main` turns library errors into messages and exit codes;
 `edgemoe.supervise`, the console entry point, runs `python -m edgemoe.cli` in a child.
 """
 
@@ -27,6 +27,7 @@ from .llamacpp import tokenize
 from .planning.from_config import is_config_only
 from .planning.hub import fetch_config, looks_like_repo_id
 from .report import tables as report
+from .runtime import serve as serving
 from .runtime import topany_calibrate, topany_metadata
 from .runtime.model import load
 from .runtime.validate import (
@@ -261,6 +262,18 @@ def chat(file: str, top_any: str | None = None, system: str | None = None,
     return messages
 
 
+def serve(file: str, host: str = serving.DEFAULT_HOST, port: int = serving.DEFAULT_PORT,
+          top_any: str | None = None, ctx: int = 4096, threads: int | None = None,
+          alias: str | None = None, api_key: str | None = None) -> None:
+    """Serve FILE over an OpenAI-compatible HTTP API (llama-cpp-python's server) with its
+    top-any thresholds active; experts per token in each response's usage and at /metrics."""
+    app = serving.create_app(file, top_any, ctx, threads, alias, api_key)
+    print(f"edgemoe: serving {file} ({serving.thresholds_summary(app)}) at "
+          f"http://{host}:{port}/v1; experts per token in each response's usage and at "
+          "/metrics", flush=True)
+    serving.run(app, host, port)
+
+
 def _log_expert_use(llm) -> None:
     if llm.dropper is not None:
         u = llm.expert_use
@@ -428,6 +441,18 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--ctx", type=int, default=4096)
     threads_flag(ch)
 
+    sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    sv.add_argument("file")
+    sv.add_argument("--host", default=serving.DEFAULT_HOST,
+                    help="address to listen on (default %(default)s: this machine only)")
+    sv.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="default %(default)s")
+    top_any_flag(sv)
+    sv.add_argument("--ctx", type=int, default=4096, help="context length (default 4096)")
+    sv.add_argument("--alias", default=None, help="model id in /v1/models (default: file name)")
+    sv.add_argument("--api-key", dest="api_key", default=None,
+                    help="require this bearer key on every request")
+    threads_flag(sv)
+
     k = sub.add_parser("calibrate-top-any", help=calibrate_top_any.__doc__,
                        description=calibrate_top_any.__doc__)
     k.add_argument("file")
@@ -450,7 +475,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect, "card": card,
-         "validate": validate, "run": run, "chat": chat, "calibrate-top-any": calibrate_top_any}
+         "validate": validate, "run": run, "chat": chat, "serve": serve,
+         "calibrate-top-any": calibrate_top_any}
 
 
 class Terminated(KeyboardInterrupt):
