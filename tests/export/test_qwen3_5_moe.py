@@ -174,3 +174,29 @@ def test_options_llama_cpp_cannot_run_are_refused(change, match):
     adapter_for(cfg)
     with pytest.raises(UnsupportedModelError, match=match):
         adapter_for({**cfg, "text_config": {**cfg["text_config"], **change}})
+
+
+def test_release_config_plans_from_shapes():
+    """The released Qwen3.5-397B-A17B config.json (the vision-language wrapper, text settings
+    in text_config): 396.3e9 GGUF parameters; uniform Q8_0 predicts 421.50 GB of weights
+    where bartowski's published Q8_0 GGUF is 421.58 GB (it keeps ssm_alpha/ssm_beta F32,
+    +69 MB, and carries the tokenizer); the DeltaNet state is 195.4 MB whatever the context."""
+    cfg = json.loads((FIXTURES / "qwen3.5-397b-a17b.json").read_text())
+    a = adapter_for(cfg)
+    hp = a.hp
+    assert (hp.n_layer, hp.n_embd, hp.n_expert, hp.n_expert_used, hp.shared_ff) == (
+        60, 4096, 512, 10, 1024)
+    assert hp.rope_theta == 1e7 and hp.rope_dim == 64 and hp.rope_sections == (11, 11, 10, 0)
+    assert hp.recurrent.count(True) == 45 and not hp.recurrent[3]
+    specs = a.tensor_specs()
+    assert sum(int(np.prod(s.shape)) for s in specs) == 396_346_350_336
+    q8 = mp.uniform_plan(specs, "Q8_0", mp.Budget(10**15), check_budget=False)
+    assert abs(q8.weight_bytes / 421.58e9 - 1) < 0.001
+    state = a.kv_bytes(0)
+    assert state == 45 * (3 * (2 * 16 * 128 + 64 * 128) + 128 * 64 * 128) * 4
+    assert a.kv_bytes(8192) == state + 15 * 2 * 2 * 256 * 8192 * 2
+    w = gguf.GGUFWriter(None, "qwen35moe")
+    a.add_metadata(w)
+    kv = {k: v.value for k, v in w.kv_data[0].items()}
+    assert "qwen35moe.feed_forward_length" not in kv  # the release names no intermediate_size
+    assert kv["qwen35moe.ssm.inner_size"] == 8192 and kv["qwen35moe.ssm.time_step_rank"] == 64
