@@ -109,7 +109,7 @@ def test_layout_matches_llama_cpp_converter(qwen35_dir, f32_gguf, tmp_path):
 def test_kv_and_recurrent_state_are_what_llama_cpp_allocates(qwen35_dir, f32_gguf):
     """The KV cache of the full-attention block and the DeltaNet blocks' fixed state, against
     llama.cpp's memory breakdown, at two contexts and both cache types. Measured: equal to
-    the byte (147968 B at 512 f16: 16384 of it the state of 3 blocks)."""
+    the byte (147968 B at 512 f16: 16896 of it the state of the 3 DeltaNet blocks)."""
     adapter = pipeline.open_model(qwen35_dir).adapter
     from_file = pipeline.open_model(f32_gguf).adapter  # a qwen35moe GGUF as the source
     state = adapter.kv_bytes(0)
@@ -201,6 +201,8 @@ def test_release_config_plans_from_shapes():
     assert hp.recurrent.count(True) == 45 and not hp.recurrent[3]
     specs = a.tensor_specs()
     assert sum(int(np.prod(s.shape)) for s in specs) == 396_346_350_336
+    # the text model saved on its own (Qwen3_5MoeForCausalLM) has the same tensors
+    assert adapter_for(cfg["text_config"]).tensor_specs() == specs
     q8 = mp.uniform_plan(specs, "Q8_0", mp.Budget(10**15), check_budget=False)
     assert abs(q8.weight_bytes / 421.58e9 - 1) < 0.001
     state = a.kv_bytes(0)
