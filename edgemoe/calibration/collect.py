@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tqdm import tqdm
 
@@ -26,7 +27,7 @@ from memory_planner.stats import CalibStats, ExpertStats
 from .. import pipeline
 from ..llamacpp import open_llama, tokenize
 from .hooks import EvalHooks, attach
-from .nodes import Node
+from .nodes import GraphNodes, Node, graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,16 @@ CHECKPOINT_SECONDS = 60.0
 _SUMS = ("selected", "weight_sum", "saliency_sum", "energy_sum", "output_energy")
 _TABLES = ("in_cov", "in_sum2", "counts")
 
-# which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
-_DENSE_INPUTS = {
-    "attn_norm": ("attn_q", "attn_k", "attn_v"),
-    "kqv_out": ("attn_output",),
-}
-
 
 class _Collector:
     """Accumulates statistics from graph nodes, one micro-batch at a time."""
 
     def __init__(self, n_layer: int, n_expert: int,
-                 cov_blocks: dict[str, tuple[int, bool]] | None = None):
+                 cov_blocks: dict[str, tuple[int, bool]] | None = None,
+                 nodes: GraphNodes | None = None, tensors: frozenset[str] | None = None):
         self.n_expert = n_expert
+        self.nodes = nodes or graph_nodes("")  # which graph node feeds which weights
+        self.tensors = tensors  # the model's tensor names (None: every name the nodes give)
         # tensor name -> (covariance block in columns, one per expert or one for all)
         self.cov_blocks = cov_blocks or {}
         self.in_cov: dict[str, np.ndarray] = {}
@@ -126,8 +124,10 @@ class _Collector:
 
     # ---- handlers, in graph order within a layer
     def on_input(self, node: Node) -> None:
-        names = tuple(f"blk.{node.layer}.{kind}.weight" for kind in _DENSE_INPUTS[node.kind])
-        self._dense(names, node.matrix())
+        names = [f"blk.{node.layer}.{kind}.weight" for kind in self.nodes.dense[node.kind]]
+        names = tuple(n for n in names if self.tensors is None or n in self.tensors)
+        if names:  # (a hybrid model's blocks read the same node with other tensors)
+            self._dense(names, node.matrix())
 
     def on_result_norm(self, node: Node) -> None:
         x = node.matrix()
@@ -170,10 +170,10 @@ class _Collector:
 
     def hooks(self) -> EvalHooks:
         h = EvalHooks()
-        for name in _DENSE_INPUTS:
+        for name in self.nodes.dense:
             h.add(name, self.on_input)
         h.add("result_norm", self.on_result_norm)
-        h.add("ffn_norm", self.on_ffn_norm)
+        h.add(self.nodes.ffn_input, self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
         # present only where the architecture renormalises / scales the weights
@@ -262,7 +262,11 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     the sums are saved there between windows (`CHECKPOINT_SECONDS`), and a checkpoint of the
     same `fingerprint` is resumed: the windows it covers are not run again, and the result
     is the same to the bit (the sums are float64, in window order)."""
-    col = _Collector(n_layer, n_expert, cov_blocks)
+    reader = gguf.GGUFReader(gguf_path)  # which graph nodes feed which of its tensors
+    arch = reader.get_field("general.architecture").contents()
+    col = _Collector(n_layer, n_expert, cov_blocks, nodes=graph_nodes(arch),
+                     tensors=frozenset(t.name for t in reader.tensors))
+    del reader
     start = _resume(col, checkpoint, fingerprint)
     hooks = col.hooks()
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,

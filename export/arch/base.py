@@ -187,7 +187,7 @@ class Adapter:
             m = _EXPERT_RE.match(name)
             if m:
                 base = f"{m.group(1)}.{m.group(3)}"
-                gname = tmap.get_name(base)
+                gname = self.gguf_name(tmap, base)
                 if gname is not None:
                     experts.setdefault(gname + ".weight", {})[int(m.group(2))] = name
                     continue
