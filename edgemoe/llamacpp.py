@@ -168,10 +168,13 @@ def simulated_context(path: str | Path, **context_fields) -> Iterator[tuple[int,
     check_version()
     llama_cpp.llama_backend_init()
     logs: list[str] = []
+    kept = [False]
 
     @llama_cpp.llama_log_callback
     def capture(level, text, user_data):  # keep llama.cpp's reasons for a refusal
-        if level in (2, 3):  # warnings and errors
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+            kept[0] = level == 4  # GGML_LOG_LEVEL_ERROR (ggml.h: WARN 3, ERROR 4)
+        if kept[0]:
             logs.append(text.decode(errors="replace"))
 
     params = model_params(no_alloc=True, n_gpu_layers=0,
