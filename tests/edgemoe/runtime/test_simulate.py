@@ -11,6 +11,7 @@ import pytest
 import memory_planner as mp
 from edgemoe import pipeline
 from edgemoe.llamacpp import ContextRefusedError
+from edgemoe.report.tables import llama_server_command
 from edgemoe.runtime.memory import memory_breakdown
 from edgemoe.runtime.model import load
 from edgemoe.runtime.simulate import simulate_allocation
@@ -104,6 +105,7 @@ def test_a_cap_the_old_estimate_refused_now_fits_and_runs(tmp_path):
     plan, _ = pipeline.make_plan(model, pipeline.make_budget(model.adapter, cap, ctx=ctx),
                                  progress=False)
     assert plan.total_bytes <= cap
+    assert "-c 512 -b 512 -ub 512 -fa off -np 1" in llama_server_command("m.gguf", plan)
     path = pipeline.export(model, plan, tmp_path / "capped.gguf", progress=False)
     llm = load(path, n_ctx=ctx, top_any=0, threads=1)
     try:
@@ -113,6 +115,21 @@ def test_a_cap_the_old_estimate_refused_now_fits_and_runs(tmp_path):
         llm.close()
     assert sum(mem.values()) <= cap
     assert out["usage"]["completion_tokens"] >= 1 and out["choices"][0]["text"]
+
+
+def test_hf_gguf_and_config_only_sources_get_the_same_simulation(qwen3_dir, ggufs):
+    """The header is written from the adapter alone (placeholder vocabulary), so an HF
+    checkpoint, its GGUF export and its config.json get llama.cpp's same numbers."""
+    from edgemoe.planning.from_config import read_config
+
+    adapters = [pipeline.open_model(qwen3_dir).adapter,
+                pipeline.open_model(ggufs["qwen3"]).adapter, adapter_for(read_config(qwen3_dir))]
+    budgets = [pipeline.make_budget(a, "1GB", ctx=4096) for a in adapters]
+    assert {b.memory_source for b in budgets} == {"llama.cpp"}
+    assert len({(b.kv_bytes, b.compute_bytes, b.output_bytes) for b in budgets}) == 1
+    real = _llama_total(ggufs["qwen3"], 4096)
+    assert (real["context"], real["compute"], real["output"]) == (
+        budgets[0].kv_bytes, budgets[0].compute_bytes, budgets[0].output_bytes)
 
 
 def test_shape_only_deepseek_v3_is_simulated_in_seconds():
