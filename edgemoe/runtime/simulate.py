@@ -106,7 +106,11 @@ def simulate_allocation(adapter, *, ctx: int, kv_type: str = "f16", n_batch: int
                   flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     with tempfile.TemporaryDirectory(prefix="edgemoe-sim-") as tmp:
-        path = write_sparse_gguf(Path(tmp) / "planned.gguf", adapter, types, n_experts_kept)
+        try:
+            path = write_sparse_gguf(Path(tmp) / "planned.gguf", adapter, types,
+                                     n_experts_kept)
+        except OSError as e:  # a file system without sparse files or this large a file
+            raise SimulationError(f"cannot write the planned header in {tmp}: {e}") from e
         with simulated_context(path, **fields) as (model, ctx_ptr):
             sums = buffer_sums(ctx_ptr)
             n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
