@@ -52,7 +52,7 @@ def main() -> None:
     stats = read_stats(stats_path)
     n_params = sum(s.n_elements for s in model.specs)
     probe = pipeline.make_budget(model.adapter, 10**12, ctx=args.ctx)
-    cap = probe.kv_bytes + probe.compute_bytes + int(args.bpw * n_params / 8)
+    cap = probe.runtime_bytes + int(args.bpw * n_params / 8)
     plan, _ = pipeline.make_plan(model, pipeline.make_budget(model.adapter, cap, ctx=args.ctx),
                                  stats=stats, progress=False)
     files = {"calibrated": pipeline.export(model, plan, work / f"robust-{args.bpw}.gguf",

@@ -129,7 +129,7 @@ def main() -> None:
     damage_cal = measure_damage(model, stats=stats, progress=False,
                                 ladder=mp.DEFAULT_LADDER + mp.quant_types.IMATRIX_LADDER_EXTRA)
     probe = pipeline.make_budget(a, 10**12, ctx=args.ctx)
-    overhead = probe.kv_bytes + probe.compute_bytes  # the same at every cap
+    overhead = probe.runtime_bytes  # the same at every cap
     results, rank_points = [], []
     for bpw in args.bpw:
         cap = overhead + int(bpw * n_params / 8)

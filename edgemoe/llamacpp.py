@@ -145,6 +145,69 @@ def open_llama(path: str | Path, n_ctx: int = 512, f32_kv: bool = False,
         )
 
 
+class SimulationError(RuntimeError):
+    """llama.cpp could not load a header (its architecture or a key it needs) or refused the
+    context; the message has llama.cpp's own last log lines."""
+
+
+class ContextRefusedError(SimulationError):
+    """llama.cpp loads the model but refuses the context asked (a quantized V cache without
+    flash attention, different K and V types with MLA, ...): the file would not run so."""
+
+
+@contextmanager
+def simulated_context(path: str | Path, **context_fields) -> Iterator[tuple[int, int]]:
+    """(model, context) pointers of a GGUF opened with `no_alloc`: llama.cpp reads the
+    header, plans every buffer (weights, KV cache, recurrent state, compute) as it would for
+    a real load with edgemoe's load policy, and allocates none; tensor data is never read
+    (common/fit.cpp measures memory the same way). `context_fields` set
+    llama_context_params fields (n_ctx, n_batch, n_ubatch, flash_attn_type, type_k, ...)."""
+    import ctypes
+
+    import llama_cpp
+
+    check_version()
+    llama_cpp.llama_backend_init()
+    logs: list[str] = []
+    kept = [False]
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):  # keep llama.cpp's reasons for a refusal
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+            kept[0] = level == 4  # GGML_LOG_LEVEL_ERROR (ggml.h: WARN 3, ERROR 4)
+        if kept[0]:
+            logs.append(text.decode(errors="replace"))
+
+    params = model_params(no_alloc=True, n_gpu_layers=0,
+                          load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE)
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    model = ctx = None
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise SimulationError("llama.cpp cannot load it: " + _last(logs))
+        cparams = llama_cpp.llama_context_default_params()
+        for k, v in context_fields.items():
+            setattr(cparams, k, v)
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ContextRefusedError("llama.cpp refuses this context: " + _last(logs))
+        yield model, ctx
+    finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        if model:
+            llama_cpp.llama_model_free(model)
+        from llama_cpp._logger import llama_log_callback
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+
+
+def _last(logs: list[str], n: int = 3) -> str:
+    lines = [x.strip() for x in "".join(logs).splitlines() if x.strip()]
+    return " | ".join(lines[-n:]) or "no message"
+
+
 def tokenize(model, text: str, max_tokens: int | None = None) -> list[int]:
     """llama.cpp's tokens for `text` (no BOS, special tokens as text), the first `max_tokens`
     if given. `model`: an open `llama_cpp.Llama`, a GGUF file (its vocabulary alone is

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CTX = 4096
 DEFAULT_KV_TYPE = "f16"
+# llama-cpp-python's defaults, which edgemoe's runtime uses; the printed llama-server
+# command passes them explicitly (llama-server's own are -b 2048 -fa auto -np 4)
+DEFAULT_N_BATCH = 512
+DEFAULT_N_UBATCH = 512
 
 
 @dataclass
@@ -59,16 +63,48 @@ def open_model(path: str | Path) -> Model:
 
 
 def make_budget(adapter: Adapter, memory: str | int, ctx: int = DEFAULT_CTX,
-                kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0) -> mp.Budget:
-    """The cap with the KV cache, compute buffers and reserve that must fit beside weights."""
-    return mp.Budget(
-        cap_bytes=mp.parse_size(memory),
-        kv_bytes=adapter.kv_bytes(ctx, kv_type),
-        compute_bytes=adapter.compute_bytes(ctx),
-        reserve_bytes=mp.parse_size(reserve),
-        ctx=ctx,
-        kv_type=kv_type,
-    )
+                kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
+                n_batch: int = DEFAULT_N_BATCH, n_ubatch: int = DEFAULT_N_UBATCH,
+                flash_attn: bool | None = None, simulate: bool = True) -> mp.Budget:
+    """The cap with the KV cache, compute and output buffers and reserve that must fit
+    beside the weights, for a context of `ctx` tokens at `kv_type`, batches of
+    `n_batch`/`n_ubatch` tokens and flash attention on or off (None: on only for a quantized
+    KV cache, which llama.cpp requires it for; edgemoe's runtime and the llama-server command
+    it prints use the same). A context llama.cpp refuses raises ContextRefusedError.
+
+    The buffers are llama.cpp's own allocation, simulated without weights from the header of
+    the file the adapter would write (`runtime.simulate`); where the pinned llama.cpp cannot
+    load the architecture (or `simulate` is False) the adapter's formulas stand in, and
+    `memory_source` says so. Buffers do not depend on the weight types (llama.cpp allocates
+    the same context and compute bytes for F16 and Q4_0 weights: BENCHMARKS.md), and
+    pruning only shrinks them, so one simulation with all experts holds for every plan.
+    """
+    from .llamacpp import ContextRefusedError
+    from .runtime.simulate import SimulationError, simulate_allocation
+
+    if flash_attn is None:
+        flash_attn = kv_type.lower() not in ("f32", "f16", "bf16")
+    n_batch = min(ctx, n_batch)
+    common = dict(cap_bytes=mp.parse_size(memory), reserve_bytes=mp.parse_size(reserve),
+                  ctx=ctx, kv_type=kv_type, n_batch=n_batch,
+                  n_ubatch=min(n_batch, n_ubatch), flash_attn=flash_attn)
+    why = "not asked"
+    if simulate:
+        try:
+            a = simulate_allocation(adapter, ctx=ctx, kv_type=kv_type, n_batch=n_batch,
+                                    n_ubatch=n_ubatch, flash_attn=flash_attn)
+            return mp.Budget(kv_bytes=a.context, compute_bytes=a.compute,
+                             output_bytes=a.output, memory_source="llama.cpp", **common)
+        except ContextRefusedError:
+            raise
+        except SimulationError as e:
+            why = str(e)
+            log.warning("llama.cpp could not simulate %s's memory (%s): formulas stand in",
+                        adapter.arch_name, why)
+    return mp.Budget(kv_bytes=adapter.kv_bytes(ctx, kv_type),
+                     compute_bytes=adapter.compute_bytes(ctx, n_ubatch),
+                     output_bytes=4 * adapter.n_vocab,
+                     memory_source=f"formula ({why})", **common)
 
 
 def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,

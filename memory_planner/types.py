@@ -66,15 +66,28 @@ class Budget(_FlatRecord):
     """The memory cap and everything that must fit under it besides the weights."""
 
     cap_bytes: int
-    kv_bytes: int = 0  # KV cache for `ctx` tokens at `kv_type`
-    compute_bytes: int = 0  # estimated compute buffers of the runtime
+    kv_bytes: int = 0  # KV cache (or recurrent state) for `ctx` tokens at `kv_type`
+    compute_bytes: int = 0  # compute buffers of the runtime
     reserve_bytes: int = 0  # user-asked headroom (OS, other programs)
     ctx: int = 4096
     kv_type: str = "f16"
+    output_bytes: int = 0  # the logits buffer
+    # the context these buffers are for: tokens per batch / micro-batch, flash attention
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = False
+    # where kv/compute/output come from: "llama.cpp" (its own allocation, simulated without
+    # weights) or "formula" (an estimate; the reason llama.cpp was not asked follows)
+    memory_source: str = "formula"
+
+    @property
+    def runtime_bytes(self) -> int:
+        """What the runtime allocates beside the weights: KV cache, compute and output."""
+        return self.kv_bytes + self.compute_bytes + self.output_bytes
 
     @property
     def weight_bytes_available(self) -> int:
-        return self.cap_bytes - self.kv_bytes - self.compute_bytes - self.reserve_bytes
+        return self.cap_bytes - self.runtime_bytes - self.reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,7 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         b = self.budget
-        return self.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes
+        return self.weight_bytes + b.runtime_bytes + b.reserve_bytes
 
     @property
     def predicted_damage(self) -> float:

@@ -32,16 +32,23 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def budget_table(plan: MemoryPlan) -> str:
     b = plan.budget
     total = plan.total_bytes
+    # llama.cpp's own allocation, or the formulas' estimate where llama.cpp was not asked
+    source = "as llama.cpp allocates" if b.memory_source == "llama.cpp" else "estimate"
     rows = [
         ["weights (exact, as planned)", format_size(plan.weight_bytes),
          f"{plan.bits_per_weight:.2f} bits/weight"],
-        [f"KV cache ({b.ctx} tokens, {b.kv_type})", format_size(b.kv_bytes), ""],
-        ["compute buffers (estimate)", format_size(b.compute_bytes), ""],
+        [f"KV cache ({b.ctx} tokens, {b.kv_type})", format_size(b.kv_bytes), source],
+        [f"compute buffers (batch {b.n_batch}/{b.n_ubatch}, flash attention "
+         f"{'on' if b.flash_attn else 'off'})", format_size(b.compute_bytes), source],
+        ["output buffer (logits)", format_size(b.output_bytes), source],
         ["reserve", format_size(b.reserve_bytes), ""],
         ["total", format_size(total), f"{100 * total / b.cap_bytes:.1f}% of cap"],
         ["cap", format_size(b.cap_bytes), "fits" if total <= b.cap_bytes else "OVER THE CAP"],
     ]
-    return table(rows, ["memory", "bytes", ""])
+    out = table(rows, ["memory", "bytes", ""])
+    if b.memory_source != "llama.cpp":  # say why the estimate stands in
+        out += f"\nKV, compute and output buffers: {b.memory_source}"
+    return out
 
 
 def _count(n: float) -> str:
@@ -166,7 +173,9 @@ def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> st
     args = ["llama-server", "-m", str(path)]
     if plan is not None:
         b = plan.budget
-        args += ["-c", str(b.ctx)]
+        # the context the plan's memory is for (llama-server's own defaults differ)
+        args += ["-c", str(b.ctx), "-b", str(b.n_batch), "-ub", str(b.n_ubatch),
+                 "-fa", "on" if b.flash_attn else "off", "-np", "1"]
         if b.kv_type.lower() != "f16":
             args += ["--cache-type-k", b.kv_type.lower(), "--cache-type-v", b.kv_type.lower()]
         args += offload_flags(plan)
