@@ -7,16 +7,16 @@ whether it stays on its layer's GPU or in system RAM (memory_planner.placement).
 
 What llama.cpp puts on each device besides weights, counted here: a GPU holds the KV cache
 of its layers and its own compute buffer; system RAM holds the input embedding (always on
-the CPU), a compute buffer for the operations run there, and the reserve. Compute buffers
-are the adapter's estimate (`Adapter.compute_bytes`), the same on every device: this machine
-has no GPU to measure one on.
+the CPU), a compute buffer for the operations run there, the output (logits) buffer and the
+reserve. The sizes are llama.cpp's own for a CPU run (`pipeline.make_budget`); each device's
+compute buffer is taken as the CPU's, as this machine has no GPU to measure one on.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import memory_planner as mp
 from export.arch import Adapter
@@ -64,18 +64,26 @@ class GPUSetup:
 
 def devices(adapter: Adapter, setup: GPUSetup, memory: str | int, ctx: int, kv_type: str,
             reserve: str | int = 0) -> tuple[list[Device], list[int], mp.Budget]:
-    """The devices with their fixed bytes, each layer's GPU, and the plan's total budget."""
+    """The devices with their fixed bytes, each layer's GPU, and the plan's total budget.
+
+    The KV cache and buffers are the single-pool budget's (llama.cpp's own allocation where
+    it can simulate the arch, `pipeline.make_budget`): the KV cache shared out by layer,
+    the compute buffer counted on every device, the output buffer in system RAM."""
+    from ..pipeline import make_budget
+
+    base = make_budget(adapter, memory, ctx, kv_type, reserve)
     n_layer = adapter.n_layer
     gpus = layer_gpus(n_layer, setup.gpu_bytes)
-    kv, compute = adapter.kv_bytes(ctx, kv_type), adapter.compute_bytes(ctx)
-    kv_layer = kv / n_layer
-    out = [Device(CPU, mp.parse_size(memory), compute + mp.parse_size(reserve),
+    kv_layer = base.kv_bytes / n_layer
+    out = [Device(CPU, base.cap_bytes,
+                  base.compute_bytes + base.output_bytes + base.reserve_bytes,
                   setup.cpu_bandwidth)]
     for g, cap in enumerate(setup.gpu_bytes):
         layers = sum(1 for il in range(n_layer) if gpus[il] == g)
-        out.append(Device(f"GPU{g}", cap, round(kv_layer * layers) + compute,
+        out.append(Device(f"GPU{g}", cap, round(kv_layer * layers) + base.compute_bytes,
                           setup.gpu_bandwidth))
-    budget = mp.Budget(cap_bytes=sum(d.cap_bytes for d in out), kv_bytes=kv,
-                       compute_bytes=compute * len(out), reserve_bytes=mp.parse_size(reserve),
-                       ctx=ctx, kv_type=kv_type)
+    budget = replace(base, cap_bytes=sum(d.cap_bytes for d in out),
+                     compute_bytes=base.compute_bytes * len(out),
+                     memory_source=base.memory_source + "; compute buffer counted on each "
+                     "device (the CPU's size: no GPU here to measure one)")
     return out, gpus, budget
