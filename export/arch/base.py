@@ -207,7 +207,9 @@ class Adapter:
         for spec in self.tensor_specs(E_out):
             ids = kept.get(spec.layer, tuple(range(self.hp.n_expert))) if spec.layer is not None \
                 else None
-            if spec.n_experts:
+            if (derived := self.derived_recipe(spec, direct)) is not None:
+                out.append(derived)  # e.g. one half of a fused HF tensor
+            elif spec.n_experts:
                 have = experts.get(spec.name, {})
                 lack = [e for e in range(self.hp.n_expert) if e not in have]
                 if lack:
@@ -222,8 +224,6 @@ class Adapter:
                 out.append(TensorRecipe(spec, (direct[spec.name],), rows=rows,
                                         transform=self.transform_for(spec.name),
                                         hf_shape=hf_shape))
-            elif (derived := self.derived_recipe(spec, direct)) is not None:
-                out.append(derived)
             else:
                 missing.append(spec.name)
         if missing:
