@@ -26,7 +26,7 @@ from memory_planner.stats import CalibStats, ExpertStats
 from .. import pipeline
 from ..llamacpp import open_llama, tokenize
 from .hooks import EvalHooks, attach
-from .nodes import Node
+from .nodes import Node, arch_node_name
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +168,27 @@ class _Collector:
         y = node.matrix().astype(np.float64)
         self.output_energy[node.layer] += float(np.square(y).sum())
 
-    def hooks(self) -> EvalHooks:
+    def hooks(self, arch: str = "") -> EvalHooks:
+        """The handlers, by llama.cpp's node names for architecture `arch`."""
         h = EvalHooks()
+
+        def add(name: str, handler, **kw) -> None:
+            h.add(arch_node_name(arch, name), handler, **kw)
+
         for name in _DENSE_INPUTS:
-            h.add(name, self.on_input)
-        h.add("result_norm", self.on_result_norm)
-        h.add("ffn_norm", self.on_ffn_norm)
-        h.add("ffn_moe_topk", self.on_topk)
-        h.add("ffn_moe_weights", self.on_weights)
-        # present only where the architecture renormalises / scales the weights
-        for name in ("ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
-            h.add(name, self.on_weights, required=False)
-        h.add("ffn_moe_swiglu", self.on_act)
-        h.add("ffn_moe_down", self.on_down)
-        h.add("ffn_moe_out", self.on_moe_out)
+            add(name, self.on_input)
+        add("result_norm", self.on_result_norm)
+        add("ffn_norm", self.on_ffn_norm)
+        add("ffn_moe_topk", self.on_topk)
+        add("ffn_moe_weights", self.on_weights)
+        # present only where the architecture soft-maxes the top-k logits (gpt-oss),
+        # renormalises or scales the weights
+        for name in ("ffn_moe_weights_softmax", "ffn_moe_weights_norm",
+                     "ffn_moe_weights_scaled"):
+            add(name, self.on_weights, required=False)
+        add("ffn_moe_swiglu", self.on_act)
+        add("ffn_moe_down", self.on_down)
+        add("ffn_moe_out", self.on_moe_out)
         return h
 
     def state(self) -> dict[str, np.ndarray]:
@@ -264,9 +271,8 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     is the same to the bit (the sums are float64, in window order)."""
     col = _Collector(n_layer, n_expert, cov_blocks)
     start = _resume(col, checkpoint, fingerprint)
-    hooks = col.hooks()
-    llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
-                            n_ubatch=n_ctx), hooks)
+    llm = open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, n_ubatch=n_ctx)
+    llm = attach(llm, col.hooks(llm.metadata.get("general.architecture", "")))
     tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]

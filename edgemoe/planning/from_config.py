@@ -43,15 +43,18 @@ def read_config(config_path: str | Path) -> dict:
 def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFAULT_CTX,
                      kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
                      type_name: str | None = None,
-                     ladder: Sequence[str] = mp.DEFAULT_LADDER,
+                     ladder: Sequence[str] | None = None,
                      prune: bool = True) -> mp.MemoryPlan:
     """The least-damage plan under `memory` predicted from shapes alone, or a uniform one.
 
     With `type_name` every quantizable tensor gets that type (llama.cpp's fallbacks apply);
-    otherwise types come from `ladder`, ranked by the damage priors. Raises
+    otherwise types come from `ladder` (default: the planner's, with the family's own
+    candidates such as gpt-oss's MXFP4), ranked by the damage priors. Raises
     BudgetTooSmallError (with the smallest total) when nothing fits.
     """
     adapter = adapter_for(read_config(config_path))
+    if ladder is None:
+        ladder = mp.quant_types.with_types(mp.DEFAULT_LADDER, adapter.extra_types)
     specs = adapter.tensor_specs()
     budget = make_budget(adapter, memory, ctx, kv_type, reserve)
     if type_name is not None:

@@ -40,8 +40,7 @@ def _llama_class():
             tau = topany_metadata.parse_spec(top_any, n_layer, stored)
             self.thresholds = np.zeros(n_layer, np.float32) if tau is None else tau
             arch = self.metadata.get("general.architecture", "")
-            if self.thresholds.any() and arch in topany.UNSUPPORTED_ARCHS:
-                raise ValueError(f"top-any thresholds are not supported for {arch}")
+            topany.check_supported(arch, self.thresholds)
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()

@@ -29,9 +29,27 @@ from ..calibration.nodes import GGMLTensor, HookError, Node, ggml, moe_routing
 
 WEIGHTS_NODE = "ffn_moe_weights"
 DOWN_NODE = "ffn_moe_down"  # the last op that reads the selection (mul_mat_id)
-# gating where ffn_moe_weights holds logits that are soft-maxed afterwards: a 0 weight
-# would not remove the expert there
-UNSUPPORTED_ARCHS = {"gpt-oss"}
+# architectures whose routing this dropper cannot rewrite correctly, and why
+UNSUPPORTED_ARCHS = {
+    "gpt-oss": "gpt-oss soft-maxes the top-k router logits after selecting them: its "
+               "ffn_moe_weights hold logits, where a weight of 0 still gives the expert "
+               "exp(0) of the share, so a slot cannot be dropped by zeroing it, and the "
+               "thresholds would be compared with logits instead of routing weights",
+}
+
+
+
+class TopAnyUnsupportedError(ValueError):
+    """Top-any thresholds asked for an architecture whose routing they cannot rewrite."""
+
+
+def check_supported(arch: str, thresholds) -> None:
+    """Raise TopAnyUnsupportedError, with the reason, if any threshold is on for `arch`."""
+    if thresholds is not None and np.any(np.asarray(thresholds) > 0) \
+            and arch in UNSUPPORTED_ARCHS:
+        raise TopAnyUnsupportedError(f"top-any thresholds are not supported for {arch}: "
+                                     f"{UNSUPPORTED_ARCHS[arch]}; run it with --top-any 0")
+
 
 # a rule gets (layer, weights (n_tokens, k)) and returns the slots to drop (bool) or None
 DropRule = Callable[[int, np.ndarray], "np.ndarray | None"]

@@ -60,6 +60,8 @@ class Adapter:
     expert_row_kinds: ClassVar[tuple[str, ...]] = ("ffn_gate_inp",)
     # the config key of the routed experts' FFN width
     expert_ff_key: ClassVar[str] = "moe_intermediate_size"
+    # candidate types beside the planner's ladder (gpt-oss: MXFP4, its experts' own type)
+    extra_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict):
         self.config = config

@@ -63,6 +63,7 @@ class GptOssAdapter(Adapter):
     arch = gguf.MODEL_ARCH.GPT_OSS
     expert_ff_key = "intermediate_size"
     expert_row_kinds = ("ffn_gate_inp", *_EXPERT_KIND.values())  # router + expert biases
+    extra_types = ("MXFP4",)
     hp: GptOssHParams
 
     @classmethod

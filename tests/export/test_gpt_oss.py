@@ -155,3 +155,35 @@ def test_options_llama_cpp_cannot_run_are_refused(change, match):
     adapter_for(cfg)
     with pytest.raises(UnsupportedModelError, match=match):
         adapter_for({**cfg, **change})
+
+
+def test_calibrate_reads_gpt_oss_nodes(gpt_oss_dir, tmp_path):
+    """The collector finds gpt-oss's own node names (attn_post_norm, ffn_moe_swiglu_oai,
+    ffn_moe_down_biased: a renamed node fails the run) and takes the routing weights after
+    the softmax over the top-k logits: a token's weights sum to 1, so each layer's weight
+    sums add up to the tokens seen (the raw logits of ffn_moe_weights would not)."""
+    from edgemoe.calibration.collect import calibrate
+
+    stats = calibrate(str(gpt_oss_dir), output=str(tmp_path / "s.gguf"), n_ctx=128,
+                      max_tokens=512, progress=False)
+    assert sorted(stats.experts) == [0, 1, 2]
+    for e in stats.experts.values():
+        assert e.selected.sum() == 2 * stats.n_tokens
+        assert e.weight_sum.sum() == pytest.approx(stats.n_tokens, rel=1e-4)
+    for kind in ("ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output"):
+        assert f"blk.1.{kind}.weight" in stats.in_sum2
+
+
+def test_top_any_is_refused_with_the_reason(gpt_oss_dir, tmp_path):
+    from edgemoe.runtime.model import load
+    from edgemoe.runtime.topany import TopAnyUnsupportedError
+    from edgemoe.runtime.validate import validation_report
+
+    out = tmp_path / "q8.gguf"
+    export_planned(gpt_oss_dir, out, "Q8_0")
+    with pytest.raises(TopAnyUnsupportedError, match="soft-maxes the top-k router logits"):
+        validation_report(str(out), top_any="0.3")
+    with pytest.raises(TopAnyUnsupportedError, match="gpt-oss"):
+        load(out, top_any=0.3, n_ctx=64)
+    llm = load(out, top_any=0, n_ctx=64)  # plain llama.cpp runs
+    assert llm.n_vocab() > 0
