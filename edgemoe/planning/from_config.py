@@ -60,6 +60,10 @@ def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFA
     if type_name is not None:
         return mp.uniform_plan(specs, type_name, budget)
     damage = prior_damage(specs, ladder, experts_used=adapter.n_expert_used)
+    shipped = adapter.shipped_types()
+    for s in specs:  # a shipped type (gpt-oss's MXFP4 experts) loses nothing
+        if shipped.get(s.kind) in damage.get(s.name, {}):
+            damage[s.name][shipped[s.kind]] = 0.0
     if not prune or adapter.n_expert <= adapter.n_expert_used:
         mp.planner.check_minimum(specs, budget, ladder)
         return mp.solve(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)

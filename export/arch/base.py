@@ -269,6 +269,11 @@ class Adapter:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
         return list(range(self.hp.n_layer))
 
+    def shipped_types(self) -> dict[str, str]:
+        """Tensor kinds the checkpoint ships in a GGUF type, losslessly re-quantizable to it
+        (gpt-oss's MXFP4 experts): their damage at that type is zero. Default: none."""
+        return {}
+
     # ---- memory the runtime needs besides weights
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
         """llama.cpp's KV cache for `ctx` tokens: K and V rows of every layer.

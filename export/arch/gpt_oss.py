@@ -185,6 +185,11 @@ class GptOssAdapter(Adapter):
         finally:
             self._pruned = None
 
+    def shipped_types(self) -> dict[str, str]:
+        """The release's experts are MXFP4: ggml's MXFP4 reproduces them exactly."""
+        quant = (self.config.get("quantization_config") or {}).get("quant_method")
+        return dict.fromkeys(_EXPERT_KIND.values(), "MXFP4") if quant == "mxfp4" else {}
+
     # ---- memory
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
         """Full layers cache the (padded) context; window layers n_swa + one micro-batch,

@@ -10,6 +10,7 @@ logits, and MXFP4 experts in the release.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -187,3 +188,36 @@ def test_top_any_is_refused_with_the_reason(gpt_oss_dir, tmp_path):
         load(out, top_any=0.3, n_ctx=64)
     llm = load(out, top_any=0, n_ctx=64)  # plain llama.cpp runs
     assert llm.n_vocab() > 0
+
+
+GPT_OSS_120B = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "gpt-oss-120b.json"
+
+
+def test_gpt_oss_120b_from_its_public_config():
+    """Counted from the release config.json: 116.83e9 parameters (the model card's 116.8B);
+    uniform Q8_0 (1-D tensors, router and biases F32) 124.29 GB of weights; as shipped (MXFP4
+    experts, the rest 16-bit) 65.36 GB = 60.87 GiB. The KV cache at 8192 tokens: 18 full
+    layers of 8192 cells and 18 window layers of 768 (128 + 512 padded to 256)."""
+    from edgemoe.planning.from_config import plan_from_config, read_config
+
+    a = adapter_for(read_config(GPT_OSS_120B))
+    specs = a.tensor_specs()
+    assert sum(s.n_elements for s in specs) == 116_829_156_672
+    q8 = mp.uniform_plan(specs, "Q8_0", mp.Budget(10**15))
+    assert q8.weight_bytes == 124_288_397_568
+    shipped = sum(mp.quant_types.tensor_nbytes(
+        s.n_elements, s.row_length,
+        "F32" if not s.quantizable else "MXFP4" if s.n_experts else "F16") for s in specs)
+    assert shipped == 65_355_994_368
+    assert a.kv_bytes(8192) == 18 * (8192 + 768) * 8 * (64 + 64) * 2
+    assert a.shipped_types()["ffn_down_exps"] == "MXFP4"
+
+    # rows of 2880 take no K- or IQ-quant: below MXFP4 (4.25 bpw) every type falls back to
+    # 4.5 bpw, so at 64 GB the plan keeps MXFP4 experts and prunes; at 128 GB it is the
+    # release as shipped (MXFP4 loses nothing on the shipped experts)
+    small = plan_from_config(GPT_OSS_120B, "64GB", ctx=8192)
+    assert small.n_experts_kept == 112 and small.total_bytes <= 64 * 10**9
+    big = plan_from_config(GPT_OSS_120B, "128GB", ctx=8192)
+    assert big.n_experts_kept == 128 and big.weight_bytes == shipped
+    for plan in (small, big):
+        assert {t.type for t in plan.tensors if "_exps.weight" in t.name} == {"MXFP4"}
