@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from ..calibration.hooks import EvalHooks, attach
 from ..calibration.nodes import Node
 from ..llamacpp import open_llama
 from . import textscore
-from .topany import WEIGHTS_NODE, ExpertUse, TopAny
+from .topany import WEIGHTS_NODE, ExpertUse, TopAny, check_supported
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = Non
     if method not in ("layer", "uniform"):
         raise ValueError(f"unknown calibration method {method!r} (layer, uniform)")
     _check_target(share, max_ppl_increase, max_kld)
+    arch = str(gguf.GGUFReader(path).get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    check_supported(arch, [1.0])  # any threshold: refused before measuring anything
     ev = Evaluator(path, tokens, n_ctx, threads)
     thresholds = ev.uniform if method == "uniform" else \
         Calibrator(ev, grid, progress=progress).thresholds

@@ -140,6 +140,11 @@ def test_kv_cache_is_what_llama_cpp_allocates(gpt_oss_dir, tmp_path_factory, ctx
     got = memory_breakdown(llm)["context"]
     assert got == adapter.kv_bytes(ctx), (got, adapter.kv_bytes(ctx))
     assert adapter.kv_bytes(ctx) == (2 * 768 + ctx) * 2 * 32 * 2 * 2  # cells * heads * K+V f16
+    if ctx == 1024:  # `edgemoe validate` measures what the plan counts
+        from edgemoe.runtime.validate import measure_runtime
+
+        assert measure_runtime(out, top_any=0, ctx=ctx, n_prompt=16, n_decode=4,
+                               threads=1)["kv_bytes"] == adapter.kv_bytes(ctx)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -176,6 +181,7 @@ def test_calibrate_reads_gpt_oss_nodes(gpt_oss_dir, tmp_path):
 
 
 def test_top_any_is_refused_with_the_reason(gpt_oss_dir, tmp_path):
+    from edgemoe.runtime import topany_calibrate
     from edgemoe.runtime.model import load
     from edgemoe.runtime.topany import TopAnyUnsupportedError
     from edgemoe.runtime.validate import validation_report
@@ -186,6 +192,8 @@ def test_top_any_is_refused_with_the_reason(gpt_oss_dir, tmp_path):
         validation_report(str(out), top_any="0.3")
     with pytest.raises(TopAnyUnsupportedError, match="gpt-oss"):
         load(out, top_any=0.3, n_ctx=64)
+    with pytest.raises(TopAnyUnsupportedError, match="gpt-oss"):
+        topany_calibrate.calibrate(out, list(range(64)), share=0.2)
     llm = load(out, top_any=0, n_ctx=64)  # plain llama.cpp runs
     assert llm.n_vocab() > 0
 
@@ -221,3 +229,18 @@ def test_gpt_oss_120b_from_its_public_config():
     assert big.n_experts_kept == 128 and big.weight_bytes == shipped
     for plan in (small, big):
         assert {t.type for t in plan.tensors if "_exps.weight" in t.name} == {"MXFP4"}
+
+
+def test_q8_0_types_are_llama_quantizes(gpt_oss_dir, tmp_path):
+    """What stays F32 follows llama.cpp: llama-quantize's pure Q8_0 of our F32 file gives
+    every tensor the type our Q8_0 plan gives it (sinks, norms, router, every bias F32)."""
+    from edgemoe.llamacpp import llama_quantize
+
+    export_planned(gpt_oss_dir, tmp_path / "f32.gguf", "F32")
+    export_planned(gpt_oss_dir, tmp_path / "ours.gguf", "Q8_0")
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "Q8_0", pure=True, threads=1)
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t.tensor_type.name
+              for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert ours == theirs
+    assert ours["blk.0.attn_sinks.weight"] == ours["blk.0.ffn_down_exps.bias"] == "F32"
