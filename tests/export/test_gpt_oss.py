@@ -244,3 +244,22 @@ def test_q8_0_types_are_llama_quantizes(gpt_oss_dir, tmp_path):
               for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
     assert ours == theirs
     assert ours["blk.0.attn_sinks.weight"] == ours["blk.0.ffn_down_exps.bias"] == "F32"
+
+
+def test_gpt_oss_20b_from_its_public_config():
+    """20,914,757,184 parameters (the model card's 20.9B); llama-quantize's MXFP4_MOE layout
+    (experts MXFP4, every other matrix Q8_0) predicted at 12.10 GB: bartowski's
+    gpt-oss-20b MXFP4 file is listed at 12.1 GB. At 16 GB the plan is the release as
+    shipped, all experts kept."""
+    from edgemoe.planning.from_config import plan_from_config, read_config
+
+    path = GPT_OSS_120B.with_name("gpt-oss-20b.json")
+    specs = adapter_for(read_config(path)).tensor_specs()
+    assert sum(s.n_elements for s in specs) == 20_914_757_184
+    mxfp4_moe = sum(mp.quant_types.tensor_nbytes(
+        s.n_elements, s.row_length,
+        "F32" if not s.quantizable else "MXFP4" if s.n_experts else "Q8_0") for s in specs)
+    assert round(mxfp4_moe / 1e9, 2) == 12.10
+    plan = plan_from_config(path, "16GB", ctx=8192)
+    assert plan.n_experts_kept == 32
+    assert {t.type for t in plan.tensors if "_exps.weight" in t.name} == {"MXFP4"}
