@@ -44,8 +44,9 @@ def _llama_class():
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds,
-                                             skip=skip_dropped).install(hooks)
+                self.dropper = topany.TopAny(
+                    self.thresholds, skip=skip_dropped,
+                    logits=arch in topany.LOGIT_WEIGHT_ARCHS).install(hooks)
                 attach(self, hooks)
 
         @property

@@ -180,22 +180,36 @@ def test_calibrate_reads_gpt_oss_nodes(gpt_oss_dir, tmp_path):
         assert f"blk.1.{kind}.weight" in stats.in_sum2
 
 
-def test_top_any_is_refused_with_the_reason(gpt_oss_dir, tmp_path):
+def test_top_any_keeps_the_top_expert_exactly(gpt_oss_dir, tmp_path):
+    """gpt-oss soft-maxes the selected router logits after `ffn_moe_weights`: top-any judges
+    their softmax and drops a slot with a logit of -inf (a 0 would still weigh exp(0)).
+    With tau = 1 every token keeps only its top expert at weight 1: exactly transformers'
+    model with num_experts_per_tok = 1 (dropped slots skipped in the matmuls or not)."""
+    import json
+    import shutil
+
     from edgemoe.runtime import topany_calibrate
     from edgemoe.runtime.model import load
-    from edgemoe.runtime.topany import TopAnyUnsupportedError
-    from edgemoe.runtime.validate import validation_report
 
-    out = tmp_path / "q8.gguf"
-    export_planned(gpt_oss_dir, out, "Q8_0")
-    with pytest.raises(TopAnyUnsupportedError, match="soft-maxes the top-k router logits"):
-        validation_report(str(out), top_any="0.3")
-    with pytest.raises(TopAnyUnsupportedError, match="gpt-oss"):
-        load(out, top_any=0.3, n_ctx=64)
-    with pytest.raises(TopAnyUnsupportedError, match="gpt-oss"):
-        topany_calibrate.calibrate(out, list(range(64)), share=0.2)
-    llm = load(out, top_any=0, n_ctx=64)  # plain llama.cpp runs
-    assert llm.n_vocab() > 0
+    out = tmp_path / "f32.gguf"
+    export_planned(gpt_oss_dir, out, "F32")
+    top1 = tmp_path / "hf_top1"
+    shutil.copytree(gpt_oss_dir, top1)
+    cfg = json.loads((top1 / "config.json").read_text())
+    (top1 / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 1}))
+    tokens = hf_tokens(gpt_oss_dir)
+    want = hf_logits(top1, tokens)
+    assert np.abs(hf_logits(gpt_oss_dir, tokens) - want).max() > 0.1, "top-1 should differ"
+    for skip in (True, False):
+        llm = load(out, top_any=1.0, n_ctx=64, type_k=0, type_v=0, logits_all=True,
+                   skip_dropped=skip)
+        diff = np.abs(eval_logits(llm, tokens) - want).max()
+        assert diff < 1e-3, f"skip={skip}: max |top-any tau=1 - transformers top-1| = {diff}"
+        assert llm.expert_use.experts_per_token == 1.0
+    # calibrate-top-any measures the softmax weights' ratios: a share is removed
+    cal = topany_calibrate.calibrate(out, tokens * 4, share=0.25, n_ctx=64, method="uniform",
+                                     progress=False)
+    assert 0.15 < cal.removed_share < 0.35, cal.to_dict()
 
 
 GPT_OSS_120B = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "gpt-oss-120b.json"
