@@ -114,6 +114,41 @@ def build_olmoe(out: Path, tok_dir: Path, dtype=None) -> Path:
     return _finish(OlmoeForCausalLM(cfg), tok_dir, out, seed=6, dtype=dtype)
 
 
+def build_gpt_oss(out: Path, tok_dir: Path, dtype=None) -> Path:
+    """gpt-oss in miniature: 3 layers (window, full, window) with an 8-token window, sinks,
+    8 experts top-2 with biases, YaRN rope as released (factor 32 over 4096) but with
+    `truncate: true`, the only YaRN llama.cpp has (it rounds the correction range; with the
+    release's `false` transformers' logits here differ from llama.cpp's by 2.7e-3, from any
+    GGUF). The router is spread out (top-k not a tie), the 1-D biases small; sinks near 1."""
+    import torch
+    from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = GptOssConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=8, max_position_embeddings=4096,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                             beta_slow=1.0, original_max_position_embeddings=4096,
+                             truncate=True),
+        rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=None, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    torch.manual_seed(7)
+    model = GptOssForCausalLM(cfg)
+    _init_weights(model, seed=7)
+    g = torch.Generator().manual_seed(107)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("_proj.bias") or name.endswith("router.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    if dtype is not None:
+        model = model.to(dtype)
+    return _save(model, tok_dir, out)
+
+
 # ---- derived checkpoints ---------------------------------------------------------------------
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -137,8 +172,9 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
                 new[f"{m.group(1)}.{layer}.{m.group(3)}.experts.{i}.{m.group(5)}"] = t
             continue
         m = re.match(r"model\.(?:language_model\.)?layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
-                     r"(weight|e_score_correction_bias)$", name)
-        if m:
+                     r"(weight|e_score_correction_bias)$", name) or re.match(
+            r"model\.layers\.(\d+)\.mlp\.(router\.weight|router\.bias|experts\.\w+)$", name)
+        if m:  # router rows, correction bias, and stacked experts (gpt-oss): first axis
             t = t[list(kept[int(m.group(1))])].clone()
         new[name] = t
     save_file(new, out / "model.safetensors", metadata={"format": "pt"})
@@ -311,3 +347,50 @@ def build_qwen3_5_moe(out: Path, tok_dir: Path, dtype=None, mtp: bool = True) ->
             tensors[f"mtp.{norm}.weight"] = torch.zeros(d, dtype=tensors[name].dtype)
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+def _mxfp4(w):
+    """MXFP4 as the gpt-oss release stores it, from float weights (..., rows, cols): per block
+    of 32 along a row one E8M0 exponent (ggml's rule: floor(log2 amax) - 2) and 4-bit e2m1
+    codes, nearest value; returns (blocks U8 [..., rows, cols/32, 16] with element 2i in the
+    low nibble, scales U8 [..., rows, cols/32], the dequantized values)."""
+    import torch
+
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    x = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    e = torch.floor(torch.log2(x.abs().amax(-1))) - 2
+    scaled = x / torch.exp2(e)[..., None]
+    codes = (scaled[..., None] - lut).abs().argmin(-1)  # first of equals: +0 before -0
+    deq = lut[codes] * torch.exp2(e)[..., None]
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (e + 127).to(torch.uint8), deq.reshape(w.shape)
+
+
+def make_mxfp4_twins(src: Path, mxfp4_out: Path, bf16_out: Path):
+    """A gpt-oss checkpoint laid out like the release (experts as MXFP4 `*_blocks` and
+    `*_scales` in (out x in) orientation, the `quantization_config` of the release, the other
+    tensors BF16) and a BF16 twin holding exactly its dequantized values (BF16 holds every
+    e2m1 value times a power of 2)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    q, twin = {}, {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if re.search(r"\.experts\.(gate_up_proj|down_proj)$", name):
+            blocks, scales, deq = _mxfp4(t.float().transpose(1, 2))  # HF keeps (in x out)
+            q[name + "_blocks"], q[name + "_scales"] = blocks, scales
+            twin[name] = deq.transpose(1, 2).contiguous().to(torch.bfloat16)
+            assert torch.equal(twin[name].float(), deq.transpose(1, 2)), name
+        else:
+            q[name] = twin[name] = t.to(torch.bfloat16)
+    cfg = json.loads((src / "config.json").read_text())
+    for out, data, quant in ((mxfp4_out, q, True), (bf16_out, twin, False)):
+        shutil.copytree(src, out)
+        save_file(data, out / "model.safetensors", metadata={"format": "pt"})
+        c = {**cfg, "dtype": "bfloat16"}
+        if quant:
+            c["quantization_config"] = {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+        (out / "config.json").write_text(json.dumps(c, indent=2))
+    return mxfp4_out, bf16_out

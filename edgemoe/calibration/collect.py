@@ -169,6 +169,7 @@ class _Collector:
         self.output_energy[node.layer] += float(np.square(y).sum())
 
     def hooks(self) -> EvalHooks:
+        """The handlers, by llama.cpp's node names for the model's architecture."""
         h = EvalHooks()
         for name in self.nodes.dense:
             h.add(name, self.on_input)
@@ -176,11 +177,13 @@ class _Collector:
         h.add(self.nodes.ffn_input, self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
-        # present only where the architecture renormalises / scales the weights
-        for name in ("ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
+        # present only where the architecture soft-maxes the top-k logits (gpt-oss),
+        # renormalises or scales the weights
+        for name in ("ffn_moe_weights_softmax", "ffn_moe_weights_norm",
+                     "ffn_moe_weights_scaled"):
             h.add(name, self.on_weights, required=False)
-        h.add("ffn_moe_swiglu", self.on_act)
-        h.add("ffn_moe_down", self.on_down)
+        h.add(self.nodes.name("ffn_moe_swiglu"), self.on_act)
+        h.add(self.nodes.name("ffn_moe_down"), self.on_down)
         h.add("ffn_moe_out", self.on_moe_out)
         return h
 
@@ -268,9 +271,8 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
                      tensors=frozenset(t.name for t in reader.tensors))
     del reader
     start = _resume(col, checkpoint, fingerprint)
-    hooks = col.hooks()
-    llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
-                            n_ubatch=n_ctx), hooks)
+    llm = open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, n_ubatch=n_ctx)
+    llm = attach(llm, col.hooks())
     tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]

@@ -41,13 +41,13 @@ def _llama_class():
             tau = topany_metadata.parse_spec(top_any, n_layer, stored)
             self.thresholds = np.zeros(n_layer, np.float32) if tau is None else tau
             arch = self.metadata.get("general.architecture", "")
-            if self.thresholds.any() and arch in topany.UNSUPPORTED_ARCHS:
-                raise ValueError(f"top-any thresholds are not supported for {arch}")
+            topany.check_supported(arch, self.thresholds)
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds,
-                                             skip=skip_dropped).install(hooks)
+                self.dropper = topany.TopAny(
+                    self.thresholds, skip=skip_dropped,
+                    logits=arch in topany.LOGIT_WEIGHT_ARCHS).install(hooks)
                 attach(self, hooks)
 
         @property

@@ -72,7 +72,9 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
 
     rss_before = rss_bytes()
     t0 = time.perf_counter()
-    llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads,
+    # window layers (gpt-oss) cache their window, as llama-server allocates them and the
+    # plan counts them; llama-cpp-python's Llama defaults to full-size window caches
+    llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads, swa_full=False,
                type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type), **(context or {}))
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
@@ -238,6 +240,7 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     n_layer = int(header.get_field(f"{arch}.block_count").contents())
     del header
     tau = topany_metadata.parse_spec(top_any, n_layer, stored)
+    topany.check_supported(arch, tau)  # before any measurement
     report: dict = {"file": str(path), "top_any": {
         "spec": top_any, "thresholds": None if tau is None else [float(x) for x in tau],
         "stored_in_file": stored is not None, "info": info}}
