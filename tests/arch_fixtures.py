@@ -114,6 +114,90 @@ def build_olmoe(out: Path, tok_dir: Path, dtype=None) -> Path:
     return _finish(OlmoeForCausalLM(cfg), tok_dir, out, seed=6, dtype=dtype)
 
 
+# GLM's chat special tokens: llama.cpp's converter looks up [gMASK] (BOS), <|user|> (EOT),
+# <|observation|> (EOM) and <|endoftext|> (UNK) by content
+GLM_SPECIAL_TOKENS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                      "<|observation|>")
+GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def glm_tokenizer(tok_dir: Path, out: Path) -> Path:
+    """The byte-level BPE test tokenizer with GLM's special tokens and a GLM-style template
+    (eos <|endoftext|>, as in GLM-4.5/4.6's tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.add_special_tokens({"additional_special_tokens": list(GLM_SPECIAL_TOKENS)})
+    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    tok.chat_template = GLM_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def glm4_moe_config(vocab: int, **overrides):
+    """GLM-4.5/4.6 in miniature: one leading dense block, sigmoid routing with a correction
+    bias, renormalised top-k scaled by 2.5, one shared expert, Q/K/V biases, Q/K norms,
+    half-rotary NEOX rope, one NextN (MTP) layer after the last."""
+    from transformers import Glm4MoeConfig
+
+    kw = dict(
+        vocab_size=vocab, hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+        topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=1,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "partial_rotary_factor": 0.5},
+    )
+    kw.update(overrides)
+    return Glm4MoeConfig(**kw)
+
+
+def add_nextn_layer(model_dir: Path, copy_layer: int = 1) -> None:
+    """Append a NextN (MTP) block after the last layer, laid out as GLM-4.5 ships it (a full
+    decoder block plus eh_proj, enorm, hnorm, shared_head.norm): transformers skips it,
+    llama.cpp's converter writes it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    n = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    src = f"model.layers.{copy_layer}."
+    g = torch.Generator().manual_seed(11)
+    for name in [k for k in tensors if k.startswith(src)]:
+        t = tensors[name]
+        tensors[name.replace(src, f"model.layers.{n}.")] = t + 0.01 * torch.randn(
+            t.shape, generator=g).to(t.dtype)
+    d = tensors["model.norm.weight"].shape[0]
+    dt = tensors["model.norm.weight"].dtype
+    tensors[f"model.layers.{n}.eh_proj.weight"] = (0.05 * torch.randn(d, 2 * d, generator=g)
+                                                   ).to(dt)
+    for extra in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.{n}.{extra}.weight"] = (1 + 0.1 * torch.randn(d, generator=g)
+                                                       ).to(dt)
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def build_glm4_moe(out: Path, tok_dir: Path, dtype=None, nextn: bool = True,
+                   **overrides) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Glm4MoeForCausalLM
+
+    glm_tok = glm_tokenizer(tok_dir, out.parent / f"{out.name}-tokenizer")
+    tok = AutoTokenizer.from_pretrained(glm_tok)
+    cfg = glm4_moe_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=None,
+                          **overrides)
+    torch.manual_seed(12)
+    _finish(Glm4MoeForCausalLM(cfg), glm_tok, out, seed=12, dtype=dtype)
+    if nextn:
+        add_nextn_layer(out)
+    return out
+
+
 # ---- derived checkpoints ---------------------------------------------------------------------
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -125,8 +209,12 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, out)
+    cfg = json.loads((src / "config.json").read_text())
     new = {}
     for name, t in load_file(src / "model.safetensors").items():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= cfg["num_hidden_layers"]:
+            continue  # NextN / MTP blocks: transformers does not run them
         m = re.match(r"model\.layers\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)", name)
         if m:
             layer, e = int(m.group(1)), int(m.group(3))
@@ -140,7 +228,6 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
             t = t[list(kept[int(m.group(1))])].clone()
         new[name] = t
     save_file(new, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
     for key in _EXPERT_KEYS:
         if key in cfg:
             cfg[key] = len(next(iter(kept.values())))

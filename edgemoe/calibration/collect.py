@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 import memory_planner as mp
+from export.gguf_io import read_metadata
 from export.imatrix import write_stats
 from export.quantize import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
@@ -26,7 +27,7 @@ from memory_planner.stats import CalibStats, ExpertStats
 from .. import pipeline
 from ..llamacpp import open_llama, tokenize
 from .hooks import EvalHooks, attach
-from .nodes import Node
+from .nodes import Node, ffn_input_node
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,12 @@ class _Collector:
         y = node.matrix().astype(np.float64)
         self.output_energy[node.layer] += float(np.square(y).sum())
 
-    def hooks(self) -> EvalHooks:
+    def hooks(self, arch: str) -> EvalHooks:
         h = EvalHooks()
         for name in _DENSE_INPUTS:
             h.add(name, self.on_input)
         h.add("result_norm", self.on_result_norm)
-        h.add("ffn_norm", self.on_ffn_norm)
+        h.add(ffn_input_node(arch), self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
         # present only where the architecture renormalises / scales the weights
@@ -264,7 +265,8 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     is the same to the bit (the sums are float64, in window order)."""
     col = _Collector(n_layer, n_expert, cov_blocks)
     start = _resume(col, checkpoint, fingerprint)
-    hooks = col.hooks()
+    arch = read_metadata(gguf_path, ["general.architecture"])["general.architecture"]
+    hooks = col.hooks(arch)
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx), hooks)
     tokens = tokenize(llm, text, max_tokens)

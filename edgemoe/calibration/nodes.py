@@ -81,6 +81,16 @@ def ggml() -> ctypes.CDLL:
     return lib
 
 
+# The routed experts' input (the pre-FFN norm's output) is the node `ffn_norm` in most of
+# llama.cpp's graphs; families that name it otherwise (src/models/<arch>.cpp):
+_FFN_INPUT_NODE = {"glm4moe": "post_attn_norm"}
+
+
+def ffn_input_node(arch: str) -> str:
+    """The name of the node holding the routed experts' input rows for GGUF arch `arch`."""
+    return _FFN_INPUT_NODE.get(arch, "ffn_norm")
+
+
 def split_name(name: str) -> tuple[str, int | None]:
     """`ffn_moe_topk-5` -> ("ffn_moe_topk", 5); a name without a layer suffix -> (name, None)."""
     base, sep, tail = name.rpartition("-")
