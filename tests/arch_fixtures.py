@@ -198,6 +198,34 @@ def build_glm4_moe(out: Path, tok_dir: Path, dtype=None, nextn: bool = True,
     return out
 
 
+def minimax_m2_config(vocab: int, **overrides):
+    """MiniMax-M2 in miniature: every block MoE, sigmoid routing with a correction bias,
+    renormalised top-k, Q/K RMS-normalised over all heads at once, NEOX rope over
+    `rotary_dim` of each head (the legacy keys the released config.json carries)."""
+    from transformers import MiniMaxM2Config
+
+    kw = dict(
+        vocab_size=vocab, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rotary_dim=16, scoring_func="sigmoid",
+        use_routing_bias=True, rope_theta=5e6,
+    )
+    kw.update(overrides)
+    return MiniMaxM2Config(**kw)
+
+
+def build_minimax_m2(out: Path, tok_dir: Path, dtype=None, **overrides) -> Path:
+    import torch
+    from transformers import AutoTokenizer, MiniMaxM2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = minimax_m2_config(len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, **overrides)
+    torch.manual_seed(13)
+    return _finish(MiniMaxM2ForCausalLM(cfg), tok_dir, out, seed=13, dtype=dtype)
+
+
 # ---- derived checkpoints ---------------------------------------------------------------------
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -222,8 +250,8 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
                 i = kept[layer].index(e)
                 new[f"model.layers.{layer}.{m.group(2)}.experts.{i}.{m.group(4)}"] = t
             continue
-        m = re.match(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
-                     r"(weight|e_score_correction_bias)$", name)
+        m = re.match(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.(gate\.weight|"
+                     r"gate\.e_score_correction_bias|e_score_correction_bias)$", name)
         if m:
             t = t[list(kept[int(m.group(1))])].clone()
         new[name] = t

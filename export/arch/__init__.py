@@ -11,6 +11,7 @@ from .base import (
 from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
 from .from_gguf import GGUFAdapter
 from .glm4_moe import Glm4MoeAdapter
+from .minimax_m2 import MiniMaxM2Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
@@ -19,7 +20,8 @@ from .qwen3_moe import Qwen3MoeAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
     for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
-              Qwen2MoeAdapter, OlmoeAdapter, Glm4MoeAdapter)
+              Qwen2MoeAdapter, OlmoeAdapter, Glm4MoeAdapter,
+              MiniMaxM2Adapter)
 }
 
 
