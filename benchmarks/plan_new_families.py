@@ -25,7 +25,7 @@ import memory_planner as mp  # noqa: E402
 from edgemoe.planning.from_config import read_config  # noqa: E402
 from export.arch import adapter_for  # noqa: E402
 
-MODELS = ("glm-4.7", "minimax-m2", "deepseek-v3.2")
+MODELS = ("glm-4.7", "minimax-m2.7", "deepseek-v3.2")
 CAPS = ("128GB", "64GB")
 
 

@@ -157,10 +157,11 @@ def glm4_moe_config(vocab: int, **overrides):
     return Glm4MoeConfig(**kw)
 
 
-def add_nextn_layer(model_dir: Path, copy_layer: int = 1) -> None:
+def add_nextn_layer(model_dir: Path, copy_layer: int = 1, own_head: bool = False) -> None:
     """Append a NextN (MTP) block after the last layer, laid out as GLM-4.5 ships it (a full
-    decoder block plus eh_proj, enorm, hnorm, shared_head.norm): transformers skips it,
-    llama.cpp's converter writes it."""
+    decoder block plus eh_proj, enorm, hnorm, shared_head.norm; with `own_head` also the
+    block's embed_tokens and shared_head.head, as DeepSeek-V3/V3.2 ship it): transformers
+    skips it, llama.cpp's converter writes it."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -179,6 +180,12 @@ def add_nextn_layer(model_dir: Path, copy_layer: int = 1) -> None:
     for extra in ("enorm", "hnorm", "shared_head.norm"):
         tensors[f"model.layers.{n}.{extra}.weight"] = (1 + 0.1 * torch.randn(d, generator=g)
                                                        ).to(dt)
+    if own_head:
+        for extra, src_name in (("embed_tokens", "model.embed_tokens.weight"),
+                                ("shared_head.head", "lm_head.weight")):
+            t = tensors[src_name]
+            tensors[f"model.layers.{n}.{extra}.weight"] = t + 0.01 * torch.randn(
+                t.shape, generator=g).to(t.dtype)
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -224,6 +231,61 @@ def build_minimax_m2(out: Path, tok_dir: Path, dtype=None, **overrides) -> Path:
                             eos_token_id=tok.eos_token_id, **overrides)
     torch.manual_seed(13)
     return _finish(MiniMaxM2ForCausalLM(cfg), tok_dir, out, seed=13, dtype=dtype)
+
+
+def bos_tokenizer(tok_dir: Path, out: Path) -> Path:
+    """The byte-level BPE test tokenizer with DeepSeek's BOS, added to every text
+    (llama.cpp's DeepSeek-V3.2 converter insists on add_bos_token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.add_special_tokens({"bos_token": "<\uff5cbegin\u2581of\u2581sentence\uff5c>"})
+    tok.add_bos_token = True
+    tok.save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"  # as DeepSeek's release spells it
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "add_bos_token": True},
+                                   indent=2))
+    return out
+
+
+def deepseek_v32_config(vocab: int, **overrides):
+    """DeepSeek-V3.2 in miniature: V3's MLA, groups, sigmoid + correction bias and leading
+    dense block, plus the DSA lightning indexer choosing 8 keys per query (so that on a
+    32-token prompt it changes which tokens each query attends; index_head_dim a multiple
+    of 64, the smallest Hadamard rotation llama.cpp applies to the indexer's q and k), and
+    one NextN block."""
+    from transformers import DeepseekV32Config
+
+    kw = dict(
+        vocab_size=vocab, hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=32, first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["indexed_attention"] * 3, index_n_heads=16, index_head_dim=64,
+        index_topk=8, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, num_nextn_predict_layers=1,
+        scoring_func="sigmoid", topk_method="noaux_tc",  # as the released config.json says
+    )
+    kw.update(overrides)
+    return DeepseekV32Config(**kw)
+
+
+def build_deepseek_v32(out: Path, tok_dir: Path, dtype=None, nextn: bool = True,
+                       **overrides) -> Path:
+    import torch
+    from transformers import AutoTokenizer, DeepseekV32ForCausalLM
+
+    ds_tok = bos_tokenizer(tok_dir, out.parent / f"{out.name}-tokenizer")
+    tok = AutoTokenizer.from_pretrained(ds_tok)
+    cfg = deepseek_v32_config(len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, **overrides)
+    torch.manual_seed(14)
+    _finish(DeepseekV32ForCausalLM(cfg), ds_tok, out, seed=14, dtype=dtype)
+    if nextn:
+        add_nextn_layer(out, own_head=True)
+    return out
 
 
 # ---- derived checkpoints ---------------------------------------------------------------------

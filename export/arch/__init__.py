@@ -9,6 +9,7 @@ from .base import (
     UnsupportedModelError,
 )
 from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
+from .deepseek_v32 import DeepseekV32Adapter
 from .from_gguf import GGUFAdapter
 from .glm4_moe import Glm4MoeAdapter
 from .minimax_m2 import MiniMaxM2Adapter
@@ -21,7 +22,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
     for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
               Qwen2MoeAdapter, OlmoeAdapter, Glm4MoeAdapter,
-              MiniMaxM2Adapter)
+              MiniMaxM2Adapter, DeepseekV32Adapter)
 }
 
 

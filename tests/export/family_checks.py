@@ -19,9 +19,12 @@ from tests.helpers import hf_logits, hf_tokens
 from tests.llama_converter import convert_hf, layout_differences
 
 # keys each tool fills in its own way: general.name (edgemoe: the folder's name; the
-# converter: from config or folder, capitalised), general.size_label / general.type (the
-# converter's naming metadata) and edgemoe.plan (the plan edgemoe stores in its files)
-OWN_KEYS = ("general.name", "general.size_label", "general.type", "edgemoe.plan")
+# converter: from config or folder, capitalised), the converter's naming metadata
+# (general.size_label, general.type, and general.basename / general.version / general.finetune
+# that it parses out of folder names like "deepseek-v32") and edgemoe.plan (the plan edgemoe
+# stores in its files)
+OWN_KEYS = ("general.name", "general.size_label", "general.type", "general.basename",
+            "general.version", "general.finetune", "edgemoe.plan")
 
 
 def f32_logit_difference(model_dir: Path, gguf_path: Path) -> float:
@@ -34,11 +37,12 @@ def f32_logit_difference(model_dir: Path, gguf_path: Path) -> float:
 
 
 def converter_differences(model_dir: Path, ours: Path, out: Path, pre: str = "qwen2",
-                          kept: tuple[str, ...] = ()) -> list[str]:
+                          kept: tuple[str, ...] = (), restore_add_bos: bool = False
+                          ) -> list[str]:
     """How our F32 file differs from the one llama.cpp's converter writes for `model_dir`,
     leaving out OWN_KEYS and the differences in `kept` (each must still occur: a kept
     difference that went away is reported too, so the list stays true)."""
-    theirs = convert_hf(model_dir, out, pre=pre)
+    theirs = convert_hf(model_dir, out, pre=pre, restore_add_bos=restore_add_bos)
     diffs = layout_differences(ours, theirs, ignore_keys=OWN_KEYS)
     gone = [f"listed difference no longer seen: {k}" for k in kept if k not in diffs]
     return [d for d in diffs if d not in kept] + gone
