@@ -128,3 +128,20 @@ def test_options_llama_cpp_cannot_run_are_refused(change, match):
     adapter_for(cfg)
     with pytest.raises(UnsupportedModelError, match=match):
         adapter_for({**cfg, **change})
+
+
+def test_published_deepseek_v32_shapes():
+    """V3.2's config: V3's trunk (its uniform Q8_0 tensors predict 713.27 GB, the published V3
+    Q8_0 file is 713.29 GB) plus 62 indexers and the NextN block; KV per token and trunk
+    block: 512 + 64 latent + 128 indexer key."""
+    import memory_planner as mp
+    from edgemoe.planning.from_config import read_config
+    from tests.conftest import ROOT
+
+    a = adapter_for(read_config(ROOT / "tests" / "fixtures" / "configs" / "deepseek-v3.2.json"))
+    plan = mp.uniform_plan(a.tensor_specs(), "Q8_0", mp.Budget(cap_bytes=2**62),
+                           check_budget=False)
+    extra = sum(t.nbytes for t in plan.tensors
+                if t.name.startswith("blk.61.") or ".indexer." in t.name)
+    assert abs((plan.weight_bytes - extra) / 713.29e9 - 1) < 1e-4
+    assert a.kv_bytes(8192) == 61 * (512 + 64 + 128) * 8192 * 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import pytest
 
 from edgemoe import cli, pipeline
@@ -120,3 +121,17 @@ def test_options_llama_cpp_cannot_run_are_refused(change, match):
     with pytest.raises(UnsupportedModelError, match=match):
         adapter_for({**cfg, **change, "rope_parameters": None} if "rope_scaling" in change
                     else {**cfg, **change})
+
+
+def test_published_glm_shapes():
+    """GLM-4.7's config.json (GLM-4.6's shapes): the parameters llama.cpp counts in GLM-4.6's
+    blocks ("repeating layers = 355.234 B parameters", NextN block included), the KV cache of
+    the 92 trunk layers only."""
+    from edgemoe.planning.from_config import read_config
+    from tests.conftest import ROOT
+
+    a = adapter_for(read_config(ROOT / "tests" / "fixtures" / "configs" / "glm-4.7.json"))
+    in_blocks = sum(int(np.prod(s.shape)) for s in a.tensor_specs() if s.layer is not None)
+    assert in_blocks == 355_234_001_216
+    assert a.kv_bytes(8192) == 92 * 8 * (128 + 128) * 8192 * 2
+    assert a.hp.rope_dim == 64 and a.hp.n_dense_lead == 3 and a.hp.n_nextn == 1

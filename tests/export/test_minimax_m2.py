@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import pytest
 
 from edgemoe import cli
@@ -105,3 +106,16 @@ def test_options_llama_cpp_cannot_run_are_refused(change, match):
     assert adapter_for(cfg).rope_dim == 16
     with pytest.raises(UnsupportedModelError, match=match):
         adapter_for({**cfg, **change})
+
+
+def test_published_minimax_shapes():
+    """MiniMax-M2.7's config.json (M2's shapes): 228.7e9 parameters (a 5.00 bpw file of it is
+    133.1 GiB), KV for 62 layers x 8 KV heads x (128 + 128), 64 rotated dimensions."""
+    from edgemoe.planning.from_config import read_config
+    from tests.conftest import ROOT
+
+    a = adapter_for(read_config(ROOT / "tests" / "fixtures" / "configs" / "minimax-m2.7.json"))
+    n = sum(int(np.prod(s.shape)) for s in a.tensor_specs())
+    assert n == 228_689_764_864 and abs(n * 5.0 / 8 / 2**30 - 133.1) < 0.05
+    assert a.kv_bytes(8192) == 62 * 8 * (128 + 128) * 8192 * 2
+    assert a.rope_dim == 64
