@@ -147,3 +147,19 @@ def test_published_deepseek_v32_shapes():
                 if t.name.startswith("blk.61.") or ".indexer." in t.name)
     assert abs((plan.weight_bytes - extra) / 713.29e9 - 1) < 1e-4
     assert a.kv_bytes(8192) == 61 * (512 + 64 + 128) * 8192 * 2
+
+
+def test_fp8_checkpoint_converts_like_its_bf16_twin(ds_dir, tmp_path):
+    """V3.2 ships FP8 e4m3 with 128x128 block scales, as V3 does (here every `*_proj`
+    linear, NextN block included): the F32 file is byte for byte the one of a BF16 checkpoint
+    holding the dequantized values."""
+    fp8, bf16 = af.make_fp8_twins(ds_dir, tmp_path / "fp8", tmp_path / "bf16", mtp_layer=False)
+    src = pipeline.open_model(fp8).source
+    assert src.dtype("model.layers.3.self_attn.q_b_proj.weight") == "F8_E4M3"
+    files = {}
+    for name, d in (("fp8", fp8), ("bf16", bf16)):
+        files[name] = tmp_path / f"{name}.gguf"
+        export_planned(d, files[name], "F32")
+    assert af.tensor_differences(files["fp8"], files["bf16"]) == []
+    assert any(t.name == "blk.3.indexer.attn_q_b.weight"
+               for t in gguf.GGUFReader(files["fp8"]).tensors)
