@@ -81,20 +81,6 @@ def ggml() -> ctypes.CDLL:
     return lib
 
 
-# What the collector reads where an architecture's graph names it otherwise (llama.cpp's
-# src/models/*.cpp): gpt-oss (openai-moe.cpp) normalises the FFN input as "attn_post_norm",
-# its experts' activation is the clamped "ffn_moe_swiglu_oai", and each expert's output gets
-# its bias after "ffn_moe_down" ("ffn_moe_down_biased"). Its `ffn_moe_weights` are the raw
-# top-k router logits; the weights used are the later "ffn_moe_weights_softmax".
-ARCH_NODE_NAMES: dict[str, dict[str, str]] = {
-    "gpt-oss": {"ffn_norm": "attn_post_norm", "ffn_moe_swiglu": "ffn_moe_swiglu_oai",
-                "ffn_moe_down": "ffn_moe_down_biased"},
-}
-
-
-def arch_node_name(arch: str, name: str) -> str:
-    """llama.cpp's name of the node `name` (the common spelling) in architecture `arch`."""
-    return ARCH_NODE_NAMES.get(arch, {}).get(name, name)
 
 
 def split_name(name: str) -> tuple[str, int | None]:

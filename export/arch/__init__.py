@@ -9,8 +9,11 @@ from .base import (
     UnsupportedModelError,
 )
 from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
+from .deepseek_v32 import DeepseekV32Adapter
 from .from_gguf import GGUFAdapter
+from .glm4_moe import Glm4MoeAdapter
 from .gpt_oss import GptOssAdapter
+from .minimax_m2 import MiniMaxM2Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
@@ -21,7 +24,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
     for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
               Qwen2MoeAdapter, OlmoeAdapter, Qwen35MoeAdapter, Qwen35MoeTextAdapter,
-              GptOssAdapter)
+              GptOssAdapter, Glm4MoeAdapter, MiniMaxM2Adapter, DeepseekV32Adapter)
 }
 
 

@@ -179,7 +179,7 @@ class Adapter:
         `kept_experts` maps a layer to the source expert ids it keeps (pruning); layers not
         named keep all experts.
         """
-        tmap = gguf.get_tensor_name_map(self.arch, self.hp.n_layer)
+        tmap = gguf.get_tensor_name_map(self.arch, self.hp.n_layer + self.hp.n_nextn)
         direct: dict[str, str] = {}  # gguf name -> hf name
         experts: dict[str, dict[int, str]] = {}  # gguf stacked name -> expert id -> hf name
         unknown = []
