@@ -88,5 +88,7 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
     if _EdgeLlama is None:
         _EdgeLlama = _llama_class()
     kwargs.setdefault("logits_all", False)
+    # window layers (gpt-oss) cache their window, as planned and as llama-server runs them
+    kwargs.setdefault("swa_full", False)
     return open_llama(path, n_ctx=n_ctx, threads=threads, llama_class=_EdgeLlama,
                       top_any=top_any, hooks=hooks, skip_dropped=skip_dropped, **kwargs)

@@ -72,9 +72,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
 
     rss_before = rss_bytes()
     t0 = time.perf_counter()
-    # window layers (gpt-oss) cache their window, as llama-server allocates them and the
-    # plan counts them; llama-cpp-python's Llama defaults to full-size window caches
-    llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads, swa_full=False,
+    llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads,
                type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type), **(context or {}))
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
