@@ -329,52 +329,40 @@ _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) -> Path:
-    """The checkpoint with only `kept` experts per layer, renumbered in order; router rows and
-    the correction bias sliced the same way. The reference a pruned export must match."""
+    """The checkpoint with only `kept` experts per layer, renumbered in order; router rows,
+    the correction bias and stacked experts (gpt-oss) sliced the same way; NextN / MTP
+    blocks dropped. The reference a pruned export must match."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, out)
     cfg = json.loads((src / "config.json").read_text())
+    text = cfg.get("text_config") or {}
+    n_layers = cfg.get("num_hidden_layers", text.get("num_hidden_layers"))
+    # model.layers or, in a vision-language wrapper, model.language_model.layers
+    prefix = r"(model\.(?:language_model\.)?layers)\.(\d+)\."
     new = {}
     for name, t in load_file(src / "model.safetensors").items():
-        # (model.layers or, in a vision-language wrapper, model.language_model.layers)
-        m = re.match(r"(model\.(?:language_model\.)?layers)\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)",
-                     name)
-
-
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        if m and int(m.group(1)) >= cfg["num_hidden_layers"]:
+        m = re.match(prefix, name)
+        if m and int(m.group(2)) >= n_layers:
             continue  # NextN / MTP blocks: transformers does not run them
-        m = re.match(r"model\.layers\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)", name)
+        m = re.match(prefix + r"(.*)\.experts\.(\d+)\.(.*)", name)
         if m:
             layer, e = int(m.group(2)), int(m.group(4))
             if e in kept[layer]:
                 i = kept[layer].index(e)
                 new[f"{m.group(1)}.{layer}.{m.group(3)}.experts.{i}.{m.group(5)}"] = t
             continue
-        m = re.match(r"model\.(?:language_model\.)?layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
-                     r"(weight|e_score_correction_bias)$", name) or re.match(
-            r"model\.layers\.(\d+)\.mlp\.(router\.weight|router\.bias|experts\.\w+)$", name)
-        if m:  # router rows, correction bias, and stacked experts (gpt-oss): first axis
-            t = t[list(kept[int(m.group(1))])].clone()
+        m = re.match(prefix + r"(mlp|block_sparse_moe)\.(gate\.weight|"
+                     r"gate\.e_score_correction_bias|e_score_correction_bias|router\.weight|"
+                     r"router\.bias|experts\.\w+)$", name)
+        if m:  # router rows, correction bias, stacked experts: the first axis
+            t = t[list(kept[int(m.group(2))])].clone()
         new[name] = t
     save_file(new, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    for c in (cfg, cfg.get("text_config") or {}):
+    for c in (cfg, text):
         for key in _EXPERT_KEYS:
             if key in c:
                 c[key] = len(next(iter(kept.values())))
-
-
-        m = re.match(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.(gate\.weight|"
-                     r"gate\.e_score_correction_bias|e_score_correction_bias)$", name)
-        if m:
-            t = t[list(kept[int(m.group(1))])].clone()
-        new[name] = t
-    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
-    for key in _EXPERT_KEYS:
-        if key in cfg:
-            cfg[key] = len(next(iter(kept.values())))
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
