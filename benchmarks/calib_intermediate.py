@@ -6,8 +6,8 @@ intermediate (uniform Q8_0 ... Q2_K, and routed experts low-bit with everything 
 Against the reference: importance matrices (cosine and relative error per tensor), expert
 frequency and REAP saliency (and the experts a 3/4 keep would prune), input covariances,
 and the KL divergence (held-out text, against F32) of the calibrated plan made from each
-intermediate's statistics at caps of 2.5 / 3 / 4 bpw, with the reference's sensitivity
-scales (the probes are measured once, on F32, so that only the statistics differ).
+intermediate's statistics at caps of 2.5 / 3 / 4 bpw (without probes; with `--probes`, every
+row takes the scales the probes measure once on F32, so that only the statistics differ).
 
     nice python benchmarks/calib_intermediate.py     # writes benchmarks/results/
 """
@@ -79,6 +79,13 @@ def main() -> None:
     ap.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 4.0])
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens (default: all of MODEL/calib.txt)")
+    ap.add_argument("--probes", action="store_true",
+                    help="measure sensitivity scales on F32 and plan every row with them "
+                         "(default: plans without probes, as `calibrate --no-sensitivity`)")
+    ap.add_argument("--runs", nargs="+", default=None,
+                    help="intermediates as EXPERT_TYPE/OTHER_TYPE (default: all)")
     ap.add_argument("--workdir", default="/tmp/edgemoe-calib-int")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/calib_intermediate.json"))
     args = ap.parse_args()
@@ -103,7 +110,7 @@ def main() -> None:
     def run_stats(path, label):
         t = time.time()
         s = collect(path, calib, model.specs, a.n_layer, a.n_expert, n_ctx=args.ctx,
-                    progress=False, cov_blocks=blocks)
+                    max_tokens=args.calib_tokens, progress=False, cov_blocks=blocks)
         return s, time.time() - t
 
     def plans_kld(stats, label):
@@ -121,8 +128,9 @@ def main() -> None:
         return out
 
     ref, secs = run_stats(f32, "F32")
-    ref = measure_scales(model, ref, tokenize(f32, calib)[:2048], base_type="F32",
-                         n_ctx=args.ctx, progress=False)
+    if args.probes:
+        ref = measure_scales(model, ref, tokenize(f32, calib)[:2048], base_type="F32",
+                             n_ctx=args.ctx, progress=False)
     results = {"F32": {"seconds": secs, "bpw": 32.0, "plans": plans_kld(ref, "F32")}}
     out = Path(args.out)
 
@@ -133,7 +141,10 @@ def main() -> None:
                                   indent=1))
 
     dump()
-    for expert_type, other_type in RUNS:
+    print("F32", {b: round(p["kld"], 5) for b, p in results["F32"]["plans"].items()},
+          flush=True)
+    runs = [tuple(r.split("/")) for r in args.runs] if args.runs else RUNS
+    for expert_type, other_type in runs:
         c = Candidate(expert_type, other_type, "?")
         plan = candidate_plan(model.specs, c)
         path = pipeline.export(model, plan, work / f"int-{expert_type}-{other_type}.gguf",
@@ -150,6 +161,8 @@ def main() -> None:
                         if k != "plans"},
               {b: round(p["kld"], 5) for b, p in row["plans"].items()}, flush=True)
         dump()
+    print("F32", "seconds", results["F32"]["seconds"],
+          {b: round(p["kld"], 5) for b, p in results["F32"]["plans"].items()}, flush=True)
     print("F32", {b: round(p["kld"], 5) for b, p in results["F32"]["plans"].items()})
     print(f"wrote {out} in {time.time() - t0:.0f} s")
 

@@ -106,6 +106,8 @@ class MemoryPlan:
     kept_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     solver: str = ""  # e.g. "milp/highs optimal"
     pruning_damage: float = 0.0  # predicted damage of the experts removed
+    # what the calibration statistics were measured on (CalibSource.describe), if any
+    calibration: str = ""
 
 
     def check_model(self, specs: list[TensorSpec], where: str) -> None:
@@ -184,6 +186,7 @@ class MemoryPlan:
             kept_experts={k: tuple(v) for k, v in d["kept_experts"].items()},
             solver=d["solver"],
             pruning_damage=d.get("pruning_damage", 0.0),
+            calibration=d.get("calibration", ""),
         )
 
     def to_json(self) -> str:

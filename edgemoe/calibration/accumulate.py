@@ -66,14 +66,28 @@ def readers(specs: list[mp.TensorSpec]) -> dict[tuple[str, int | None], tuple[st
     return {k: tuple(v) for k, v in out.items()}
 
 
+def sum_owners(groups: dict[tuple[str, int | None], tuple[str, ...]]) -> dict[str, str]:
+    """Tensor -> the tensor under whose name its importance sum is kept: the first reader
+    of its input (routed experts apart from dense readers: their sums are per expert)."""
+    out: dict[str, str] = {}
+    for names in groups.values():
+        for routed in (True, False):
+            group = [n for n in names if ("_exps." in n) == routed]
+            out.update({n: group[0] for n in group})
+    return out
+
+
 def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, CovSpec]:
     """Which tensors' input covariances to collect, and where each is kept.
 
-    The first of these that fits in `budget` bytes (float32, each shared array counted
-    once): every tensor, experts each their own; experts of a layer sharing one covariance
-    of their common input (gate and up; export scales its correlations by each expert's
-    imatrix; a shared expert's is then the same array), and no routed down projections
-    (their inputs are each expert's own units); none."""
+    Every tensor's, experts each their own, if that fits in `budget` bytes (float32, each
+    shared array counted once). Else experts of a layer share one covariance of their
+    common input (gate and up, and a shared expert's; export scales its correlations by
+    each expert's imatrix), routed down projections get none (their inputs are each
+    expert's own units), and the arrays are taken by the weights they serve per byte,
+    most first (smaller first among equals), while they fit: for DeepSeek-V3 in 1 GiB,
+    the routed and shared experts', output's and half of attn_output's (99% of the
+    weights with a known input)."""
     by_name = {s.name: s for s in specs}
     groups = readers(specs)
 
@@ -90,13 +104,25 @@ def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, CovSpec]:
                 out[n] = CovSpec(b, per, owners.setdefault((b, per), n))
         return out
 
-    for p in (plan(True), plan(False)):
-        if cov_bytes(specs, p) <= budget:
-            return p
-    log.info("input covariances would take %s even with shared expert ones (budget %s): "
-             "not collected; export will quantize without the output-error search",
-             mp.format_size(cov_bytes(specs, plan(False))), mp.format_size(budget))
-    return {}
+    full = plan(True)
+    if cov_bytes(specs, full) <= budget:
+        return full
+    shared = plan(False)
+    served: dict[str, int] = {}
+    for n, c in shared.items():
+        served[c.owner] = served.get(c.owner, 0) + by_name[n].n_elements
+    size = {o: cov_bytes(specs, {o: shared[o]}) for o in served}
+    kept, used = set(), 0
+    for o in sorted(served, key=lambda o: (-served[o] / size[o], size[o], o)):
+        if used + size[o] <= budget:
+            kept.add(o)
+            used += size[o]
+    if len(kept) < len(served):
+        log.info("input covariances: %d of %d arrays (%s of %s) fit in %s; the others' "
+                 "tensors export without the output-error search", len(kept), len(served),
+                 mp.format_size(used), mp.format_size(sum(size.values())),
+                 mp.format_size(budget))
+    return {n: c for n, c in shared.items() if c.owner in kept}
 
 
 def cov_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
@@ -109,7 +135,7 @@ def cov_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
 def checkpoint_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
     """About the size of a checkpoint of these sums (float64, so twice the float32)."""
     by_name = {s.name: s for s in specs}
-    names = {n for v in readers(specs).values() for n in v}
+    names = set(sum_owners(readers(specs)).values())
     im = sum(max(1, by_name[n].n_experts) * (by_name[n].row_length + 1) for n in names)
     experts = sum(5 * s.n_experts for s in specs if s.kind == "ffn_up_exps")
     return 8 * (im + experts) + 2 * cov_bytes(specs, plan) + 4096 * (len(names) + 1)
@@ -167,8 +193,10 @@ class Collector:
         self.n_layer, self.n_expert = n_layer, n_expert
         self.readers = readers(specs)
         self.cov_blocks = cov_blocks or {}
+        # importance sums of tensors reading one input are one sum, under the first's name
         self.in_sum2: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
+        self.sum_of = sum_owners(self.readers)
         self.cov: dict[str, np.ndarray] = {}  # by owner
         E = n_expert
         self.selected = np.zeros((n_layer, E))
@@ -194,12 +222,11 @@ class Collector:
         self.cov[owner][mat] += m
 
     def _dense(self, names: tuple[str, ...], x: np.ndarray) -> None:
-        """Statistics of `x`, the input all of `names` read (computed once for them all)."""
-        x2 = np.square(x, dtype=np.float64).sum(axis=0)
+        """Statistics of `x`, the input all of `names` read (kept once, under names[0])."""
+        self._table(names[0], 1, x.shape[1])
+        self.in_sum2[names[0]][0] += np.square(x, dtype=np.float64).sum(axis=0)
+        self.counts[names[0]][0] += len(x)
         for name in names:
-            self._table(name, 1, x.shape[1])
-            self.in_sum2[name][0] += x2
-            self.counts[name][0] += len(x)
             c = self.cov_blocks.get(name)
             if c is not None and c.owner == name:
                 self._add_cov(name, block_moments(x, c.block))
@@ -214,11 +241,10 @@ class Collector:
             sums = _grouped_sum(flat, np.repeat(x2, ids.shape[1], axis=0), E)
         else:
             sums = _grouped_sum(flat, x2.reshape(-1, n), E)
-        counts = np.bincount(flat, minlength=E).astype(np.float64)
+        self._table(names[0], E, n)
+        self.in_sum2[names[0]] += sums
+        self.counts[names[0]] += np.bincount(flat, minlength=E)
         for name in names:
-            self._table(name, E, n)
-            self.in_sum2[name] += sums
-            self.counts[name] += counts
             c = self.cov_blocks.get(name)
             if c is None or c.owner != name:
                 continue
@@ -273,7 +299,7 @@ class Collector:
         x = node.matrix()
         self.ffn_in[node.layer] = x
         dense = tuple(n for n in self.readers.get(("ffn_norm", node.layer), ())
-                      if "_exps." not in n)
+                      if "_exps." not in n)  # (sharing one sum, apart from the routed one)
         if dense:  # a dense FFN or a shared expert
             self.lanes.submit(node.layer, self._dense, dense, x)
 
@@ -347,11 +373,14 @@ class Collector:
                                float(f32(self.output_energy[layer])))
             for layer in range(len(self.selected)) if self.selected[layer].sum() > 0
         }
+        sums = {k: v.astype(f32) for k, v in self.in_sum2.items()}
         cov = {owner: v.astype(f32) for owner, v in self.cov.items()}
-        # tensors sharing an input share one array (written once)
+        # tensors sharing an input share one array (a covariance is written once)
         in_cov = {n: cov[c.owner] for n, c in self.cov_blocks.items()
-                  if c.owner in cov and n in self.in_sum2}
-        return CalibStats(in_sum2={k: v.astype(f32) for k, v in self.in_sum2.items()},
-                          counts={k: v.astype(f32) for k, v in self.counts.items()},
+                  if c.owner in cov and self.sum_of.get(n) in sums}
+        counts = {k: v.astype(f32) for k, v in self.counts.items()}
+        names = [n for n, first in self.sum_of.items() if first in sums]
+        return CalibStats(in_sum2={n: sums[self.sum_of[n]] for n in names},
+                          counts={n: counts[self.sum_of[n]] for n in names},
                           experts=experts, n_tokens=self.n_tokens, datasets=datasets,
                           in_cov=in_cov, source=source)

@@ -49,6 +49,15 @@ def test_a_gguf_source_runs_as_it_is(ggufs, qwen3_dir, tmp_path, monkeypatch):
     _same(stats, given)  # the same model run: the same statistics
     assert stats.source.fidelity == "exact" and "source GGUF itself (F32)" in stats.source.types
     assert read_stats(out / "s.gguf").source == stats.source
+    # the plan says what the statistics were measured on
+    from edgemoe.report.tables import plan_table
+
+    model = pipeline.open_model(ggufs["qwen3"])
+    budget = pipeline.make_budget(model.adapter, "10GB", ctx=256)
+    plan, _ = pipeline.make_plan(model, budget, stats=stats, progress=False)
+    assert plan.calibration == stats.source.describe()
+    assert "statistics measured on the source GGUF itself (F32)" in plan_table(plan)
+    assert type(plan).from_json(plan.to_json()).calibration == plan.calibration
 
 
 def _peak_extra_disk(folder, output, fn):

@@ -63,3 +63,31 @@ def test_a_shared_expert_shares_the_routed_experts_input(bpe_tokenizer_dir, tmp_
     assert stats.counts[sg][0] == stats.n_tokens == stats.counts[g].sum() / 2
     diag = np.diagonal(stats.in_cov[sg][0], axis1=-2, axis2=-1).reshape(-1)
     np.testing.assert_allclose(diag, stats.in_sum2[sg][0], rtol=1e-4)
+
+
+def test_deepseek_v3_covariances_fit_the_default_budget():
+    """From the public config: every input kept once takes 2.10 GB (each tensor its own
+    copy: 3.85 GB); in the default 1 GiB the arrays serving the most weights per byte."""
+    from pathlib import Path
+
+    from edgemoe.calibration.collect import DEFAULT_COV_BUDGET
+    from edgemoe.planning.from_config import read_config
+    from export.arch import adapter_for
+
+    cfg = Path(__file__).parents[2] / "fixtures" / "configs" / "deepseek-v3.json"
+    a = adapter_for(read_config(cfg))
+    specs = a.tensor_specs(a.n_expert)
+    by = {s.name: s for s in specs}
+    everything = cov_plan(specs, 10**10)  # the shared-expert level: per expert is 142 GB
+    assert not any(c.per_expert for c in everything.values())
+    copies = sum(4 * by[n].row_length * c.block for n, c in everything.items())
+    assert round(copies / 1e9, 2) == 3.85 and round(cov_bytes(specs, everything) / 1e9, 2) == 2.1
+    kept = cov_plan(specs, DEFAULT_COV_BUDGET)
+    assert cov_bytes(specs, kept) <= DEFAULT_COV_BUDGET
+    dropped = {by[n].kind for n in everything.keys() - kept.keys()}
+    # the experts' arrays serve the most weights per byte; attention's the fewest
+    assert dropped <= {"attn_q_a", "attn_kv_a_mqa", "attn_output", "ffn_down"}
+    assert all(n in kept for n in everything if "_exps" in n or "shexp" in n)
+    served = sum(by[n].n_elements for n in kept) / sum(by[n].n_elements for n in everything)
+    assert served > 0.98
+    assert kept["blk.5.ffn_up_shexp.weight"].owner == "blk.5.ffn_gate_exps.weight"
