@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--probes", action="store_true",
                     help="measure sensitivity scales on F32 and plan every row with them "
                          "(default: plans without probes, as `calibrate --no-sensitivity`)")
+    ap.add_argument("--no-kld", action="store_true",
+                    help="compare the statistics only (no plans, no held-out scoring)")
     ap.add_argument("--runs", nargs="+", default=None,
                     help="intermediates as EXPERT_TYPE/OTHER_TYPE (default: all)")
     ap.add_argument("--workdir", default="/tmp/edgemoe-calib-int")
@@ -115,6 +117,8 @@ def main() -> None:
 
     def plans_kld(stats, label):
         out = {}
+        if args.no_kld:
+            return out
         for bpw in args.bpw:
             budget = pipeline.make_budget(a, overhead + int(bpw * n_params / 8), ctx=args.ctx)
             plan, _ = pipeline.make_plan(model, budget, stats=stats, progress=False)
@@ -154,6 +158,7 @@ def main() -> None:
         row = {"seconds": secs, "bpw": plan.bits_per_weight, "file_bytes": path.stat().st_size,
                **compare(stats, ref), "plans": plans_kld(stats, c.label.replace(" ", "_"))}
         for bpw, p in row["plans"].items():
+            # tensors whose type differs from the F32 row's
             p["types_changed"] = sum(t != results["F32"]["plans"][bpw]["types"][n]
                                      for n, t in p["types"].items())
         results[c.label] = row

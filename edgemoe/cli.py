@@ -291,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "
-                        "shared by a layer's experts (gate/up only), else none (default 1GiB)")
+                        "shared by a layer's experts (gate/up, shared expert), as many as fit, "
+                        "those serving the most weights per byte first (default 1GiB)")
     c.add_argument("--max-disk", default=None,
                    help="disk an HF source's intermediate GGUF and the checkpoint may take: "
                         "the most faithful that fits is run (Q8_0, then experts lower, ...; "
