@@ -54,7 +54,8 @@ class CalibSource:
     """The model the statistics were measured on, as far as it differs from the model:
     its tensor types (`"Q8_0"`, `"Q3_K experts, Q8_0 others"`, ...), their bits per weight,
     and the fidelity class measured for such a source (BENCHMARKS.md, issue 11): `exact`
-    (the model itself, or F32/F16/BF16), `near`, `close`, `coarse`."""
+    (the model itself, or F32/F16/BF16), `near`, `close`, `coarse`, `rough` (importance
+    matrices off by < 1%, < 2.5%, < 5% and more, on average)."""
 
     types: str
     bpw: float
