@@ -84,6 +84,10 @@ def main() -> None:
     ap.add_argument("--probes", action="store_true",
                     help="measure sensitivity scales on F32 and plan every row with them "
                          "(default: plans without probes, as `calibrate --no-sensitivity`)")
+    ap.add_argument("--uniform", default=None,
+                    help="instead of the calibrated plans, score a uniform TYPE model "
+                         "quantized with each row's imatrix (search 0): the statistics' "
+                         "effect alone, at a fraction of the cost")
     ap.add_argument("--no-kld", action="store_true",
                     help="compare the statistics only (no plans, no held-out scoring)")
     ap.add_argument("--runs", nargs="+", default=None,
@@ -119,6 +123,15 @@ def main() -> None:
         out = {}
         if args.no_kld:
             return out
+        if args.uniform:
+            plan = mp.uniform_plan(model.specs, args.uniform, big, check_budget=False)
+            path = pipeline.export(model, plan, work / f"u-{args.uniform}-{label}.gguf",
+                                   stats=stats, progress=False, search=0)
+            q = textscore.compare(ref_logprobs, textscore.logprobs(path, held, args.ctx), held,
+                                  args.ctx)
+            return {args.uniform: {"kld": q.kld_mean, "bpw": plan.bits_per_weight,
+                                   "kept": plan.n_experts_kept,
+                                   "types": {t.name: t.type for t in plan.tensors}}}
         for bpw in args.bpw:
             budget = pipeline.make_budget(a, overhead + int(bpw * n_params / 8), ctx=args.ctx)
             plan, _ = pipeline.make_plan(model, budget, stats=stats, progress=False)

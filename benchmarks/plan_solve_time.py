@@ -39,6 +39,10 @@ CASES = [  # (config, cap, ladder name)
     ("deepseek-v3", "200GB", "imatrix"),
     ("deepseek-v3", "256GB", "default"),
     ("deepseek-v3", "400GB", "default"),
+    ("qwen3.5-397b-a17b", "128GB", "default"),
+    ("qwen3.5-397b-a17b", "128GB", "imatrix"),
+    ("qwen3.5-397b-a17b", "64GB", "default"),
+    ("qwen3.5-397b-a17b", "64GB", "imatrix"),
 ]
 LADDERS = {"default": mp.DEFAULT_LADDER, "imatrix": IQ_LADDER}
 

@@ -127,23 +127,26 @@ def prune_hf_checkpoint(src: Path, out: Path, kept: dict[int, tuple[int, ...]]) 
     shutil.copytree(src, out)
     new = {}
     for name, t in load_file(src / "model.safetensors").items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)", name)
+        # (model.layers or, in a vision-language wrapper, model.language_model.layers)
+        m = re.match(r"(model\.(?:language_model\.)?layers)\.(\d+)\.(.*)\.experts\.(\d+)\.(.*)",
+                     name)
         if m:
-            layer, e = int(m.group(1)), int(m.group(3))
+            layer, e = int(m.group(2)), int(m.group(4))
             if e in kept[layer]:
                 i = kept[layer].index(e)
-                new[f"model.layers.{layer}.{m.group(2)}.experts.{i}.{m.group(4)}"] = t
+                new[f"{m.group(1)}.{layer}.{m.group(3)}.experts.{i}.{m.group(5)}"] = t
             continue
-        m = re.match(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
+        m = re.match(r"model\.(?:language_model\.)?layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\."
                      r"(weight|e_score_correction_bias)$", name)
         if m:
             t = t[list(kept[int(m.group(1))])].clone()
         new[name] = t
     save_file(new, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    for key in _EXPERT_KEYS:
-        if key in cfg:
-            cfg[key] = len(next(iter(kept.values())))
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in _EXPERT_KEYS:
+            if key in c:
+                c[key] = len(next(iter(kept.values())))
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -238,3 +241,73 @@ def tensor_differences(path_a: Path, path_b: Path) -> list[str]:
             a[n].tensor_type != b[n].tensor_type
             or not np.array_equal(np.asarray(a[n].data).reshape(-1),
                                   np.asarray(b[n].data).reshape(-1)))]
+
+
+def qwen3_5_moe_text_config(vocab: int, **overrides) -> dict:
+    """Qwen3.5-MoE's text model in miniature: 4 blocks, full attention every 4th as in the
+    release, 2 key heads for 4 value heads in the DeltaNet blocks (so llama.cpp's value-head
+    reordering is exercised), 8 experts of which 2 are used, a shared expert, a rope base and
+    interleaved-MRoPE sections other than the defaults."""
+    kw = dict(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": [2, 1, 1]},
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def build_qwen3_5_moe(out: Path, tok_dir: Path, dtype=None, mtp: bool = True) -> Path:
+    """A checkpoint laid out like the Qwen3.5-MoE release: the vision-language wrapper
+    (`Qwen3_5MoeForConditionalGeneration`, text settings in `text_config`, a one-block
+    vision tower) and, with `mtp`, a multi-token-prediction block under `mtp.` as the
+    release ships it (transformers ignores it; an export must too)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        AutoTokenizer,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+        Qwen3_5MoeTextConfig,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    text = qwen3_5_moe_text_config(len(tok), bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    # weights drawn on the text model (conftest's init reads its layers), the DeltaNet output
+    # projections, which also write into the residual stream, scaled like o_proj
+    torch.manual_seed(7)
+    lm = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
+    _init_weights(lm, seed=7)
+    g = torch.Generator().manual_seed(207)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("linear_attn.out_proj.weight"):
+                p.copy_(0.08 / (2 * text["num_hidden_layers"]) ** 0.5
+                        * torch.randn(p.shape, generator=g))
+    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
+        num_position_embeddings=64), tie_word_embeddings=False)
+    model = Qwen3_5MoeForConditionalGeneration(cfg)
+    state = {k.replace("model.", "model.language_model.", 1): v
+             for k, v in lm.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("model.visual.") for k in missing), missing
+    _save(model if dtype is None else model.to(dtype), tok_dir, out)
+    if mtp:
+        tensors = load_file(out / "model.safetensors")
+        last = f"model.language_model.layers.{text['num_hidden_layers'] - 1}."
+        for name in [k for k in tensors if k.startswith(last)]:
+            tensors[name.replace(last, "mtp.layers.0.")] = tensors[name].clone()
+        d = text["hidden_size"]
+        tensors["mtp.fc.weight"] = torch.zeros(d, 2 * d, dtype=tensors[name].dtype)
+        for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+            tensors[f"mtp.{norm}.weight"] = torch.zeros(d, dtype=tensors[name].dtype)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

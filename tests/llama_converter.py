@@ -64,13 +64,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None) -> Path:
+def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None,
+               args: tuple[str, ...] = ()) -> Path:
     """Run llama.cpp's converter on `hf_dir`; returns `out`. `pre` names the BPE
-    pre-tokenizer (tokenizer.ggml.pre) for tokenizers the converter's hash list lacks.
-    Raises LlamaToolError with the converter's output when it fails."""
+    pre-tokenizer (tokenizer.ggml.pre) for tokenizers the converter's hash list lacks;
+    `args` are further converter flags (e.g. --no-mtp). Raises LlamaToolError with the
+    converter's output when it fails."""
     root = converter_dir()
     cmd = [sys.executable, "-c", _DRIVER, str(root), pre or "", "--outtype", outtype,
-           "--outfile", str(out), str(hf_dir)]
+           *args, "--outfile", str(out), str(hf_dir)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if r.returncode != 0 or not out.is_file():
         raise LlamaToolError(f"llama.cpp's converter failed ({r.returncode}): {' '.join(cmd)}\n"

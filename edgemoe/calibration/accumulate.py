@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import memory_planner as mp
-from export.quantize import cov_block
+from export.search import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
 
 from .hooks import EvalHooks
-from .nodes import Node
+from .nodes import GraphNodes, Node, graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,27 @@ _SUMS = ("selected", "weight_sum", "saliency_sum", "energy_sum", "output_energy"
 _TABLES = ("in_sum2", "counts", "cov")
 MAX_PENDING = 64  # node copies queued for the workers before the decode waits for them
 
-# the graph node holding each tensor kind's input (llama.cpp's names)
+# the graph node holding each tensor kind's input (llama.cpp's names); an architecture's
+# `GraphNodes` (nodes.graph_nodes) overrides the attention ones and names its FFN input
 INPUT_NODE = {
     **dict.fromkeys(("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_q_a", "attn_kv_a_mqa"),
                     "attn_norm"),
     "attn_output": "kqv_out",
-    **dict.fromkeys(("ffn_gate", "ffn_up", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_exps",
-                     "ffn_up_exps"), "ffn_norm"),
     **dict.fromkeys(("ffn_down", "ffn_down_shexp"), "ffn_swiglu"),
     "ffn_down_exps": "ffn_moe_swiglu",
     "output": "result_norm",
 }
+FFN_INPUT_KINDS = ("ffn_gate", "ffn_up", "ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_exps",
+                   "ffn_up_exps")
+_SPECIAL = ("ffn_moe_swiglu", "result_norm")  # nodes with handlers of their own
+
+
+def input_nodes(nodes: GraphNodes) -> dict[str, str]:
+    """Tensor kind -> the graph node holding its input, for an architecture's `nodes`."""
+    out = dict(INPUT_NODE)
+    out.update({kind: node for node, kinds in nodes.dense.items() for kind in kinds})
+    out.update(dict.fromkeys(FFN_INPUT_KINDS, nodes.ffn_input))
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,13 @@ class CovSpec:
     owner: str
 
 
-def readers(specs: list[mp.TensorSpec]) -> dict[tuple[str, int | None], tuple[str, ...]]:
+def readers(specs: list[mp.TensorSpec], nodes: GraphNodes | None = None
+            ) -> dict[tuple[str, int | None], tuple[str, ...]]:
     """(input node, layer) -> the names of the tensors that read it, in spec order."""
+    kinds = input_nodes(nodes or graph_nodes(""))
     out: dict[tuple[str, int | None], list[str]] = {}
     for s in specs:
-        node = INPUT_NODE.get(s.kind)
+        node = kinds.get(s.kind)
         if node is not None and s.quantizable and len(s.shape) > 1:
             out.setdefault((node, s.layer), []).append(s.name)
     return {k: tuple(v) for k, v in out.items()}
@@ -77,7 +89,8 @@ def sum_owners(groups: dict[tuple[str, int | None], tuple[str, ...]]) -> dict[st
     return out
 
 
-def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, CovSpec]:
+def cov_plan(specs: list[mp.TensorSpec], budget: int,
+             nodes: GraphNodes | None = None) -> dict[str, CovSpec]:
     """Which tensors' input covariances to collect, and where each is kept.
 
     Every tensor's, experts each their own, if that fits in `budget` bytes (float32, each
@@ -89,7 +102,7 @@ def cov_plan(specs: list[mp.TensorSpec], budget: int) -> dict[str, CovSpec]:
     the routed and shared experts', output's and half of attn_output's (99% of the
     weights with a known input)."""
     by_name = {s.name: s for s in specs}
-    groups = readers(specs)
+    groups = readers(specs, nodes)
 
     def plan(per_expert_ok: bool) -> dict[str, CovSpec]:
         out = {}
@@ -132,10 +145,11 @@ def cov_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
                * c.block for n, c in plan.items() if c.owner == n)
 
 
-def checkpoint_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
+def checkpoint_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec],
+                     nodes: GraphNodes | None = None) -> int:
     """About the size of a checkpoint of these sums (float64, so twice the float32)."""
     by_name = {s.name: s for s in specs}
-    names = set(sum_owners(readers(specs)).values())
+    names = set(sum_owners(readers(specs, nodes)).values())
     im = sum(max(1, by_name[n].n_experts) * (by_name[n].row_length + 1) for n in names)
     experts = sum(5 * s.n_experts for s in specs if s.kind == "ffn_up_exps")
     return 8 * (im + experts) + 2 * cov_bytes(specs, plan) + 4096 * (len(names) + 1)
@@ -189,9 +203,11 @@ class Collector:
     """Accumulates statistics from graph nodes, one micro-batch at a time."""
 
     def __init__(self, specs: list[mp.TensorSpec], n_layer: int, n_expert: int,
-                 cov_blocks: dict[str, CovSpec] | None = None, threads: int = 1):
+                 cov_blocks: dict[str, CovSpec] | None = None, threads: int = 1,
+                 nodes: GraphNodes | None = None):
         self.n_layer, self.n_expert = n_layer, n_expert
-        self.readers = readers(specs)
+        self.nodes = nodes or graph_nodes("")  # which graph node feeds which weights
+        self.readers = readers(specs, self.nodes)
         self.cov_blocks = cov_blocks or {}
         # importance sums of tensors reading one input are one sum, under the first's name
         self.in_sum2: dict[str, np.ndarray] = {}
@@ -298,7 +314,7 @@ class Collector:
     def on_ffn_norm(self, node: Node) -> None:
         x = node.matrix()
         self.ffn_in[node.layer] = x
-        dense = tuple(n for n in self.readers.get(("ffn_norm", node.layer), ())
+        dense = tuple(n for n in self.readers.get((node.kind, node.layer), ())
                       if "_exps." not in n)  # (sharing one sum, apart from the routed one)
         if dense:  # a dense FFN or a shared expert
             self.lanes.submit(node.layer, self._dense, dense, x)
@@ -306,7 +322,7 @@ class Collector:
     def on_act(self, node: Node) -> None:  # input of down_exps, per slot
         layer = node.layer
         ids = self.ids[layer]
-        names = self.readers.get(("ffn_norm", layer), ())
+        names = self.readers.get((self.nodes.ffn_input, layer), ())
         routed = tuple(n for n in names if "_exps." in n)
         if routed:
             self.lanes.submit(layer, self._experts, routed, ids, self.ffn_in[layer])
@@ -326,11 +342,12 @@ class Collector:
 
     def hooks(self) -> EvalHooks:
         h = EvalHooks()
-        for name in ("attn_norm", "kqv_out"):
-            h.add(name, self.on_input)
-        h.add("ffn_swiglu", self.on_input, required=False)  # dense FFNs, shared experts
+        dense = {node for node, _ in self.readers} - {self.nodes.ffn_input, *_SPECIAL}
+        for name in sorted(dense | set(self.nodes.dense)):
+            # dense FFNs and shared experts exist in some layers of some models only
+            h.add(name, self.on_input, required=name in self.nodes.dense)
         h.add("result_norm", self.on_result_norm)
-        h.add("ffn_norm", self.on_ffn_norm)
+        h.add(self.nodes.ffn_input, self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
         # present only where the architecture renormalises / scales the weights

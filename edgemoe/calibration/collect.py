@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tqdm import tqdm
 
@@ -31,6 +32,7 @@ from ..llamacpp import open_llama, tokenize
 from . import checkpoint, intermediate
 from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_plan  # noqa: F401
 from .hooks import attach
+from .nodes import graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,9 @@ def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_laye
     again, and the result is the same to the bit (the sums are float64, in window order,
     whatever `threads`, the workers for the sums and llama.cpp's threads)."""
     threads = threads or os.cpu_count() or 1
-    col = Collector(specs, n_layer, n_expert, cov_blocks, threads=threads)
+    arch = gguf.GGUFReader(gguf_path).get_field("general.architecture").contents()
+    col = Collector(specs, n_layer, n_expert, cov_blocks, threads=threads,
+                    nodes=graph_nodes(arch))  # which graph nodes feed which tensors
     start = checkpoint.resume(col, checkpoint_path, fingerprint)
     llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
                             n_ubatch=n_ctx, threads=threads), col.hooks())
@@ -115,7 +119,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     # kept when the run is interrupted and removed when it completes
     base = Path(output) if output else Path(f"{Path(source).name}.stats.gguf")
     ckpt = base.with_name(base.name + ".checkpoint.npz")
-    blocks = cov_plan(model.specs, cov_budget)
+    nodes = graph_nodes(a.arch_name)
+    blocks = cov_plan(model.specs, cov_budget, nodes)
     work = None
     if calib_model:
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
@@ -126,8 +131,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         if max_disk is None:
             free = shutil.disk_usage(base.resolve().parent).free
             max_disk = int(FREE_DISK_SHARE * free)
-        cand, plan = intermediate.choose(model, max_disk, checkpoint_bytes(model.specs, blocks),
-                                        forced=calib_type)
+        reserved = checkpoint_bytes(model.specs, blocks, nodes)
+        cand, plan = intermediate.choose(model, max_disk, reserved, forced=calib_type)
         record = intermediate.record(cand, plan)
         work = gguf_path = base.with_name(f"{base.name}.calib.gguf")
     log.info("calibrating on %s (%s)", gguf_path, record.describe())

@@ -174,6 +174,34 @@ class Node:
         return f"Node({self.name!r}, {self.type_name}, ne={self.ne})"
 
 
+@dataclass(frozen=True)
+class GraphNodes:
+    """Where an architecture's llama.cpp graph (src/models/*.cpp) shows the inputs of its
+    weight matrices: node name -> the tensor kinds of the same block that read it, and the
+    routed experts' input rows."""
+
+    dense: dict[str, tuple[str, ...]]
+    ffn_input: str
+
+
+_DEFAULT_NODES = GraphNodes({"attn_norm": ("attn_q", "attn_k", "attn_v"),
+                             "kqv_out": ("attn_output",)}, "ffn_norm")
+_ARCH_NODES = {
+    # src/models/qwen35moe.cpp: attn_norm feeds the DeltaNet projections or Q/K/V; the gated
+    # attention output feeds attn_output, the gated-normed DeltaNet output ssm_out; the MoE
+    # reads the post-attention norm
+    "qwen35moe": GraphNodes({"attn_norm": ("attn_q", "attn_k", "attn_v", "attn_qkv",
+                                           "attn_gate", "ssm_alpha", "ssm_beta"),
+                             "attn_gated": ("attn_output",), "final_output": ("ssm_out",)},
+                            "attn_post_norm"),
+}
+
+
+def graph_nodes(arch: str) -> GraphNodes:
+    """The node names of llama.cpp arch `arch` (a GGUF general.architecture)."""
+    return _ARCH_NODES.get(arch, _DEFAULT_NODES)
+
+
 @dataclass
 class Routing:
     """The experts chosen for a batch at one layer: ids and router weights, (n_tokens, k)."""

@@ -7,6 +7,7 @@
     llm("def fib(n):", max_tokens=32)               # completion, as llama_cpp.Llama
     llm.create_chat_completion(messages=[...], stream=True)
     llm.expert_use.experts_per_token                # experts computed per token and layer
+    llm("def fib(n):")["usage"]["experts_per_token"]  # the same, for one completion
 
 `EdgeLlama` is a `llama_cpp.Llama`: completion, chat (the GGUF's chat template), streaming,
 sampling and tokenization are llama-cpp-python's. Only the context differs: when any
@@ -53,6 +54,17 @@ def _llama_class():
         def expert_use(self) -> topany.ExpertUse:
             """Experts seen and kept since load (empty for plain llama.cpp, tau = 0)."""
             return self.dropper.use if self.dropper is not None else topany.ExpertUse()
+
+        def create_completion(self, *args, **kwargs):
+            """`llama_cpp.Llama.create_completion`; a non-streamed result's `usage` also
+            holds `experts_per_token`: experts computed per token and MoE layer over the
+            tokens this call evaluated (when expert use is counted: see `expert_use`)."""
+            before = self.expert_use.snapshot()
+            result = super().create_completion(*args, **kwargs)
+            if self.dropper is not None and isinstance(result, dict):  # not a stream
+                used = self.expert_use.since(before)
+                result["usage"]["experts_per_token"] = round(used.experts_per_token, 4)
+            return result
 
     return EdgeLlama
 

@@ -65,6 +65,19 @@ class ExpertUse:
     def layer_shares(self) -> dict[int, float]:
         return {li: 1.0 - self.kept[li] / s for li, s in sorted(self.slots.items()) if s}
 
+    def snapshot(self) -> ExpertUse:
+        """A copy, safe to read while another thread keeps counting."""
+        # dict(d) copies under the GIL: no 'changed size during iteration' from add()
+        return ExpertUse(dict(self.slots), dict(self.kept), dict(self.tokens))
+
+    def since(self, earlier: ExpertUse) -> ExpertUse:
+        """What was counted after `earlier` (a snapshot of this record)."""
+        def diff(now: dict[int, int], then: dict[int, int]) -> dict[int, int]:
+            return {li: n - then.get(li, 0) for li, n in now.items()}
+
+        return ExpertUse(diff(self.slots, earlier.slots), diff(self.kept, earlier.kept),
+                         diff(self.tokens, earlier.tokens))
+
 
 class SlotDropper:
     """An `ffn_moe_weights` handler that drops the slots `rule` marks and counts expert use.

@@ -13,12 +13,13 @@ from .from_gguf import GGUFAdapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
+from .qwen3_5_moe import Qwen35MoeAdapter, Qwen35MoeTextAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
     for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
-              Qwen2MoeAdapter, OlmoeAdapter)
+              Qwen2MoeAdapter, OlmoeAdapter, Qwen35MoeAdapter, Qwen35MoeTextAdapter)
 }
 
 

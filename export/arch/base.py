@@ -187,7 +187,7 @@ class Adapter:
             m = _EXPERT_RE.match(name)
             if m:
                 base = f"{m.group(1)}.{m.group(3)}"
-                gname = tmap.get_name(base)
+                gname = self.gguf_name(tmap, base)
                 if gname is not None:
                     experts.setdefault(gname + ".weight", {})[int(m.group(2))] = name
                     continue
@@ -267,7 +267,9 @@ class Adapter:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
         return list(range(self.hp.n_layer))
 
-    # ---- memory the runtime needs besides weights
+    # ---- memory the runtime needs besides weights: fallback formulas. pipeline.make_budget
+    # asks llama.cpp itself (edgemoe.runtime.simulate, exact for every architecture the
+    # pinned llama.cpp loads) and uses these only where it cannot.
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
         """llama.cpp's KV cache for `ctx` tokens: K and V rows of every layer.
 
