@@ -122,9 +122,11 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
         if solver is not mp.solve:
             raise ValueError("--type makes a one-type plan: it cannot be placed on devices")
         return mp.uniform_plan(model.specs, type_name, budget), []
-    if ladder is None:
-        ladder = mp.DEFAULT_LADDER + (mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
     adapter = model.adapter
+    if ladder is None:
+        ladder = mp.quant_types.with_types(
+            mp.DEFAULT_LADDER, adapter.extra_types) + (
+            mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
     grid = [adapter.n_expert]
     # pruning is weighed only when probes measured its cost: without that scale the
     # energy-share estimate over-prunes (BENCHMARKS.md, "calibrated, no probes")

@@ -119,7 +119,7 @@ def _file_type(plan: MemoryPlan) -> int:
     main = max(by_type, key=by_type.__getitem__)
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
     ftype = names.get(main, f"MOSTLY_{main}")
-    for candidate in (ftype, f"{ftype}_M", f"{ftype}_S"):
+    for candidate in (ftype, f"{ftype}_M", f"{ftype}_S", f"{ftype}_MOE"):  # MXFP4: _MOE
         if candidate in gguf.LlamaFileType.__members__:
             return int(gguf.LlamaFileType[candidate])
     return int(gguf.LlamaFileType.GUESSED)

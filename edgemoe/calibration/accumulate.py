@@ -341,6 +341,7 @@ class Collector:
         self.lanes.submit(node.layer, self._energy, node.layer, node.matrix())
 
     def hooks(self) -> EvalHooks:
+        """The handlers, by llama.cpp's node names for the model's architecture."""
         h = EvalHooks()
         dense = {node for node, _ in self.readers} - {self.nodes.ffn_input, *_SPECIAL}
         for name in sorted(dense | set(self.nodes.dense)):
@@ -350,11 +351,13 @@ class Collector:
         h.add(self.nodes.ffn_input, self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
-        # present only where the architecture renormalises / scales the weights
-        for name in ("ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
+        # present only where the architecture soft-maxes the top-k logits (gpt-oss),
+        # renormalises or scales the weights
+        for name in ("ffn_moe_weights_softmax", "ffn_moe_weights_norm",
+                     "ffn_moe_weights_scaled"):
             h.add(name, self.on_weights, required=False)
-        h.add("ffn_moe_swiglu", self.on_act)
-        h.add("ffn_moe_down", self.on_down)
+        h.add(self.nodes.name("ffn_moe_swiglu"), self.on_act)
+        h.add(self.nodes.name("ffn_moe_down"), self.on_down)
         h.add("ffn_moe_out", self.on_moe_out)
         return h
 

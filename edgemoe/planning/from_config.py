@@ -43,17 +43,20 @@ def read_config(config_path: str | Path) -> dict:
 def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFAULT_CTX,
                      kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
                      type_name: str | None = None,
-                     ladder: Sequence[str] = mp.DEFAULT_LADDER,
+                     ladder: Sequence[str] | None = None,
                      prune: bool = True, budget: mp.Budget | None = None,
                      solver=mp.solve) -> mp.MemoryPlan:
     """The least-damage plan under `memory` predicted from shapes alone, or a uniform one.
 
     With `type_name` every quantizable tensor gets that type (llama.cpp's fallbacks apply);
-    otherwise types come from `ladder`, ranked by the damage priors. Raises
+    otherwise types come from `ladder` (default: the planner's, with the family's own
+    candidates such as gpt-oss's MXFP4), ranked by the damage priors. Raises
     BudgetTooSmallError (with the smallest total) when nothing fits. `budget` and `solver`
     replace the single-pool ones (a GPU + CPU plan: edgemoe.planning.gpu).
     """
     adapter = adapter_for(read_config(config_path))
+    if ladder is None:
+        ladder = mp.quant_types.with_types(mp.DEFAULT_LADDER, adapter.extra_types)
     specs = adapter.tensor_specs()
     budget = budget or make_budget(adapter, memory, ctx, kv_type, reserve)
     if type_name is not None:
@@ -61,6 +64,10 @@ def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFA
             raise ValueError("--type makes a one-type plan: it cannot be placed on devices")
         return mp.uniform_plan(specs, type_name, budget)
     damage = prior_damage(specs, ladder, experts_used=adapter.n_expert_used)
+    shipped = adapter.shipped_types()
+    for s in specs:  # a shipped type (gpt-oss's MXFP4 experts) loses nothing
+        if shipped.get(s.kind) in damage.get(s.name, {}):
+            damage[s.name][shipped[s.kind]] = 0.0
     if not prune or adapter.n_expert <= adapter.n_expert_used:
         mp.planner.check_minimum(specs, budget, ladder)
         return solver(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)

@@ -41,13 +41,13 @@ def _llama_class():
             tau = topany_metadata.parse_spec(top_any, n_layer, stored)
             self.thresholds = np.zeros(n_layer, np.float32) if tau is None else tau
             arch = self.metadata.get("general.architecture", "")
-            if self.thresholds.any() and arch in topany.UNSUPPORTED_ARCHS:
-                raise ValueError(f"top-any thresholds are not supported for {arch}")
+            topany.check_supported(arch, self.thresholds)
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds,
-                                             skip=skip_dropped).install(hooks)
+                self.dropper = topany.TopAny(
+                    self.thresholds, skip=skip_dropped,
+                    logits=arch in topany.LOGIT_WEIGHT_ARCHS).install(hooks)
                 attach(self, hooks)
 
         @property
@@ -88,5 +88,7 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
     if _EdgeLlama is None:
         _EdgeLlama = _llama_class()
     kwargs.setdefault("logits_all", False)
+    # window layers (gpt-oss) cache their window, as planned and as llama-server runs them
+    kwargs.setdefault("swa_full", False)
     return open_llama(path, n_ctx=n_ctx, threads=threads, llama_class=_EdgeLlama,
                       top_any=top_any, hooks=hooks, skip_dropped=skip_dropped, **kwargs)

@@ -101,7 +101,10 @@ def simulate_allocation(adapter, *, ctx: int, kv_type: str = "f16", n_batch: int
 
     t0 = time.perf_counter()
     n_batch = min(ctx, n_batch)
+    # swa_full off: sliding-window layers (gpt-oss) cache their window only, as llama-server
+    # and edgemoe's runtime allocate them (the C API's default is a full-size cache)
     fields = dict(n_ctx=ctx, n_batch=n_batch, n_ubatch=min(n_batch, n_ubatch), n_seq_max=1,
+                  swa_full=False,
                   type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type),
                   flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)

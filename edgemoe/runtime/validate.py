@@ -238,6 +238,7 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     n_layer = int(header.get_field(f"{arch}.block_count").contents())
     del header
     tau = topany_metadata.parse_spec(top_any, n_layer, stored)
+    topany.check_supported(arch, tau)  # before any measurement
     report: dict = {"file": str(path), "top_any": {
         "spec": top_any, "thresholds": None if tau is None else [float(x) for x in tau],
         "stored_in_file": stored is not None, "info": info}}
