@@ -173,14 +173,16 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
               max_tokens: int | None = None, no_sensitivity: bool = False,
-              cov_budget: str = "1GiB") -> None:
+              cov_budget: str = "1GiB", max_disk: str | None = None,
+              threads: int | None = None) -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from .calibration import collect as cal
 
     out = output or f"{Path(source).name}.stats.gguf"
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
                           max_tokens=max_tokens, sensitivity=not no_sensitivity,
-                          cov_budget=parse_size(cov_budget))
+                          cov_budget=parse_size(cov_budget), threads=threads,
+                          max_disk=parse_size(max_disk) if max_disk else None)
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -375,7 +377,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (default: shipped text)")
     c.add_argument("-o", "--output", default=None, help="stats file (default SOURCE.stats.gguf)")
     c.add_argument("--calib-model", default=None,
-                   help="run this GGUF of the model instead of writing a temporary Q8_0")
+                   help="run this GGUF of the model (an HF source is otherwise run as an "
+                        "intermediate GGUF written beside the output; a GGUF source as it is)")
     c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     c.add_argument("--no-sensitivity", action="store_true",
@@ -386,7 +389,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "
-                        "shared by a layer's experts (gate/up only), else none (default 1GiB)")
+                        "shared by a layer's experts (gate/up, shared expert), as many as fit, "
+                        "those serving the most weights per byte first (default 1GiB)")
+    c.add_argument("--max-disk", default=None,
+                   help="disk an HF source's intermediate GGUF and the checkpoint may take: "
+                        "the most faithful that fits is run (Q8_0, then experts lower, ...; "
+                        "default 90%% of the free space beside the output)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads and workers adding up the statistics (default: "
+                        "every core)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
     cd = sub.add_parser("card", help=card.__doc__, description=card.__doc__)

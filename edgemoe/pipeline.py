@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +139,17 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
     if stats is not None:
         damage = damage.scaled(stats.scales)
     if len(grid) == 1:
-        plan = solver(model.specs, damage.table(model.specs), budget, ladder=ladder,
-                      damage_model=damage.model)
-        return plan, []
-    return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
-                       grid, ladder=ladder, damage_model=damage.model,
-                       prune_scale=_prune_scale(stats), n_groups=adapter.n_expert_groups,
-                       solver=solver)
+        plan, tradeoff = solver(model.specs, damage.table(model.specs), budget, ladder=ladder,
+                                damage_model=damage.model), []
+    else:
+        plan, tradeoff = solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert,
+                                     stats, budget, grid, ladder=ladder,
+                                     damage_model=damage.model,
+                                     prune_scale=_prune_scale(stats),
+                                     n_groups=adapter.n_expert_groups, solver=solver)
+    if stats is not None and stats.source is not None:  # how far the statistics' model is
+        plan = replace(plan, calibration=stats.source.describe())
+    return plan, tradeoff
 
 
 def _prune_scale(stats: CalibStats) -> float:

@@ -129,6 +129,8 @@ class MemoryPlan:
     kept_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     solver: str = ""  # e.g. "milp/highs optimal"
     pruning_damage: float = 0.0  # predicted damage of the experts removed
+    # what the calibration statistics were measured on (CalibSource.describe), if any
+    calibration: str = ""
     # a GPU + CPU plan (memory_planner.placement): the devices, and per tensor its device
     devices: tuple[Device, ...] = ()
     placement: dict[str, str] = field(default_factory=dict)
@@ -214,6 +216,7 @@ class MemoryPlan:
             kept_experts={k: tuple(v) for k, v in d["kept_experts"].items()},
             solver=d["solver"],
             pruning_damage=d.get("pruning_damage", 0.0),
+            calibration=d.get("calibration", ""),
             devices=tuple(Device.from_dict(x) for x in d.get("devices", ())),
             placement=dict(d.get("placement", {})),
         )

@@ -81,6 +81,8 @@ def plan_table(plan: MemoryPlan) -> str:
     rows = _by_kind((t.name, t.type, t.n_elements, t.nbytes) for t in plan.tensors)
     head = (f"plan: {plan.solver}; predicted damage {plan.predicted_damage:.4g} "
             f"({plan.damage_model}); experts per layer {plan.n_experts_kept}/{plan.n_experts}")
+    if plan.calibration:
+        head += f"\nstatistics {plan.calibration}"
     return head + "\n" + table(rows, ["tensor", "count", "params", "types", "bpw", "bytes"])
 
 
