@@ -343,13 +343,15 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, n_ctx: int = 512, max_tokens: int | None = None,
               calib_type: str = "Q8_0", sensitivity: bool = False,
               probe_tokens: int = 2048, progress: bool = True,
-              cov_budget: int = DEFAULT_COV_BUDGET) -> CalibStats:
+              cov_budget: int = DEFAULT_COV_BUDGET,
+              probe_seconds: float | None = None) -> CalibStats:
     """Measure expert usage and importance matrices for SOURCE (an HF model directory).
 
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
     if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
-    on the first `probe_tokens` tokens (edgemoe.calibration.sensitivity). Writes the statistics to
+    on the first `probe_tokens` tokens, on the same GGUF, within `probe_seconds` (default:
+    the calibration run's own time, at least 5 minutes; edgemoe.calibration.sensitivity). Writes the statistics to
     `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
     blocks of 256 columns; `cov_plan` says which) are kept too, within `cov_budget` bytes on
     disk (float64 accumulators take twice that in memory while calibrating): export's
@@ -375,14 +377,16 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
             plan = mp.uniform_plan(model.specs, calib_type, mp.Budget(cap_bytes=2**62),
                                    check_budget=False)
             pipeline.export(model, plan, work, progress=progress)  # itself resumable
+    started = time.monotonic()
     stats = collect(gguf_path, body, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint=checkpoint, fingerprint=fingerprint)
     if sensitivity:
-        from .sensitivity import measure_scales
+        from .sensitivity import MIN_PROBE_SECONDS, measure_scales
 
         tokens = tokenize(model.source.path, body)[:probe_tokens]
-        stats = measure_scales(model, stats, tokens, base_type=calib_type, n_ctx=n_ctx,
+        seconds = probe_seconds or max(MIN_PROBE_SECONDS, time.monotonic() - started)
+        stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
