@@ -350,8 +350,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     Runs a `calib_type` GGUF of the model (written to a temporary folder, or `calib_model`
     if given) in llama.cpp over `text` (default: the text shipped with edgemoe). With
     `sensitivity`, probes measure each tensor's KL divergence per unit of predicted damage
-    on the first `probe_tokens` tokens, on the same GGUF, within `probe_seconds` (default:
-    the calibration run's own time, at least 5 minutes; edgemoe.calibration.sensitivity). Writes the statistics to
+    on the first `probe_tokens` tokens (edgemoe.calibration.sensitivity). Writes the statistics to
     `output` (a llama.cpp-compatible GGUF imatrix) when given. The inputs' covariances (in
     blocks of 256 columns; `cov_plan` says which) are kept too, within `cov_budget` bytes on
     disk (float64 accumulators take twice that in memory while calibrating): export's
@@ -385,6 +384,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         from .sensitivity import MIN_PROBE_SECONDS, measure_scales
 
         tokens = tokenize(model.source.path, body)[:probe_tokens]
+        # probes on the GGUF just run, for `probe_seconds` (default: as long as the run)
         seconds = probe_seconds or max(MIN_PROBE_SECONDS, time.monotonic() - started)
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress)
