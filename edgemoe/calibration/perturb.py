@@ -92,10 +92,10 @@ class WeightErrors:
         self._cache: dict[tuple[str, int | None], np.ndarray] = {}
         self._cached = 0
 
-    def _probe_weights(self, w: np.ndarray, name: str, im: np.ndarray | None) -> np.ndarray:
+    def _probe_weights(self, w: np.ndarray, name: str, im: np.ndarray | None,
+                       executor: Executor | None) -> np.ndarray:
         t = self.types[name]
-        raw = quantize_rows(w, t, im, executor=self.executor)
-        return dequantize(raw, t, w.shape)
+        return dequantize(quantize_rows(w, t, im, executor=executor), t, w.shape)
 
     def _imatrix(self, name: str, expert: int | None) -> np.ndarray | None:
         im = None if self.stats is None else self.stats.importance_for(self.recipes[name].spec)
@@ -105,27 +105,44 @@ class WeightErrors:
         """The error of some rows of a dense tensor (token_embd: the batch's tokens)."""
         uniq, inv = np.unique(rows, return_inverse=True)
         w = self.recipes[name].load_rows(self.model.source, uniq)
-        d = self._probe_weights(w, name, self._imatrix(name, None)) - self.run.load(name,
-                                                                                     rows=uniq)
-        return d[inv]
+        d = self._probe_weights(w, name, self._imatrix(name, None), self.executor)
+        return (d - self.run.load(name, rows=uniq))[inv]
 
-    def get(self, name: str, expert: int | None = None) -> np.ndarray:
-        """(n_out, n_in) float32: the tensor's (or expert slice's) quantization error."""
-        key = (name, expert)
-        d = self._cache.get(key)
-        if d is not None:
-            return d
+    def _compute(self, name: str, expert: int | None, executor: Executor | None) -> np.ndarray:
         r = self.recipes[name]
-        w = r.load(self.model.source) if expert is None else r.load_expert(self.model.source,
-                                                                          expert)
-        d = self._probe_weights(w, name, self._imatrix(name, expert)) - self.run.load(name,
-                                                                                      expert)
+        src = self.model.source
+        w = r.load(src) if expert is None else r.load_expert(src, expert)
+        d = self._probe_weights(w, name, self._imatrix(name, expert), executor)
+        return d - self.run.load(name, expert)
+
+    def _keep(self, key: tuple[str, int | None], d: np.ndarray) -> None:
         while self._cache and self._cached + d.nbytes > self.cache_bytes:
             self._cached -= self._cache.pop(next(iter(self._cache))).nbytes
         if d.nbytes <= self.cache_bytes:
             self._cache[key] = d
             self._cached += d.nbytes
+
+    def get(self, name: str, expert: int | None = None) -> np.ndarray:
+        """(n_out, n_in) float32: the tensor's (or expert slice's) quantization error."""
+        d = self._cache.get((name, expert))
+        if d is None:
+            d = self._compute(name, expert, self.executor)
+            self._keep((name, expert), d)
         return d
+
+    def experts(self, name: str, experts: Iterable[int]) -> dict[int, np.ndarray]:
+        """The errors of several expert slices, the missing ones computed on the threads."""
+        out = {int(e): self._cache.get((name, int(e))) for e in experts}
+        todo = [e for e, d in out.items() if d is None]
+        if self.executor is not None and len(todo) > 1:
+            for e, d in zip(todo, self.executor.map(
+                    lambda e: self._compute(name, e, None), todo)):
+                out[e] = d
+                self._keep((name, e), d)
+        for e in todo:
+            if out[e] is None:
+                out[e] = self.get(name, e)
+        return out
 
 
 class TensorProbe:
@@ -190,10 +207,10 @@ class TensorProbe:
             xn = node.src(1)
             x = xn.read().reshape(n, -1, xn.ne[0])  # (n_tokens, 1 or k, n_in)
             y = node.read().reshape(n, k, n_out)
-            for e in np.unique(ids):
+            for e, d in self.errors.experts(name, np.unique(ids)).items():
                 t, j = np.nonzero(ids == e)
                 xs = x[t, j] if x.shape[1] > 1 else x[t, 0]
-                y[t, j] += xs @ self.errors.get(name, int(e)).T
+                y[t, j] += xs @ d.T
             node.write(y.reshape(node.shape))
             self.applied[name] += 1
         return on
