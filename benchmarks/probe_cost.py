@@ -10,7 +10,7 @@ output-error search, as kld_vs_cap's "calibrated" row).
 The old probes are today's code at `--old-rev` (loaded from git); `--old-json` reuses a
 result this script wrote before instead of running them again.
 
-    nice python benchmarks/probe_cost.py --old-rev ce8ede7
+    PYTHONPATH=. nice python benchmarks/probe_cost.py --old-rev ce8ede7
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from edgemoe.calibration.sensitivity import measure_scales
 from edgemoe.llamacpp import open_llama, tokenize
 from edgemoe.report.tables import table
 from edgemoe.runtime import textscore
+from export.imatrix import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--old-rev", default=None, help="git revision of the old probes")
     ap.add_argument("--old-json", default=None, help="old probes' result from an earlier run")
+    ap.add_argument("--no-kld", action="store_true", help="time and scales only")
+    ap.add_argument("--stats", default=None, help="statistics from an earlier run")
     ap.add_argument("--workdir", default="/tmp/edgemoe-probe-cost")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/probe_cost.json"))
     args = ap.parse_args()
@@ -71,10 +74,13 @@ def main() -> None:
                                                  check_budget=False), work / "f32.gguf",
                           progress=False)
     t = time.time()
-    stats = calibrate(str(model_dir), text=str(model_dir / "calib.txt"), calib_model=str(f32),
-                      calib_type="F32", sensitivity=False, progress=False,
-                      output=str(work / "stats.gguf"))
-    calib_seconds = time.time() - t
+    if args.stats:  # from an earlier run of this script
+        stats, calib_seconds = read_stats(args.stats), float("nan")
+    else:
+        stats = calibrate(str(model_dir), text=str(model_dir / "calib.txt"),
+                          calib_model=str(f32), calib_type="F32", sensitivity=False,
+                          progress=False, output=str(work / "stats.gguf"))
+        calib_seconds = time.time() - t
     probe_tokens = tokenize(model_dir, (model_dir / "calib.txt").read_text())[:args.probe_tokens]
 
     runs = {}
@@ -94,6 +100,15 @@ def main() -> None:
         runs["export"] = {"seconds": time.time() - t, "scales": old.scales,
                           "prune_scale": old.prune_scale, "rev": args.old_rev}
 
+    def save() -> None:  # after every stage: a long run stopped early keeps what it measured
+        Path(args.out).write_text(json.dumps({
+            "model": str(model_dir), "calib_seconds": calib_seconds,
+            "probe_tokens": len(probe_tokens), "heldout_tokens": args.tokens, "runs": runs},
+            indent=1, default=float))
+
+    save()
+    if args.no_kld:
+        return
     text = (model_dir / "heldout.txt").read_text()
     llm = open_llama(f32, n_ctx=64, logits_all=False)
     tokens = tokenize(llm, text)[:args.tokens]
@@ -116,6 +131,7 @@ def main() -> None:
             r["kld"][str(bpw)] = {"kld": q.kld_mean, "bpw": plan.bits_per_weight,
                                   "experts_kept": plan.n_experts_kept}
             print(f"{label} {bpw} bpw: KLD {q.kld_mean:.5f}", flush=True)
+            save()
 
     names = sorted({n for r in runs.values() for n in r["scales"]})
     rows = [[n] + [f"{runs[k]['scales'].get(n, float('nan')):.4g}" for k in runs]
@@ -130,11 +146,8 @@ def main() -> None:
                   f"{np.corrcoef(a_, b_)[0, 1]:.3f}")
     for k, r in runs.items():
         print(f"{k}: probes {r['seconds']:.0f} s (calibration run {calib_seconds:.0f} s); KLD "
-              + ", ".join(f"{b}: {v['kld']:.5f}" for b, v in r["kld"].items()))
-    Path(args.out).write_text(json.dumps({"model": str(model_dir), "calib_seconds": calib_seconds,
-                                          "probe_tokens": len(probe_tokens),
-                                          "heldout_tokens": len(tokens), "runs": runs},
-                                         indent=1, default=float))
+              + ", ".join(f"{b}: {v['kld']:.5f}" for b, v in r.get("kld", {}).items()))
+    save()
     print(f"wrote {args.out}")
 
 
