@@ -191,7 +191,9 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
     # then single tensors: kinds in turn, each kind's layers spread over depth
     queue = [names[i] for i in range(max(map(len, kinds.values()), default=0))
              for names in kinds.values() if i < len(names)]
-    alone: dict[str, float] = {}
+    # a kind of one tensor (output, token_embd) was probed alone by its kind probe
+    alone = {v[0]: kind_scale[k] for k, v in kinds.items() if len(v) == 1 and k in kind_scale}
+    queue = [n for n in queue if n not in alone]
     for name in queue:
         if not clock.fits():
             break

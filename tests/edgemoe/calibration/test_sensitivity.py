@@ -54,6 +54,16 @@ def test_budget_probes_kinds_first_then_layers_spread_over_depth():
     scales = _probe_tensors(specs, one, clock, ProbeLog(), progress=False)
     assert len(calls) == 16 and all(len(c[1]) == 1 for c in calls)
 
+    calls.clear()  # a kind of one tensor is not probed twice
+    one_each = [mp.TensorSpec("output.weight", (256, 256), "output"), specs[0]]
+    clock = _Passes(1)
+    scales = _probe_tensors(one_each, one, clock, ProbeLog(), progress=False)
+    assert calls == [("output in 1 layers", ("output.weight",))] and scales["output.weight"] == 1
+    calls.clear()
+    clock = _Passes(3)
+    scales = _probe_tensors(one_each, one, clock, ProbeLog(), progress=False)
+    assert [c[0] for c in calls] == ["output.weight", "blk.0.attn_q.weight"]
+
 
 def test_spread_orders_layers_from_the_middle_outwards():
     assert _spread(list(range(61)), 4) == [30, 0, 60, 15]
