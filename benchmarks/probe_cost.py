@@ -115,8 +115,7 @@ def main() -> None:
     llm.close()
     ref = textscore.logprobs(f32, tokens, args.ctx)
     n_params = sum(s.n_elements for s in model.specs)
-    overhead = pipeline.make_budget(a, 10**12, ctx=args.ctx)
-    overhead = overhead.kv_bytes + overhead.compute_bytes
+    overhead = pipeline.make_budget(a, 10**12, ctx=args.ctx).runtime_bytes
     for label, r in runs.items():
         probed = replace(stats, scales=r["scales"], prune_scale=r["prune_scale"])
         r["kld"] = {}

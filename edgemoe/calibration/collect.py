@@ -15,18 +15,19 @@ import os
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tqdm import tqdm
 
 import memory_planner as mp
 from export.imatrix import write_stats
-from export.quantize import cov_block
+from export.search import cov_block
 from memory_planner.stats import CalibStats, ExpertStats
 
 from .. import pipeline
 from ..llamacpp import open_llama, tokenize
 from .hooks import EvalHooks, attach
-from .nodes import Node
+from .nodes import GraphNodes, Node, graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,16 @@ CHECKPOINT_SECONDS = 60.0
 _SUMS = ("selected", "weight_sum", "saliency_sum", "energy_sum", "output_energy")
 _TABLES = ("in_cov", "in_sum2", "counts")
 
-# which node feeds which weights: llama.cpp's node names (src/llama-graph.cpp, src/models/)
-_DENSE_INPUTS = {
-    "attn_norm": ("attn_q", "attn_k", "attn_v"),
-    "kqv_out": ("attn_output",),
-}
-
 
 class _Collector:
     """Accumulates statistics from graph nodes, one micro-batch at a time."""
 
     def __init__(self, n_layer: int, n_expert: int,
-                 cov_blocks: dict[str, tuple[int, bool]] | None = None):
+                 cov_blocks: dict[str, tuple[int, bool]] | None = None,
+                 nodes: GraphNodes | None = None, tensors: frozenset[str] | None = None):
         self.n_expert = n_expert
+        self.nodes = nodes or graph_nodes("")  # which graph node feeds which weights
+        self.tensors = tensors  # the model's tensor names (None: every name the nodes give)
         # tensor name -> (covariance block in columns, one per expert or one for all)
         self.cov_blocks = cov_blocks or {}
         self.in_cov: dict[str, np.ndarray] = {}
@@ -126,8 +124,10 @@ class _Collector:
 
     # ---- handlers, in graph order within a layer
     def on_input(self, node: Node) -> None:
-        names = tuple(f"blk.{node.layer}.{kind}.weight" for kind in _DENSE_INPUTS[node.kind])
-        self._dense(names, node.matrix())
+        names = [f"blk.{node.layer}.{kind}.weight" for kind in self.nodes.dense[node.kind]]
+        names = tuple(n for n in names if self.tensors is None or n in self.tensors)
+        if names:  # (a hybrid model's blocks read the same node with other tensors)
+            self._dense(names, node.matrix())
 
     def on_result_norm(self, node: Node) -> None:
         x = node.matrix()
@@ -169,18 +169,21 @@ class _Collector:
         self.output_energy[node.layer] += float(np.square(y).sum())
 
     def hooks(self) -> EvalHooks:
+        """The handlers, by llama.cpp's node names for the model's architecture."""
         h = EvalHooks()
-        for name in _DENSE_INPUTS:
+        for name in self.nodes.dense:
             h.add(name, self.on_input)
         h.add("result_norm", self.on_result_norm)
-        h.add("ffn_norm", self.on_ffn_norm)
+        h.add(self.nodes.ffn_input, self.on_ffn_norm)
         h.add("ffn_moe_topk", self.on_topk)
         h.add("ffn_moe_weights", self.on_weights)
-        # present only where the architecture renormalises / scales the weights
-        for name in ("ffn_moe_weights_norm", "ffn_moe_weights_scaled"):
+        # present only where the architecture soft-maxes the top-k logits (gpt-oss),
+        # renormalises or scales the weights
+        for name in ("ffn_moe_weights_softmax", "ffn_moe_weights_norm",
+                     "ffn_moe_weights_scaled"):
             h.add(name, self.on_weights, required=False)
-        h.add("ffn_moe_swiglu", self.on_act)
-        h.add("ffn_moe_down", self.on_down)
+        h.add(self.nodes.name("ffn_moe_swiglu"), self.on_act)
+        h.add(self.nodes.name("ffn_moe_down"), self.on_down)
         h.add("ffn_moe_out", self.on_moe_out)
         return h
 
@@ -262,11 +265,14 @@ def collect(gguf_path: str | Path, text: str, n_layer: int, n_expert: int, n_ctx
     the sums are saved there between windows (`CHECKPOINT_SECONDS`), and a checkpoint of the
     same `fingerprint` is resumed: the windows it covers are not run again, and the result
     is the same to the bit (the sums are float64, in window order)."""
-    col = _Collector(n_layer, n_expert, cov_blocks)
+    reader = gguf.GGUFReader(gguf_path)  # which graph nodes feed which of its tensors
+    arch = reader.get_field("general.architecture").contents()
+    col = _Collector(n_layer, n_expert, cov_blocks, nodes=graph_nodes(arch),
+                     tensors=frozenset(t.name for t in reader.tensors))
+    del reader
     start = _resume(col, checkpoint, fingerprint)
-    hooks = col.hooks()
-    llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
-                            n_ubatch=n_ctx), hooks)
+    llm = open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, n_ubatch=n_ctx)
+    llm = attach(llm, col.hooks())
     tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]

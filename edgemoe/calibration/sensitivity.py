@@ -34,8 +34,10 @@ from memory_planner.stats import CalibStats
 
 from .. import pipeline
 from ..damage import measure_damage
+from .nodes import HookError
 from .perturb import (
     SUPPORTED_KINDS,
+    ProbeError,
     ProbeRunner,
     PruneProbe,
     RunWeights,
@@ -67,7 +69,7 @@ class ProbeLog:
         for src, names in self.carried.items():
             lines.append(f"  carried {src} to {len(names)} tensors: {_short(names)}")
         if self.skipped:
-            lines.append(f"  not probed (out of time): {_short(self.skipped)}")
+            lines.append(f"  not probed (out of time or failed): {_short(self.skipped)}")
         return "\n".join(lines)
 
 
@@ -146,9 +148,14 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             report.passes.append((f"pruning to {n_keep} experts", k, prune_scale or 0.0))
             log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, k, pred)
 
-        def one(label: str, names: list[str]) -> float:
+        def one(label: str, names: list[str]) -> float | None:
             pred = sum(predicted[n] for n in names)
-            k = probe(TensorProbe(errors, names))
+            try:
+                k = probe(TensorProbe(errors, names))
+            except (HookError, ProbeError) as e:  # a graph this module does not know
+                log.warning("probe %s failed (%s): its tensors carry other scales", label, e)
+                report.skipped += names
+                return None
             scale = k / pred if pred > 0 else 0.0
             report.passes.append((label, k, scale))
             log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, k, pred, scale)
@@ -186,7 +193,9 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
             if not clock.fits():
                 break
             sample = sorted(names[:KIND_LAYERS])  # names are in spread order
-            kind_scale[kind] = one(f"{kind} in {len(sample)} layers", sample)
+            value = one(f"{kind} in {len(sample)} layers", sample)
+            if value is not None:
+                kind_scale[kind] = value
             bar.update()
     # then single tensors: kinds in turn, each kind's layers spread over depth
     queue = [names[i] for i in range(max(map(len, kinds.values()), default=0))
@@ -197,7 +206,9 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
     for name in queue:
         if not clock.fits():
             break
-        alone[name] = one(name, [name])
+        value = one(name, [name])
+        if value is not None:
+            alone[name] = value
         bar.update()
     bar.close()
 
@@ -211,7 +222,7 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
             src = float(np.median([alone[n] for n in names if n in alone]))
             label = f"the median of {kind}'s probed layers"
         if src is None:
-            report.skipped += rest
+            report.skipped += [n for n in rest if n not in report.skipped]
             continue
         scales.update(dict.fromkeys(rest, src))
         report.carried[label] = rest

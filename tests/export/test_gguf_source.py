@@ -171,7 +171,7 @@ def test_calibrated_plan_from_gguf_is_the_checkpoints(bf16_pair, tmp_path):
         model = pipeline.open_model(src)
         probe = pipeline.make_budget(model.adapter, 10**9, ctx=256)
         q8 = mp.uniform_plan(model.specs, "Q8_0", probe).weight_bytes
-        cap = probe.kv_bytes + probe.compute_bytes + int(q8 * 0.3)  # about 2.5 bits a weight
+        cap = probe.runtime_bytes + int(q8 * 0.3)  # about 2.5 bits a weight
         budget = pipeline.make_budget(model.adapter, cap, ctx=256)
         plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
         assert len(tradeoff) > 1  # keep counts were weighed

@@ -171,7 +171,7 @@ def test_shared_expert_covariances_when_per_expert_ones_do_not_fit(qwen3_dir, tm
     import gguf
 
     import memory_planner as mp
-    from export.quantize import output_error
+    from export.search import output_error
 
     model = pipeline.open_model(qwen3_dir)
 

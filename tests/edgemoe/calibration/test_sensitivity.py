@@ -100,7 +100,7 @@ def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
     # a tight cap: the calibrated program may trade experts for bits; the file is exact
     lo = mp.uniform_plan(model.specs, "Q2_K", mp.Budget(2**62)).weight_bytes
     budget = pipeline.make_budget(model.adapter, 1, ctx=128)
-    cap = budget.kv_bytes + budget.compute_bytes + int(lo * 1.1)
+    cap = budget.runtime_bytes + int(lo * 1.1)
     budget = pipeline.make_budget(model.adapter, cap, ctx=128)
     plan, tradeoff = pipeline.make_plan(model, budget, stats=back, progress=False)
     assert plan.damage_model.endswith("+probed")
@@ -110,3 +110,16 @@ def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
     llm = open_llama(out, n_ctx=128, logits_all=False)
     assert model_weight_bytes(llm) == plan.weight_bytes
     assert llm.metadata["qwen3moe.expert_count"] == str(plan.n_experts_kept)
+
+
+def test_a_probe_that_fails_in_the_graph_leaves_its_tensors_to_the_median():
+    specs = [mp.TensorSpec(f"blk.{i}.{k}.weight", (256, 256), k, i) for i in range(2)
+             for k in ("attn_q", "attn_k")]
+
+    def one(label, names):
+        return None if "attn_k" in label else 2.0  # attn_k's probe raised in llama.cpp
+
+    report = ProbeLog()
+    scales = _probe_tensors(specs, one, _Passes(100), report, progress=False)
+    assert scales == dict.fromkeys((s.name for s in specs), 2.0)
+    assert "blk.0.attn_k.weight" in report.skipped
