@@ -174,7 +174,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
               max_tokens: int | None = None, no_sensitivity: bool = False,
               cov_budget: str = "1GiB", max_disk: str | None = None,
-              threads: int | None = None) -> None:
+              threads: int | None = None, probe_seconds: float | None = None) -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from .calibration import collect as cal
 
@@ -182,7 +182,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
                           max_tokens=max_tokens, sensitivity=not no_sensitivity,
                           cov_budget=parse_size(cov_budget), threads=threads,
-                          max_disk=parse_size(max_disk) if max_disk else None)
+                          max_disk=parse_size(max_disk) if max_disk else None,
+                          probe_seconds=probe_seconds)
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -383,9 +384,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     c.add_argument("--no-sensitivity", action="store_true",
                    help="skip the sensitivity probes (by default each tensor's KL divergence "
-                        "per unit of predicted damage is measured with probe exports: one "
-                        "llama.cpp run per tensor, or per tensor kind for large models; "
-                        "without them the planner does not prune experts)")
+                        "per unit of predicted damage is measured in llama.cpp on the model "
+                        "calibration runs, one pass per probe, no file written; without them "
+                        "the planner does not prune experts)")
+    c.add_argument("--probe-seconds", type=float, default=None,
+                   help="time for the sensitivity probes: every tensor alone if that fits, "
+                        "else each tensor kind on a few layers, then single layers spread "
+                        "over depth; the rest carry their kind's scale (default: as long as "
+                        "the calibration run itself, at least 300 s)")
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "

@@ -73,6 +73,7 @@ _SIGNATURES = {
     "ggml_nbytes": (ctypes.c_size_t, [ctypes.c_void_p]),
     "ggml_tensor_overhead": (ctypes.c_size_t, []),
     "ggml_get_name": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "ggml_op_name": (ctypes.c_char_p, [ctypes.c_int]),
     "ggml_backend_buft_name": (ctypes.c_char_p, [ctypes.c_void_p]),
 }
 

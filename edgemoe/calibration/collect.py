@@ -94,7 +94,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
               max_tokens: int | None = None, calib_type: str | None = None,
               sensitivity: bool = False, probe_tokens: int = 2048, progress: bool = True,
               cov_budget: int = DEFAULT_COV_BUDGET, max_disk: int | None = None,
-              threads: int | None = None) -> CalibStats:
+              threads: int | None = None,
+              probe_seconds: float | None = None) -> CalibStats:
     """Measure expert usage and importance matrices for SOURCE (an HF model directory or a
     GGUF).
 
@@ -104,11 +105,14 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     `max_disk` bytes (default: 90% of the free space there); `calib_model` runs a GGUF of
     the model you have instead. The text is `text` (default: the text shipped with
     edgemoe). With `sensitivity`, probes measure each tensor's KL divergence per unit of
-    predicted damage on the first `probe_tokens` tokens (edgemoe.calibration.sensitivity).
-    Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
-    inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
-    within `cov_budget` bytes on disk (float64 accumulators take twice that in memory while
-    calibrating): export's output-error search uses them. `threads`: llama.cpp's threads
+    predicted damage on the first `probe_tokens` tokens, inside llama.cpp's eval callback
+    on the GGUF just run (edgemoe.calibration.sensitivity; no file written), for
+    `probe_seconds` (default: as long as the calibration run, at least
+    `sensitivity.MIN_PROBE_SECONDS`). Writes the statistics to `output` (a llama.cpp-
+    compatible GGUF imatrix) when given. The inputs' covariances (in blocks of 256 columns;
+    `cov_plan` says which) are kept too, within `cov_budget` bytes on disk (float64
+    accumulators take twice that in memory while calibrating): export's output-error search
+    uses them. `threads`: llama.cpp's threads
     and the workers adding up the sums (default: every core).
     """
     text_path = Path(text) if text else DEFAULT_TEXT
@@ -142,16 +146,18 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
         pipeline.export(model, plan, work, progress=progress)  # itself resumable
+    started = time.monotonic()
     stats = collect(gguf_path, body, model.specs, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
                     threads=threads, source=record)
     if sensitivity:
-        from .sensitivity import measure_scales
+        from .sensitivity import MIN_PROBE_SECONDS, measure_scales
 
         tokens = tokenize(model.source.path, body)[:probe_tokens]
-        base_type = calib_type or (cand.other_type if work is not None else "Q8_0")
-        stats = measure_scales(model, stats, tokens, base_type=base_type, n_ctx=n_ctx,
+        # probes on the GGUF just run, for `probe_seconds` (default: as long as the run)
+        seconds = probe_seconds or max(MIN_PROBE_SECONDS, time.monotonic() - started)
+        stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)

@@ -114,6 +114,11 @@ class Node:
         return gguf.GGMLQuantizationType(self.type).name
 
     @property
+    def op_name(self) -> str:
+        """ggml's name of the operation that computed the node ("MUL_MAT", "RMS_NORM" ...)."""
+        return ggml().ggml_op_name(self.t.op).decode()
+
+    @property
     def nbytes(self) -> int:
         """Bytes spanned by the node's data (with the gaps of a strided view)."""
         return int(ggml().ggml_nbytes(self.ptr))

@@ -2,98 +2,233 @@
 
 The planner's damage proxy (importance-weighted relative error) ranks types within a tensor
 well, but says nothing of how much an error in `output` hurts compared with the same error
-in `blk.3.attn_k`. Probes settle that in llama.cpp itself: quantize one tensor (or one group
-of tensors) to a low-bit probe type, everything else left as in the base model, measure the
-KL divergence against the base on calibration text, and divide by the predicted damage of
-that choice. One more probe prunes the least salient experts of every layer and gives the
-scale of pruning damage. Scales are stored with the calibration statistics.
+in `blk.3.attn_k`. Probes settle that in llama.cpp itself, on the GGUF calibration ran: one
+base pass gives reference log-probabilities, and each probe is one more pass in which the
+eval callback adds a tensor's (or a group's) error at a low-bit probe type to its products
+(`edgemoe.calibration.perturb`; no model file is written). Its KL divergence against the
+base, divided by the predicted damage of that choice, is the tensor's scale. One more probe
+drops the least salient experts of every layer and gives the scale of pruning damage.
+
+The probes run within a time budget. When every tensor fits, each is probed alone. Otherwise
+each tensor kind is probed first, on a few layers spread over depth at once, then single
+tensors kind by kind, layers spread over depth, as long as the budget lasts; a tensor not
+probed alone carries its kind's scale. Scales are stored with the calibration statistics.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+import time
 from collections import defaultdict
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 import memory_planner as mp
+from export.quantize import default_threads
 from memory_planner.joint import keep_grid, kept_by_saliency, pruning_damage
 from memory_planner.stats import CalibStats
 
 from .. import pipeline
 from ..damage import measure_damage
-from ..runtime import textscore
+from .nodes import HookError
+from .perturb import (
+    SUPPORTED_KINDS,
+    ProbeError,
+    ProbeRunner,
+    PruneProbe,
+    RunWeights,
+    TensorProbe,
+    WeightErrors,
+    kld,
+)
 
 log = logging.getLogger(__name__)
 
 PROBE_TYPE = "Q2_K"
-MAX_PER_TENSOR = 64  # beyond this many quantizable tensors, probe by tensor kind
+MIN_PROBE_SECONDS = 300.0  # the default budget: this, or calibration's own time if longer
+KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 
 
-def _groups(specs: list[mp.TensorSpec], per_tensor: bool) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = defaultdict(list)
-    for s in specs:
-        if s.quantizable:
-            groups[s.name if per_tensor else s.kind].append(s.name)
-    return dict(groups)
+@dataclass
+class ProbeLog:
+    """What the probes measured and what was carried, for the log and the summary."""
+
+    base_seconds: float = 0.0
+    passes: list[tuple[str, float, float]] = field(default_factory=list)  # label, KLD, scale
+    carried: dict[str, list[str]] = field(default_factory=dict)  # source -> tensors
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"sensitivity probes: base pass {self.base_seconds:.1f} s, "
+                 f"{len(self.passes)} probe passes"]
+        lines += [f"  probed {label}: KLD {k:.5f}, scale {s:.3g}" for label, k, s in self.passes]
+        for src, names in self.carried.items():
+            lines.append(f"  carried {src} to {len(names)} tensors: {_short(names)}")
+        if self.skipped:
+            lines.append(f"  not probed (out of time or failed): {_short(self.skipped)}")
+        return "\n".join(lines)
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" ... (+{len(names) - n})" if len(names) > n else "")
+
+
+def _spread(items: list, n: int | None = None) -> list:
+    """`items` reordered so that any prefix is spread evenly (middle, ends, quarters...)."""
+    order, seen = [], set()
+    k = 1
+    while len(order) < len(items):
+        for i in range(k + 1):
+            j = round(i * (len(items) - 1) / k) if k else 0
+            if j not in seen:
+                seen.add(j)
+                order.append(items[j])
+        k *= 2
+    mid = items[(len(items) - 1) // 2]
+    order.remove(mid)
+    order.insert(0, mid)
+    return order[:n] if n is not None else order
+
+
+class _Clock:
+    """The probe budget: time spent, and whether n more passes fit."""
+
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.monotonic(), seconds
+        self.base = 0.0
+        self.passes: list[float] = []
+
+    def guess(self) -> float:
+        return float(np.mean(self.passes)) if self.passes else 1.5 * self.base
+
+    def fits(self, n: int = 1) -> bool:
+        return time.monotonic() - self.t0 + n * self.guess() <= self.seconds
 
 
 def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
-                   base_type: str = "F32", probe_type: str = PROBE_TYPE, n_ctx: int = 512,
-                   per_tensor: bool | None = None, progress: bool = True,
-                   workdir: str | Path | None = None) -> CalibStats:
-    """`stats` with `scales` (per tensor) and `prune_scale` measured by probes in llama.cpp."""
-    specs = model.specs
-    if per_tensor is None:
-        per_tensor = sum(s.quantizable for s in specs) <= MAX_PER_TENSOR
+                   gguf_path: str | Path, probe_type: str = PROBE_TYPE, n_ctx: int = 512,
+                   seconds: float = MIN_PROBE_SECONDS, progress: bool = True,
+                   threads: int | None = None) -> CalibStats:
+    """`stats` with `scales` (per tensor) and `prune_scale` measured by probes run on
+    `gguf_path` (the model calibration ran) within about `seconds`."""
+    clock = _Clock(seconds)
+    specs = [s for s in model.specs if s.quantizable]
+    probe_plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
+    types = {t.name: t.type for t in probe_plan.tensors}
     damage = measure_damage(model, ladder=(probe_type,), stats=stats,
-                            progress=False).table(specs)
-    base = mp.uniform_plan(specs, base_type, mp.Budget(2**62), check_budget=False)
-    groups = _groups(specs, per_tensor)
-    with tempfile.TemporaryDirectory(prefix="edgemoe-probe-", dir=workdir) as tmp:
-        tmp = Path(tmp)
-        base_path = pipeline.export(model, base, tmp / "base.gguf", stats=stats, progress=False)
-        ref = textscore.logprobs(base_path, tokens, n_ctx)
+                            progress=False).table(model.specs)
+    predicted = {s.name: damage[s.name].get(types[s.name], 0.0) for s in specs}
+    report = ProbeLog()
+    runner = ProbeRunner(gguf_path, tokens, n_ctx)
+    pool = ThreadPoolExecutor(threads or default_threads())
+    try:
+        start = time.monotonic()
+        ref = runner.logprobs()
+        clock.base = report.base_seconds = time.monotonic() - start
+        errors = WeightErrors(model, stats, RunWeights(gguf_path), types, executor=pool)
 
-        def kld_of(plan: mp.MemoryPlan) -> float:
-            path = pipeline.export(model, plan, tmp / "probe.gguf", stats=stats, progress=False,
-                                   reuse=base_path)
-            return textscore.compare(ref, textscore.logprobs(path, tokens, n_ctx), tokens,
-                                     n_ctx).kld_mean
-
-        scales: dict[str, float] = {}
-        for label, names in tqdm(groups.items(), desc="sensitivity probes",
-                                 disable=not progress):
-            chosen = set(names)
-            probe = mp.uniform_plan(specs, probe_type, mp.Budget(2**62), check_budget=False)
-            probe_types = probe.by_name()
-            tensors = tuple(probe_types[t.name] if t.name in chosen else t
-                            for t in base.tensors)
-            predicted = sum(damage[n].get(probe_types[n].type, 0.0) for n in names)
-            kld = kld_of(replace(base, tensors=tensors))
-            scale = kld / predicted if predicted > 0 else 0.0
-            for n in names:
-                scales[n] = scale
-            log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, kld, predicted, scale)
+        def probe(p) -> float:
+            start = time.monotonic()
+            value = kld(ref, runner.logprobs(p))
+            clock.passes.append(time.monotonic() - start)
+            return value
 
         prune_scale = None
         a = model.adapter
-        if stats.has_expert_stats and a.n_expert > a.n_expert_used:
+        if stats.has_expert_stats and a.n_expert > a.n_expert_used and clock.fits():
             n_keep = keep_grid(a.n_expert, a.n_expert_used, n_groups=a.n_expert_groups)[1]
             kept = kept_by_saliency(stats, n_keep, a.n_expert_groups)
-            predicted = sum(pruning_damage(stats, kept).values())
-            specs_k = a.tensor_specs(n_keep)
-            plan = mp.uniform_plan(specs_k, base_type, mp.Budget(2**62), check_budget=False)
-            plan = replace(plan, n_experts=a.n_expert, n_experts_kept=n_keep,
-                           kept_experts={str(k): v for k, v in kept.items()})
-            kld = kld_of(plan)
-            prune_scale = kld / predicted if predicted > 0 else None
-            log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, kld, predicted)
+            pred = sum(pruning_damage(stats, kept).values())
+            k = probe(PruneProbe(kept))
+            prune_scale = k / pred if pred > 0 else None
+            report.passes.append((f"pruning to {n_keep} experts", k, prune_scale or 0.0))
+            log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, k, pred)
+
+        def one(label: str, names: list[str]) -> float | None:
+            pred = sum(predicted[n] for n in names)
+            try:
+                k = probe(TensorProbe(errors, names))
+            except (HookError, ProbeError) as e:  # a graph this module does not know
+                log.warning("probe %s failed (%s): its tensors carry other scales", label, e)
+                report.skipped += names
+                return None
+            scale = k / pred if pred > 0 else 0.0
+            report.passes.append((label, k, scale))
+            log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, k, pred, scale)
+            return scale
+
+        scales = _probe_tensors(specs, one, clock, report, progress)
+    finally:
+        runner.close()
+        pool.shutdown()
+    log.info("%s", report.summary())
+    if progress:
+        tqdm.write(report.summary())
     values = np.array(list(scales.values()))
-    log.info("sensitivity scales: min %.3g median %.3g max %.3g", values.min(),
-             np.median(values), values.max())
+    if len(values):
+        log.info("sensitivity scales: min %.3g median %.3g max %.3g", values.min(),
+                 np.median(values), values.max())
     return replace(stats, scales=scales, prune_scale=prune_scale)
+
+
+def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: ProbeLog,
+                   progress: bool) -> dict[str, float]:
+    """Per-tensor scales: every tensor alone if the budget allows, else kinds first."""
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for s in specs:
+        by_kind[s.kind].append(s.name)
+    kinds = {k: _spread(v) for k, v in by_kind.items() if k in SUPPORTED_KINDS}
+    unsupported = [n for k, v in by_kind.items() if k not in SUPPORTED_KINDS for n in v]
+    n_tensors = sum(len(v) for v in kinds.values())
+    all_alone = clock.fits(n_tensors)
+    bar = tqdm(total=n_tensors if all_alone else len(kinds) + n_tensors,
+               desc="sensitivity probes", disable=not progress)
+    kind_scale: dict[str, float] = {}
+    if not all_alone:  # a first scale for every kind, from a few layers at once
+        for kind, names in kinds.items():
+            if not clock.fits():
+                break
+            sample = sorted(names[:KIND_LAYERS])  # names are in spread order
+            value = one(f"{kind} in {len(sample)} layers", sample)
+            if value is not None:
+                kind_scale[kind] = value
+            bar.update()
+    # then single tensors: kinds in turn, each kind's layers spread over depth
+    queue = [names[i] for i in range(max(map(len, kinds.values()), default=0))
+             for names in kinds.values() if i < len(names)]
+    # a kind of one tensor (output, token_embd) was probed alone by its kind probe
+    alone = {v[0]: kind_scale[k] for k, v in kinds.items() if len(v) == 1 and k in kind_scale}
+    queue = [n for n in queue if n not in alone]
+    for name in queue:
+        if not clock.fits():
+            break
+        value = one(name, [name])
+        if value is not None:
+            alone[name] = value
+        bar.update()
+    bar.close()
+
+    scales = dict(alone)
+    for kind, names in kinds.items():
+        rest = [n for n in names if n not in alone]
+        if not rest:
+            continue
+        src, label = kind_scale.get(kind), f"{kind}'s kind probe"
+        if src is None and len(rest) < len(names):
+            src = float(np.median([alone[n] for n in names if n in alone]))
+            label = f"the median of {kind}'s probed layers"
+        if src is None:
+            report.skipped += [n for n in rest if n not in report.skipped]
+            continue
+        scales.update(dict.fromkeys(rest, src))
+        report.carried[label] = rest
+    missing = [s.name for s in specs if s.name not in scales]
+    if missing and scales:
+        scales.update(dict.fromkeys(missing, float(np.median(list(scales.values())))))
+        why = "out of time" if not unsupported else "no probe in the graph or out of time"
+        report.carried[f"the median of all probes ({why})"] = missing
+    return scales

@@ -120,3 +120,10 @@ def test_runtime_verbs_are_registered(ggufs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate-top-any", "f.gguf", "--text", "t", "--share", "0.2",
                       "--max-kld", "0.1"])
+
+
+def test_calibrate_takes_a_probe_budget():
+    a = vars(cli._parser().parse_args(["calibrate", "m", "--probe-seconds", "90"]))
+    assert a["func"] is cli.calibrate and a["probe_seconds"] == 90.0
+    a = vars(cli._parser().parse_args(["calibrate", "m"]))
+    assert a["probe_seconds"] is None  # calibrate's own time, at least MIN_PROBE_SECONDS

@@ -1,4 +1,4 @@
-"""Sensitivity probes and the calibrated, pruning-aware plan end to end."""
+"""Sensitivity probes within a time budget, and the calibrated, pruning-aware plan end to end."""
 
 from __future__ import annotations
 
@@ -7,10 +7,67 @@ import numpy as np
 import memory_planner as mp
 from edgemoe import pipeline
 from edgemoe.calibration.collect import calibrate
-from edgemoe.calibration.sensitivity import measure_scales
+from edgemoe.calibration.sensitivity import ProbeLog, _probe_tensors, _spread, measure_scales
 from edgemoe.llamacpp import model_weight_bytes, open_llama, tokenize
 from export.imatrix import read_stats, write_stats
 from tests.helpers import PROMPT
+
+
+class _Passes:
+    """A probe budget of exactly `n` passes."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def fits(self, k: int = 1) -> bool:
+        return k <= self.n
+
+
+def test_budget_probes_kinds_first_then_layers_spread_over_depth():
+    specs = [mp.TensorSpec(f"blk.{i}.{k}.weight", (256, 256), k, i) for i in range(8)
+             for k in ("attn_q", "ffn_down_exps")]
+    # a kind no probe reaches in the graph
+    specs.append(mp.TensorSpec("blk.0.ffn_gate_shexp.weight", (256, 256), "ffn_gate_shexp", 0))
+    calls = []
+
+    def one(label, names):
+        clock.n -= 1
+        calls.append((label, tuple(names)))
+        return float(len(calls))
+
+    clock, report = _Passes(5), ProbeLog()
+    scales = _probe_tensors(specs, one, clock, report, progress=False)
+    # two kind probes on four layers each, then three single tensors, kinds in turn
+    assert calls[0] == ("attn_q in 4 layers", tuple(f"blk.{i}.attn_q.weight"
+                                                    for i in (0, 3, 4, 7)))
+    assert calls[1][0] == "ffn_down_exps in 4 layers"
+    assert [c[0] for c in calls[2:]] == ["blk.3.attn_q.weight", "blk.3.ffn_down_exps.weight",
+                                         "blk.0.attn_q.weight"]
+    assert scales["blk.3.attn_q.weight"] == 3.0 and scales["blk.0.attn_q.weight"] == 5.0
+    assert scales["blk.6.attn_q.weight"] == 1.0  # carried from the kind probe
+    assert scales["blk.6.ffn_down_exps.weight"] == 2.0
+    assert set(scales) == {s.name for s in specs}  # the shared expert takes the median
+    assert "carried" in report.summary() and "attn_q's kind probe" in report.summary()
+
+    calls.clear()
+    clock = _Passes(100)  # everything fits: every tensor alone, no kind probe
+    scales = _probe_tensors(specs, one, clock, ProbeLog(), progress=False)
+    assert len(calls) == 16 and all(len(c[1]) == 1 for c in calls)
+
+    calls.clear()  # a kind of one tensor is not probed twice
+    one_each = [mp.TensorSpec("output.weight", (256, 256), "output"), specs[0]]
+    clock = _Passes(1)
+    scales = _probe_tensors(one_each, one, clock, ProbeLog(), progress=False)
+    assert calls == [("output in 1 layers", ("output.weight",))] and scales["output.weight"] == 1
+    calls.clear()
+    clock = _Passes(3)
+    scales = _probe_tensors(one_each, one, clock, ProbeLog(), progress=False)
+    assert [c[0] for c in calls] == ["output.weight", "blk.0.attn_q.weight"]
+
+
+def test_spread_orders_layers_from_the_middle_outwards():
+    assert _spread(list(range(61)), 4) == [30, 0, 60, 15]
+    assert sorted(_spread(list(range(10)))) == list(range(10))
 
 
 def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
@@ -19,15 +76,22 @@ def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
     stats = calibrate(str(qwen3_dir), text=str(text), n_ctx=128, calib_type="F32",
                       progress=False)
     model = pipeline.open_model(qwen3_dir)
+    gguf = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
+                                                  check_budget=False), tmp_path / "f32.gguf",
+                           progress=False)
     tokens = tokenize(qwen3_dir, text.read_text())[:256]
-    probed = measure_scales(model, stats, tokens, n_ctx=128, per_tensor=False, progress=False)
+    before = set(tmp_path.iterdir())
+    probed = measure_scales(model, stats, tokens, gguf, n_ctx=128, seconds=1e9,
+                            progress=False)
+    assert set(tmp_path.iterdir()) == before  # no file written
     quantizable = {s.name for s in model.specs if s.quantizable}
     assert set(probed.scales) == quantizable
     assert all(v > 0 for v in probed.scales.values())
-    # per kind: all tensors of one kind share a scale, and kinds differ
-    by_kind = {n.split(".")[-2]: v for n, v in probed.scales.items()}
-    assert len(set(np.round(list(by_kind.values()), 6))) > 2
+    assert len(set(np.round(list(probed.scales.values()), 6))) > 5  # each tensor alone
     assert probed.prune_scale is not None and probed.prune_scale > 0
+    # no time at all: no probe, nothing invented
+    none = measure_scales(model, stats, tokens, gguf, n_ctx=128, seconds=0, progress=False)
+    assert none.scales == {} and none.prune_scale is None
 
     write_stats(probed, tmp_path / "s.gguf")
     back = read_stats(tmp_path / "s.gguf")
@@ -46,3 +110,16 @@ def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
     llm = open_llama(out, n_ctx=128, logits_all=False)
     assert model_weight_bytes(llm) == plan.weight_bytes
     assert llm.metadata["qwen3moe.expert_count"] == str(plan.n_experts_kept)
+
+
+def test_a_probe_that_fails_in_the_graph_leaves_its_tensors_to_the_median():
+    specs = [mp.TensorSpec(f"blk.{i}.{k}.weight", (256, 256), k, i) for i in range(2)
+             for k in ("attn_q", "attn_k")]
+
+    def one(label, names):
+        return None if "attn_k" in label else 2.0  # attn_k's probe raised in llama.cpp
+
+    report = ProbeLog()
+    scales = _probe_tensors(specs, one, _Passes(100), report, progress=False)
+    assert scales == dict.fromkeys((s.name for s in specs), 2.0)
+    assert "blk.0.attn_k.weight" in report.skipped

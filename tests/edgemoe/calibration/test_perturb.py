@@ -1,0 +1,107 @@
+"""Probes inside the eval callback against real files: a tensor at the probe type, a pruned
+model. The callback's KL divergence must be what llama.cpp gives for the real file."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import memory_planner as mp
+from edgemoe import pipeline
+from edgemoe.calibration import perturb
+from edgemoe.calibration.collect import calibrate
+from edgemoe.calibration.nodes import HookError
+from edgemoe.calibration.perturb import (
+    ProbeError,
+    ProbeRunner,
+    PruneProbe,
+    RunWeights,
+    TensorProbe,
+    WeightErrors,
+    kld,
+)
+from edgemoe.llamacpp import tokenize
+from edgemoe.runtime import textscore
+from memory_planner.joint import kept_by_saliency
+from tests.helpers import PROMPT
+
+N_CTX = 128
+# one tensor of every kind the callback perturbs, and how far the callback's KLD may be from
+# the real file's: the real Q2_K matmul also rounds its input to Q8_K (ggml's vec_dot type),
+# which the callback's float product does not
+CASES = {"blk.1.attn_q.weight": 0.15, "blk.1.attn_k.weight": 0.15,
+         "blk.1.attn_v.weight": 0.15, "blk.1.attn_output.weight": 0.15,
+         "blk.0.ffn_gate_exps.weight": 0.15, "blk.1.ffn_up_exps.weight": 0.15,
+         "blk.1.ffn_down_exps.weight": 0.15, "output.weight": 0.05,
+         "token_embd.weight": 0.01}
+
+
+@pytest.fixture(scope="module")
+def setup(qwen3_dir, ggufs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("perturb")
+    text = tmp / "calib.txt"
+    text.write_text(PROMPT * 30)
+    stats = calibrate(str(qwen3_dir), text=str(text), n_ctx=N_CTX, calib_type="F32",
+                      calib_model=str(ggufs["qwen3"]), progress=False)
+    model = pipeline.open_model(qwen3_dir)
+    tokens = tokenize(qwen3_dir, text.read_text())[:512]
+    runner = ProbeRunner(ggufs["qwen3"], tokens, N_CTX)
+    ref = runner.logprobs()
+    types = {t.name: t.type for t in mp.uniform_plan(model.specs, "Q2_K", mp.Budget(2**62),
+                                                     check_budget=False).tensors}
+    errors = WeightErrors(model, stats, RunWeights(ggufs["qwen3"]), types)
+    yield model, stats, tokens, runner, ref, errors, tmp
+    runner.close()
+
+
+def _real_kld(model, stats, plan, tokens, ref, path) -> float:
+    out = pipeline.export(model, plan, path, stats=stats, progress=False, search=0)
+    return kld(ref, textscore.logprobs(out, tokens, N_CTX))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_callback_probe_matches_a_real_file_with_that_tensor_at_q2_k(setup, name):
+    model, stats, tokens, runner, ref, errors, tmp = setup
+    probe = TensorProbe(errors, [name])
+    got = kld(ref, runner.logprobs(probe))
+    assert probe.applied[name] >= len(runner.windows)  # once per window (per layer node)
+    base = mp.uniform_plan(model.specs, "F32", mp.Budget(2**62), check_budget=False)
+    q2 = mp.uniform_plan(model.specs, "Q2_K", mp.Budget(2**62), check_budget=False).by_name()
+    plan = replace(base, tensors=tuple(q2[t.name] if t.name == name else t
+                                       for t in base.tensors))
+    assert q2[name].type == "Q2_K"
+    want = _real_kld(model, stats, plan, tokens, ref, tmp / "probe.gguf")
+    assert want > 1e-5  # the probe type really damages the model
+    assert abs(got - want) <= CASES[name] * want, (got, want)
+
+
+def test_pruning_probe_matches_a_real_pruned_file(setup):
+    model, stats, tokens, runner, ref, errors, tmp = setup
+    kept = kept_by_saliency(stats, 3, 1)
+    probe = PruneProbe(kept)
+    got = kld(ref, runner.logprobs(probe))
+    plan = mp.uniform_plan(model.adapter.tensor_specs(3), "F32", mp.Budget(2**62),
+                           check_budget=False)
+    plan = replace(plan, n_experts=4, n_experts_kept=3,
+                   kept_experts={str(k): v for k, v in kept.items()})
+    want = _real_kld(model, stats, plan, tokens, ref, tmp / "pruned.gguf")
+    assert want > 1e-4
+    assert abs(got - want) <= 1e-3 * want, (got, want)
+
+
+def test_a_renamed_node_fails_loudly(setup, monkeypatch):
+    *_, runner, ref, errors, _ = setup
+    monkeypatch.setitem(perturb._MATMUL, "attn_q", "Qcur_renamed")
+    with pytest.raises(HookError, match="no node named Qcur_renamed"):
+        runner.logprobs(TensorProbe(errors, ["blk.0.attn_q.weight"]))
+    # a node of the right name that never multiplies the tensor is caught after the pass
+    monkeypatch.setitem(perturb._MATMUL, "attn_q", "Kcur")
+    with pytest.raises(HookError, match="expected blk.0.attn_q.weight"):
+        runner.logprobs(TensorProbe(errors, ["blk.0.attn_q.weight"]))
+
+
+def test_unsupported_kinds_are_refused(setup):
+    *_, runner, ref, errors, _ = setup
+    with pytest.raises(ProbeError, match="no probe"):
+        TensorProbe(errors, ["blk.0.ffn_gate_shexp.weight"]).install(perturb.EvalHooks())
