@@ -64,14 +64,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def converter_command(hf_dir: Path, out: Path, outtype: str = "f32",
+                      pre: str | None = None) -> list[str]:
+    """The command that runs llama.cpp's converter on `hf_dir` (in `converter_dir()`)."""
+    root = converter_dir()
+    return [sys.executable, "-c", _DRIVER, str(root), pre or "", "--outtype", outtype,
+            "--outfile", str(out), str(hf_dir)]
+
+
 def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None) -> Path:
     """Run llama.cpp's converter on `hf_dir`; returns `out`. `pre` names the BPE
     pre-tokenizer (tokenizer.ggml.pre) for tokenizers the converter's hash list lacks.
     Raises LlamaToolError with the converter's output when it fails."""
-    root = converter_dir()
-    cmd = [sys.executable, "-c", _DRIVER, str(root), pre or "", "--outtype", outtype,
-           "--outfile", str(out), str(hf_dir)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    cmd = converter_command(hf_dir, out, outtype, pre)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=converter_dir())
     if r.returncode != 0 or not out.is_file():
         raise LlamaToolError(f"llama.cpp's converter failed ({r.returncode}): {' '.join(cmd)}\n"
                              f"{(r.stdout + r.stderr)[-4000:]}")

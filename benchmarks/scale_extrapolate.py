@@ -1,0 +1,199 @@
+"""Each stage measured by `scale.py`, extrapolated to a target model and machine.
+
+For a stage (one side: edgemoe or llama.cpp) measured at wall time t on the benchmark model:
+
+    compute = t * W_target / W_bench * S(2) / S(cores)
+    io      = (bytes read + bytes written) at the target / disk bandwidth
+    hours   = max(compute, io) / 3600,   disk = peak extra disk * bytes_target / bytes_bench
+
+- W, the work that scales the stage: parameters P for convert, export, quantize and plan
+  (plan: conservative, its damage measurement samples rows of every tensor); tokens x
+  active parameters T*A for running the model (calibration windows, imatrix, validation),
+  with the same tokens as measured; for the probes (calibrate minus calibrate
+  --no-sensitivity): P x the number of probes, which follows the code's rule (one per
+  tensor up to 64 quantizable tensors, else one per tensor kind). An edgemoe calibration of
+  an HF source is its Q8_0 intermediate (the measured `export --type Q8_0`, scaled by P) +
+  the rest (scaled by T*A).
+- S(n), Amdahl's speed-up on n cores with the parallel fraction f that the measured CPU
+  time implies on the benchmark's 2 cores: S(2) = cpu/wall, f = 2 (1 - 1/S(2)),
+  S(n) = 1 / ((1 - f) + f/n). On a shared machine cpu/wall understates f: pessimistic.
+- io: the source is read once; each model-sized file written is written once; a model run
+  reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
+  512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
+  memory: a 512-token batch routes to nearly every expert). Probes: each writes one
+  Q8_0-sized probe file and runs it over 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "fixtures" / "configs"
+MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512, "probe_tokens": 2048}
+PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
+Q8_BYTES_PER_PARAM = 34 / 32
+CAP = 128e9  # the output: a plan at the machine's memory
+
+
+def deepseek_v3() -> dict:
+    """Counted by edgemoe's own adapter from the public config."""
+    import numpy as np
+
+    from edgemoe.planning.from_config import adapter_for, read_config
+
+    a = adapter_for(read_config(CONFIGS / "deepseek-v3.json"))
+    specs = a.tensor_specs()
+    n = {s.name: int(np.prod(s.shape)) for s in specs}
+    total = sum(n.values())
+    routed = sum(n[s.name] for s in specs if s.n_experts)
+    embd = sum(n[s.name] for s in specs if s.kind == "token_embd")
+    quantizable = [s for s in specs if s.quantizable]
+    probes = len(quantizable) if len(quantizable) <= 64 else len({s.kind for s in quantizable})
+    return {"name": "DeepSeek-V3 (671B)", "params": total,
+            "active": total - embd - routed * (1 - a.n_expert_used / a.n_expert),
+            "source_bytes": total * 1.0,  # FP8 weights (block scales are 0.02%)
+            "q8_bytes": 713.29e9, "probes": probes, "tensors": len(specs)}
+
+
+def qwen35_397b() -> dict:
+    """Counted by hand from the config (edgemoe has no qwen3_5_moe adapter yet)."""
+    c = json.loads((CONFIGS / "qwen3.5-397b-a17b.json").read_text())["text_config"]
+    d, L, E, k = c["hidden_size"], c["num_hidden_layers"], c["num_experts"], \
+        c["num_experts_per_tok"]
+    ff, sff = c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+    full = sum(t == "full_attention" for t in c["layer_types"])
+    hd, nq, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+    attn = d * (2 * nq * hd) + 2 * d * nkv * hd + nq * hd * d  # q (+ output gate), k, v, o
+    kd = c["linear_num_key_heads"] * c["linear_key_head_dim"]
+    vd = c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    nv = c["linear_num_value_heads"]
+    linear = d * (2 * kd + 2 * vd) + d * 2 * nv + vd * d + (2 * kd + vd) * c[
+        "linear_conv_kernel_dim"]  # in_proj_qkvz, in_proj_ba, out_proj, conv
+    routed = L * E * 3 * d * ff
+    dense = L * (3 * d * sff + d * E + d) + full * attn + (L - full) * linear
+    embd = out = c["vocab_size"] * d
+    total = routed + dense + embd + out
+    kinds = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "attn_gate", "ssm_out",
+             "ssm_alpha", "ssm_beta", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
+             "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output", "token_embd"}
+    return {"name": "Qwen3.5-397B-A17B", "params": total,
+            "active": total - embd - routed * (1 - k / E), "source_bytes": 2.0 * total,
+            "q8_bytes": Q8_BYTES_PER_PARAM * total, "probes": len(kinds),
+            "tensors": 2 + 60 * 14}
+
+
+def _speedup(wall: float, cpu: float, cores: int) -> tuple[float, float]:
+    s2 = min(2.0, max(1.0, cpu / wall)) if wall > 0 else 1.0
+    f = 2 * (1 - 1 / s2)
+    return s2, 1 / ((1 - f) + f / cores)
+
+
+def _estimate(m: dict | None, parts: list[tuple[float, float]], io_bytes: float,
+              scale_b: float) -> dict | None:
+    """`parts`: (measured seconds, work ratio); `io_bytes` at the target."""
+    if m is None:
+        return None
+    s2, sn = _speedup(m["seconds"], m["cpu_seconds"], MACHINE["cores"])
+    compute = sum(t * w for t, w in parts) * s2 / sn
+    io = io_bytes / MACHINE["disk_bps"]
+    return {"hours": max(compute, io) / 3600, "compute_hours": compute / 3600,
+            "io_hours": io / 3600, "disk_bytes": m["peak_disk"] * scale_b,
+            "cores_used_here": s2, "speedup_at_target": sn}
+
+
+def _passes(model_bytes: float, tokens: float) -> float:
+    return 1.0 if model_bytes <= PAGE_CACHE else math.ceil(tokens / MACHINE["ubatch"])
+
+
+def extrapolate(entry: dict) -> dict:
+    """Per target, per stage row and side: hours (compute, io) and disk, with the inputs."""
+    jobs = {r[side + "_job"]: r[side] for r in entry["rows"] for side in ("edgemoe", "llama")
+            if r[side]}
+    P, A, T = entry["params"], entry["active_params"], entry["tokens"]
+    q8_m, src_m = entry["q8_bytes"], entry["checkpoint_bytes"]
+    probes_m = entry["quantizable"] if entry["quantizable"] <= 64 else None
+    out = {"machine": MACHINE, "formula": __doc__, "targets": {}}
+    for tgt in (deepseek_v3(), qwen35_397b()):
+        p_r, ta_r = tgt["params"] / P, tgt["active"] / A
+        q8, src = tgt["q8_bytes"], tgt["source_bytes"]
+        scale_b = q8 / q8_m
+        rows = {}
+
+        def est(job: str, parts: list[tuple[float, float]], io_bytes: float,
+                scale_b: float = scale_b) -> dict | None:
+            return _estimate(jobs.get(job), parts, io_bytes, scale_b)
+
+        conv = jobs.get("em_convert")
+        t_conv = conv["seconds"] if conv else 0.0
+        run_io = q8 * _passes(q8, T)
+        for job, m in jobs.items():
+            t = m["seconds"]
+            if job in ("em_convert", "ll_convert"):
+                r = est(job, [(t, p_r)], src + q8)
+            elif job in ("em_calib_noprobes", "em_calib_gguf"):
+                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)], src + q8 + run_io)
+            elif job == "em_calib":
+                base = jobs.get("em_calib_noprobes")
+                if base is None or not probes_m:
+                    continue
+                t_probe = max(0.0, t - base["seconds"])
+                n_r = tgt["probes"] / probes_m
+                probe_io = tgt["probes"] * (q8 + q8 * _passes(q8, MACHINE["probe_tokens"]))
+                r = est(job, [(t_conv, p_r), (max(0.0, base["seconds"] - t_conv), ta_r),
+                              (t_probe, p_r * n_r)], src + q8 + run_io + probe_io)
+            elif job == "ll_imatrix":
+                r = est(job, [(t, ta_r)], run_io)
+            elif job == "em_plan":
+                r = est(job, [(t, p_r)], m["read_bytes"] * src / src_m)
+            elif job in ("em_export", "em_export_s0"):
+                r = est(job, [(t, p_r)], src + CAP)
+            elif job == "ll_quantize":  # from a BF16 GGUF (2 bytes per parameter)
+                r = est(job, [(t, p_r)], 2 * tgt["params"] + CAP)
+            elif job in ("em_validate", "ll_perplexity"):
+                r = est(job, [(t, ta_r)], CAP * _passes(CAP, T))
+            else:
+                continue
+            if r:
+                r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
+                                   "em_convert": q8, "ll_convert": q8}.get(job, r["disk_bytes"])
+                rows[job] = r
+        em = [rows.get(j) for j in ("em_calib", "em_plan", "em_export")]
+        ll = [rows.get(j) for j in ("ll_convert", "ll_imatrix", "ll_quantize")]
+        out["targets"][tgt["name"]] = {
+            "model": tgt, "ratios": {"P": p_r, "T*A": ta_r, "bytes": scale_b}, "rows": rows,
+            "pipeline_edgemoe_hours": sum(r["hours"] for r in em) if all(em) else None,
+            "pipeline_llama_hours": sum(r["hours"] for r in ll) if all(ll) else None}
+    return out
+
+
+LABELS = {"em_convert": "edgemoe export --type Q8_0", "ll_convert": "convert_hf_to_gguf q8_0",
+          "em_calib": "edgemoe calibrate (HF, probes)",
+          "em_calib_noprobes": "edgemoe calibrate --no-sensitivity",
+          "em_calib_gguf": "edgemoe calibrate (GGUF src, no probes)",
+          "ll_imatrix": "llama-imatrix", "em_plan": "edgemoe plan",
+          "em_export": "edgemoe export (search)", "em_export_s0": "edgemoe export --search 0",
+          "ll_quantize": "llama-quantize", "em_validate": "edgemoe validate",
+          "ll_perplexity": "llama-perplexity"}
+
+
+def fmt_extrapolation(x: dict) -> str:
+    m = x["machine"]
+    lines = [f"extrapolated to {m['ram'] / 1e9:.0f} GB RAM, {m['cores']} cores, "
+             f"{m['disk_bps'] / 1e9:.0f} GB/s disk (formula: benchmarks/scale_extrapolate.py)"]
+    for name, t in x["targets"].items():
+        md = t["model"]
+        lines.append(f"\n{name}: {md['params'] / 1e9:.1f}B parameters, {md['active'] / 1e9:.1f}B "
+                     f"active, Q8_0 {md['q8_bytes'] / 1e9:.0f} GB, {md['probes']} probes")
+        lines.append(f"{'job':<42}{'hours':>8}{'compute h':>11}{'io h':>8}{'disk GB':>9}")
+        for job, r in t["rows"].items():
+            lines.append(f"{LABELS.get(job, job):<42}{r['hours']:>8.2f}{r['compute_hours']:>11.2f}"
+                         f"{r['io_hours']:>8.2f}{r['disk_bytes'] / 1e9:>9.0f}")
+        em, ll = t["pipeline_edgemoe_hours"], t["pipeline_llama_hours"]
+        if em is not None:
+            lines.append(f"pipeline edgemoe (calibrate with probes + plan + export): {em:.1f} h")
+        if ll is not None:
+            lines.append(f"pipeline llama.cpp (convert + imatrix + quantize): {ll:.1f} h")
+    return "\n".join(lines)
