@@ -209,8 +209,10 @@ def harvest(job: str, s: Setup, run: Path) -> None:
         shutil.copy(run / keep[job][0], s.product(keep[job][1]))
 
 
-def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float,
-             max_anon: int) -> dict[str, list[dict]]:
+def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float, max_anon: int,
+             deadline: float) -> dict[str, list[dict]]:
+    """Rounds of `jobs`; no job starts after `deadline` (time.time()). The raw runs are
+    also saved in `work`/runs.json as they come."""
     results: dict[str, list[dict]] = {j: [] for j in jobs}
     spent = dict.fromkeys(jobs, 0.0)
     for r in range(runs):
@@ -220,7 +222,8 @@ def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float,
                 order.reverse()
             for job in order:
                 done = results[job]
-                if spent[job] > budget or (done and done[-1]["returncode"] != 0):
+                if spent[job] > budget or (done and done[-1]["returncode"] != 0) \
+                        or time.time() > deadline:
                     continue
                 run = s.work / "runs" / f"{job}-{r}"
                 shutil.rmtree(run, ignore_errors=True)
@@ -245,6 +248,7 @@ def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float,
                       f"{m.peak_disk / GB:.2f} GB, read {m.read_bytes / GB:.2f} GB, "
                       f"rc {m.returncode}", flush=True)
                 shutil.rmtree(run, ignore_errors=True)
+                (s.work / "runs.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -325,20 +329,27 @@ def main() -> None:
     ap.add_argument("--cap", default=None, help="memory cap of plan/export (default: ~3.5 bpw)")
     ap.add_argument("--max-anon", type=float, default=16.0,
                     help="GB of anonymous RSS at which a job's process tree is killed")
+    ap.add_argument("--time-limit", type=float, default=float("inf"),
+                    help="seconds after which no new job starts (the table uses what ran)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUFs")
     args = ap.parse_args()
 
     t0 = time.time()
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)
-    llama_tool("imatrix"), llama_tool("quantize")  # built before anything is measured
     s = Setup(work, SIZES[args.size], args.chunks, args.ctx, args.cap)
     facts = model_facts(s)
     print(f"{args.size}: {facts['checkpoint_bytes'] / GB:.2f} GB BF16, {facts['params']:,} "
           f"parameters ({facts['active_params']:,.0f} active), cap {int(s.cap) / GB:.2f} GB",
           flush=True)
     jobs = [j for st in args.stages.split(",") for j in STAGES[st]]
-    results = run_jobs(s, jobs, args.runs, args.stage_budget, int(args.max_anon * GB))
+    results = run_jobs(s, jobs, args.runs, args.stage_budget, int(args.max_anon * GB),
+                       t0 + args.time_limit)
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
+    old = data["sizes"].get(args.size, {})
+    if old.get("shape") == facts["shape"] and old.get("tokens") == facts["tokens"]:
+        # a run of some stages: the other jobs' runs are kept from the previous one
+        results = {**old["jobs"], **{j: r for j, r in results.items() if r}}
     rows = summarize(results)
     print("\n" + fmt_table(rows))
 
@@ -353,7 +364,6 @@ def main() -> None:
              "jobs": results, "rows": rows}
     entry["extrapolation"] = extrapolate(entry)
     print("\n" + fmt_extrapolation(entry["extrapolation"]))
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
     data["sizes"][args.size] = entry
     RESULTS.write_text(json.dumps(data, indent=1))
     print(f"\nwrote {RESULTS} ({time.time() - t0:.0f} s in all)")
