@@ -1,6 +1,8 @@
 """Run one command in a child process and measure what it costs.
 
-- wall time, and CPU time (user + system) of the whole tree;
+- wall time, and CPU time (user + system) of the whole tree; the CPU time of its busiest
+  thread (sampled with the tree), which bounds the serial part of the work (a shared,
+  overloaded machine stretches wall time, not CPU time);
 - peak anonymous RSS of its process tree (RssAnon of every process in it, summed, sampled
   every 15 ms; the tree is rescanned for new processes every 150 ms), and the peak
   file-backed RSS (memory-mapped files) beside it;
@@ -43,6 +45,8 @@ class Measured:
     read_bytes: int
     rchar: int
     returncode: int
+    busiest_thread_seconds: float = 0.0  # CPU time of the busiest thread seen (sampled)
+    threads_seconds: float = 0.0  # CPU time of all threads seen (sampled; <= cpu_seconds)
     killed_over: int | None = None  # the anon RSS limit the run was stopped at, if it was
 
     def to_dict(self) -> dict:
@@ -100,6 +104,23 @@ def _rss(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
+def _thread_times(pid: int, into: dict[tuple[int, int], float]) -> None:
+    """CPU seconds (user + system) of each thread of `pid`, the largest seen kept."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            into[(pid, int(tid))] = max(into.get((pid, int(tid)), 0.0),
+                                        (int(f[11]) + int(f[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            pass
+
+
 def disk_bytes(folders: list[Path]) -> int:
     total = 0
     for folder in folders:
@@ -130,6 +151,7 @@ class _Sampler(threading.Thread):
         self.base_disk = disk_bytes(watch)
         self.peak_anon = self.peak_file = self.peak_disk = 0
         self.killed_over: int | None = None
+        self.threads: dict[tuple[int, int], float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -139,6 +161,8 @@ class _Sampler(threading.Thread):
             now = time.monotonic()
             if now >= next_tree:
                 tree, next_tree = _descendants(self.root), now + TREE_EVERY
+                for pid in tree:
+                    _thread_times(pid, self.threads)
             anon = file = 0
             for pid in tree:  # the wrapper itself is not counted
                 a, f = _rss(pid)
@@ -178,9 +202,10 @@ def run_measured(cmd: list[str], cwd: Path, log: Path, watch: list[Path],
     sampler.join()
     sampler.peak_disk = max(sampler.peak_disk, disk_bytes(watch) - sampler.base_disk)
     io = json.loads(io_file.read_text()) if io_file.is_file() else {}
+    busiest = max(sampler.threads.values(), default=0.0)
     return Measured(seconds, io.get("cpu_seconds", 0.0), sampler.peak_anon, sampler.peak_file,
                     sampler.peak_disk, io.get("read_bytes", 0), io.get("rchar", 0), rc,
-                    sampler.killed_over)
+                    busiest, sum(sampler.threads.values()), sampler.killed_over)
 
 
 if __name__ == "__main__":

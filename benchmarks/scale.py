@@ -47,6 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from export_peak_rss import Shape, build_checkpoint, checkpoint_bytes  # noqa: E402
 from measure import run_measured  # noqa: E402
+from scale_extrapolate import extrapolate, fmt_extrapolation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 SIZES = {  # Qwen3-30B-A3B's layer (hidden 2048, expert FFN 768, 32/4 heads, top-8)
@@ -101,6 +102,7 @@ class Setup:
         self.q8 = self._gguf("Q8_0")
         self.bf16 = self._gguf("BF16")
         self.cap = cap or self._default_cap()
+        self.stats: Path | None = None  # the stats file plan and export use
 
     def _gguf(self, type_name: str) -> Path:
         out = self.work / f"model-{type_name}.gguf"
@@ -145,8 +147,10 @@ def job_command(job: str, s: Setup, run: Path) -> tuple[list[str], list[Path]] |
     model, tokens = str(s.model), str(s.chunks * s.ctx)
     calib = ["--text", str(CALIB_TEXT), "--ctx", str(s.ctx), "--max-tokens", tokens,
              "-o", "stats.gguf"]
-    stats = next((p for p in (s.product("stats.gguf"), s.product("stats-noprobes.gguf"))
-                  if p.is_file()), None)
+    if s.stats is None:  # chosen once: every plan and export of a run uses the same
+        s.stats = next((p for p in (s.product("stats.gguf"), s.product("stats-noprobes.gguf"))
+                        if p.is_file()), None)
+    stats = s.stats
     plan, out_s0 = s.product("plan.json"), s.product("out-search0.gguf")
     if job == "em_convert":
         return [*EDGEMOE, "export", model, "--memory", "10TB", "--type", "Q8_0", "-o",
@@ -257,9 +261,9 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         ok = [r for r in results.get(job, []) if r["returncode"] == 0] if job else []
         if not ok:
             return None
-        keys = ("seconds", "cpu_seconds", "peak_anon", "peak_file", "peak_disk", "read_bytes",
-                "rchar", "output_bytes")
-        return {"runs": len(ok), **{k: statistics.median(r[k] for r in ok) for k in keys}}
+        keys = ("seconds", "cpu_seconds", "busiest_thread_seconds", "threads_seconds",
+                "peak_anon", "peak_file", "peak_disk", "read_bytes", "rchar", "output_bytes")
+        return {"runs": len(ok), **{k: statistics.median(r.get(k, 0) for r in ok) for k in keys}}
 
     rows = []
     for label, em, ll in ROWS:
@@ -275,7 +279,7 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = (f"{'stage':<34}{'side':<9}{'n':>3}{'wall s':>9}{'cpu s':>9}{'anon GB':>9}"
+    head = (f"{'stage':<34}{'side':<9}{'n':>3}{'wall s':>9}{'cpu s':>9}{'serial':>7}{'anon GB':>9}"
             f"{'disk GB':>9}{'read GB':>9}{'rchar GB':>9}{'x llama':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -286,11 +290,18 @@ def fmt_table(rows: list[dict]) -> str:
             ratio = f"{r['ratio']['seconds']:.2f}" if side == "edgemoe" and r["ratio"] else ""
             lines.append(f"{r['stage'] if side == 'edgemoe' or not r['edgemoe'] else '':<34}"
                          f"{side:<9}{m['runs']:>3}{m['seconds']:>9.1f}{m['cpu_seconds']:>9.1f}"
+                         f"{_serial(m):>7.2f}"
                          f"{m['peak_anon'] / GB:>9.2f}{m['peak_disk'] / GB:>9.2f}"
                          f"{m['read_bytes'] / GB:>9.2f}{m['rchar'] / GB:>9.2f}{ratio:>9}")
         if r["edgemoe_failed"]:
             lines.append(f"{'':<34}edgemoe failed: {r['edgemoe_failed'][0]!r}")
     return "\n".join(lines)
+
+
+def _serial(m: dict) -> float:
+    """The busiest thread's share of all threads' CPU time (1: serial work)."""
+    total = m.get("threads_seconds") or 0.0
+    return m.get("busiest_thread_seconds", 0.0) / total if total else 1.0
 
 
 def model_facts(s: Setup) -> dict:
@@ -324,6 +335,8 @@ def main() -> None:
     ap.add_argument("--stage-budget", type=float, default=900.0,
                     help="stop repeating a job once its runs took this many seconds")
     ap.add_argument("--stages", default=",".join(STAGES), help="subset of " + ",".join(STAGES))
+    ap.add_argument("--jobs", default=None,
+                    help="run these jobs only (e.g. em_calib), instead of --stages")
     ap.add_argument("--chunks", type=int, default=16, help="calibration windows (both tools)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--cap", default=None, help="memory cap of plan/export (default: ~3.5 bpw)")
@@ -331,9 +344,19 @@ def main() -> None:
                     help="GB of anonymous RSS at which a job's process tree is killed")
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="seconds after which no new job starts (the table uses what ran)")
+    ap.add_argument("--report", action="store_true",
+                    help="only print (and store) the table and extrapolation of stored runs")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUFs")
     args = ap.parse_args()
 
+    if args.report:  # the table and extrapolation again, from the stored runs
+        data = json.loads(RESULTS.read_text())
+        entry = data["sizes"][args.size]
+        entry["rows"] = summarize(entry["jobs"])
+        entry["extrapolation"] = extrapolate(entry)
+        print(fmt_table(entry["rows"]) + "\n\n" + fmt_extrapolation(entry["extrapolation"]))
+        RESULTS.write_text(json.dumps(data, indent=1))
+        return
     t0 = time.time()
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)
@@ -342,7 +365,8 @@ def main() -> None:
     print(f"{args.size}: {facts['checkpoint_bytes'] / GB:.2f} GB BF16, {facts['params']:,} "
           f"parameters ({facts['active_params']:,.0f} active), cap {int(s.cap) / GB:.2f} GB",
           flush=True)
-    jobs = [j for st in args.stages.split(",") for j in STAGES[st]]
+    jobs = args.jobs.split(",") if args.jobs else [
+        j for st in args.stages.split(",") for j in STAGES[st]]
     results = run_jobs(s, jobs, args.runs, args.stage_budget, int(args.max_anon * GB),
                        t0 + args.time_limit)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
@@ -352,8 +376,6 @@ def main() -> None:
         results = {**old["jobs"], **{j: r for j, r in results.items() if r}}
     rows = summarize(results)
     print("\n" + fmt_table(rows))
-
-    from scale_extrapolate import extrapolate, fmt_extrapolation
 
     entry = {**facts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or

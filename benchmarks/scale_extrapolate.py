@@ -1,10 +1,17 @@
 """Each stage measured by `scale.py`, extrapolated to a target model and machine.
 
-For a stage (one side: edgemoe or llama.cpp) measured at wall time t on the benchmark model:
+For a stage (one side: edgemoe or llama.cpp) measured on the benchmark model with CPU time
+c (user + system of the whole process tree) and a busiest thread of CPU time b:
 
-    compute = t * W_target / W_bench * S(2) / S(cores)
+    f       = 1 - b / (CPU time of all threads)        the parallel share of the work
+    compute = c * W_target / W_bench * ((1 - f) + f / cores)
     io      = (bytes read + bytes written) at the target / disk bandwidth
     hours   = max(compute, io) / 3600,   disk = peak extra disk * bytes_target / bytes_bench
+
+CPU time, not wall time: the benchmark machine is shared (load 20 on 2 cores while these
+ran), which stretches wall time several-fold but not CPU time. Threads are assumed to scale
+to all cores where they ran in parallel here (Amdahl with the measured serial share b);
+llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic for it).
 
 - W, the work that scales the stage: parameters P for convert, export, quantize and plan
   (plan: conservative, its damage measurement samples rows of every tensor); tokens x
@@ -14,9 +21,6 @@ For a stage (one side: edgemoe or llama.cpp) measured at wall time t on the benc
   tensor up to 64 quantizable tensors, else one per tensor kind). An edgemoe calibration of
   an HF source is its Q8_0 intermediate (the measured `export --type Q8_0`, scaled by P) +
   the rest (scaled by T*A).
-- S(n), Amdahl's speed-up on n cores with the parallel fraction f that the measured CPU
-  time implies on the benchmark's 2 cores: S(2) = cpu/wall, f = 2 (1 - 1/S(2)),
-  S(n) = 1 / ((1 - f) + f/n). On a shared machine cpu/wall understates f: pessimistic.
 - io: the source is read once; each model-sized file written is written once; a model run
   reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
   512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
@@ -85,23 +89,24 @@ def qwen35_397b() -> dict:
             "tensors": 2 + 60 * 14}
 
 
-def _speedup(wall: float, cpu: float, cores: int) -> tuple[float, float]:
-    s2 = min(2.0, max(1.0, cpu / wall)) if wall > 0 else 1.0
-    f = 2 * (1 - 1 / s2)
-    return s2, 1 / ((1 - f) + f / cores)
+def _serial_share(m: dict) -> float:
+    """1 - f: the busiest thread's share of the CPU time of all threads seen."""
+    total = m.get("threads_seconds") or 0.0
+    return min(1.0, m.get("busiest_thread_seconds", 0.0) / total) if total > 0 else 1.0
 
 
 def _estimate(m: dict | None, parts: list[tuple[float, float]], io_bytes: float,
               scale_b: float) -> dict | None:
-    """`parts`: (measured seconds, work ratio); `io_bytes` at the target."""
+    """`parts`: (measured CPU seconds, work ratio); `io_bytes` at the target."""
     if m is None:
         return None
-    s2, sn = _speedup(m["seconds"], m["cpu_seconds"], MACHINE["cores"])
-    compute = sum(t * w for t, w in parts) * s2 / sn
+    serial = _serial_share(m)
+    per_core = serial + (1 - serial) / MACHINE["cores"]
+    compute = sum(c * w for c, w in parts) * per_core
     io = io_bytes / MACHINE["disk_bps"]
     return {"hours": max(compute, io) / 3600, "compute_hours": compute / 3600,
             "io_hours": io / 3600, "disk_bytes": m["peak_disk"] * scale_b,
-            "cores_used_here": s2, "speedup_at_target": sn}
+            "serial_share": serial, "speedup_at_target": 1 / per_core}
 
 
 def _passes(model_bytes: float, tokens: float) -> float:
@@ -127,10 +132,10 @@ def extrapolate(entry: dict) -> dict:
             return _estimate(jobs.get(job), parts, io_bytes, scale_b)
 
         conv = jobs.get("em_convert")
-        t_conv = conv["seconds"] if conv else 0.0
+        t_conv = conv["cpu_seconds"] if conv else 0.0
         run_io = q8 * _passes(q8, T)
         for job, m in jobs.items():
-            t = m["seconds"]
+            t = m["cpu_seconds"]
             if job in ("em_convert", "ll_convert"):
                 r = est(job, [(t, p_r)], src + q8)
             elif job in ("em_calib_noprobes", "em_calib_gguf"):
@@ -139,10 +144,10 @@ def extrapolate(entry: dict) -> dict:
                 base = jobs.get("em_calib_noprobes")
                 if base is None or not probes_m:
                     continue
-                t_probe = max(0.0, t - base["seconds"])
+                t_probe = max(0.0, t - base["cpu_seconds"])
                 n_r = tgt["probes"] / probes_m
                 probe_io = tgt["probes"] * (q8 + q8 * _passes(q8, MACHINE["probe_tokens"]))
-                r = est(job, [(t_conv, p_r), (max(0.0, base["seconds"] - t_conv), ta_r),
+                r = est(job, [(t_conv, p_r), (max(0.0, base["cpu_seconds"] - t_conv), ta_r),
                               (t_probe, p_r * n_r)], src + q8 + run_io + probe_io)
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
