@@ -256,22 +256,33 @@ def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float, max_anon: int,
     return results
 
 
+KEYS = ("seconds", "cpu_seconds", "busiest_thread_seconds", "threads_seconds", "peak_anon",
+        "peak_file", "peak_disk", "read_bytes", "rchar", "output_bytes")
+
+
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """Per stage row and side: medians of the successful runs; a side whose every run was
+    stopped (killed, or over --max-anon) gets its longest run as a lower bound."""
     def med(job: str | None) -> dict | None:
-        ok = [r for r in results.get(job, []) if r["returncode"] == 0] if job else []
-        if not ok:
+        runs = results.get(job, []) if job else []
+        ok = [r for r in runs if r["returncode"] == 0]
+        if ok:
+            return {"runs": len(ok), **{k: statistics.median(r.get(k, 0) for r in ok)
+                                        for k in KEYS}}
+        stopped = [r for r in runs if r["returncode"] < 0 or r.get("killed_over")]
+        if not stopped:
             return None
-        keys = ("seconds", "cpu_seconds", "busiest_thread_seconds", "threads_seconds",
-                "peak_anon", "peak_file", "peak_disk", "read_bytes", "rchar", "output_bytes")
-        return {"runs": len(ok), **{k: statistics.median(r.get(k, 0) for r in ok) for k in keys}}
+        r = max(stopped, key=lambda r: r["seconds"])
+        return {"runs": 0, "lower_bound": True, **{k: r.get(k, 0) for k in KEYS}}
 
     rows = []
     for label, em, ll in ROWS:
         a, b = med(em), med(ll)
-        failed = [r.get("log_tail", "")[-300:] for r in results.get(em, []) if r["returncode"]]
+        failed = [r.get("log_tail", "")[-300:] for r in results.get(em, [])
+                  if r["returncode"] > 0]
         if a is None and b is None and not failed:
             continue
-        ratio = {k: a[k] / b[k] for k in ("seconds", "peak_anon")
+        ratio = {k: a[k] / b[k] for k in ("seconds", "cpu_seconds", "peak_anon")
                  if a and b and b[k]} if a and b else {}
         rows.append({"stage": label, "edgemoe_job": em, "llama_job": ll, "edgemoe": a,
                      "llama": b, "ratio": ratio, "edgemoe_failed": failed})
@@ -288,6 +299,7 @@ def fmt_table(rows: list[dict]) -> str:
             if m is None:
                 continue
             ratio = f"{r['ratio']['seconds']:.2f}" if side == "edgemoe" and r["ratio"] else ""
+            ratio = (">" if m.get("lower_bound") and ratio else "") + ratio
             lines.append(f"{r['stage'] if side == 'edgemoe' or not r['edgemoe'] else '':<34}"
                          f"{side:<9}{m['runs']:>3}{m['seconds']:>9.1f}{m['cpu_seconds']:>9.1f}"
                          f"{_serial(m):>7.2f}"

@@ -26,6 +26,10 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
   512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
   memory: a 512-token batch routes to nearly every expert). Probes: each writes one
   Q8_0-sized probe file and runs it over 2048 tokens.
+- disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
+  calibrate: its Q8_0 intermediate + the checkpoint of its sums (at most 4 GiB with the
+  default covariance budget); with probes also the probes' base and probe files (Q8_0-sized
+  each, on disk together with the intermediate). Other stages: measured peak x bytes ratio.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512, "probe_tok
 PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
 Q8_BYTES_PER_PARAM = 34 / 32
 CAP = 128e9  # the output: a plan at the machine's memory
+CHECKPOINT = 2 * 2 * 2**30  # calibrate's checkpoint: float64 covariances, and its next copy
 
 
 def deepseek_v3() -> dict:
@@ -106,7 +111,8 @@ def _estimate(m: dict | None, parts: list[tuple[float, float]], io_bytes: float,
     io = io_bytes / MACHINE["disk_bps"]
     return {"hours": max(compute, io) / 3600, "compute_hours": compute / 3600,
             "io_hours": io / 3600, "disk_bytes": m["peak_disk"] * scale_b,
-            "serial_share": serial, "speedup_at_target": 1 / per_core}
+            "serial_share": serial, "speedup_at_target": 1 / per_core,
+            "lower_bound": bool(m.get("lower_bound"))}
 
 
 def _passes(model_bytes: float, tokens: float) -> float:
@@ -161,9 +167,13 @@ def extrapolate(entry: dict) -> dict:
                 r = est(job, [(t, ta_r)], CAP * _passes(CAP, T))
             else:
                 continue
-            if r:
+            if r:  # what the stage writes at the target (the measured peaks hold a
+                # checkpoint of float64 sums, capped by --cov-budget: 2 x 2 x 1 GiB at most)
                 r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
-                                   "em_convert": q8, "ll_convert": q8}.get(job, r["disk_bytes"])
+                                   "em_convert": q8, "ll_convert": q8,
+                                   "em_calib_noprobes": q8 + CHECKPOINT,
+                                   "em_calib_gguf": q8 + CHECKPOINT,
+                                   "em_calib": 3 * q8 + CHECKPOINT}.get(job, r["disk_bytes"])
                 rows[job] = r
         em = [rows.get(j) for j in ("em_calib", "em_plan", "em_export")]
         ll = [rows.get(j) for j in ("ll_convert", "ll_imatrix", "ll_quantize")]
@@ -194,11 +204,15 @@ def fmt_extrapolation(x: dict) -> str:
                      f"active, Q8_0 {md['q8_bytes'] / 1e9:.0f} GB, {md['probes']} probes")
         lines.append(f"{'job':<42}{'hours':>8}{'compute h':>11}{'io h':>8}{'disk GB':>9}")
         for job, r in t["rows"].items():
-            lines.append(f"{LABELS.get(job, job):<42}{r['hours']:>8.2f}{r['compute_hours']:>11.2f}"
+            ge = ">=" if r.get("lower_bound") else ""
+            lines.append(f"{LABELS.get(job, job):<42}{ge + format(r['hours'], '.2f'):>8}"
+                         f"{r['compute_hours']:>11.2f}"
                          f"{r['io_hours']:>8.2f}{r['disk_bytes'] / 1e9:>9.0f}")
         em, ll = t["pipeline_edgemoe_hours"], t["pipeline_llama_hours"]
         if em is not None:
-            lines.append(f"pipeline edgemoe (calibrate with probes + plan + export): {em:.1f} h")
+            ge = ">= " if t["rows"]["em_calib"].get("lower_bound") else ""
+            lines.append(f"pipeline edgemoe (calibrate with probes + plan + export): {ge}"
+                         f"{em:.1f} h")
         if ll is not None:
             lines.append(f"pipeline llama.cpp (convert + imatrix + quantize): {ll:.1f} h")
     return "\n".join(lines)
