@@ -229,7 +229,8 @@ def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float, max_anon: int,
                 if spent[job] > budget or (done and done[-1]["returncode"] != 0) \
                         or time.time() > deadline:
                     continue
-                run = s.work / "runs" / f"{job}-{r}"
+                name = f"{job}-{r}-{os.getpid()}"  # two invocations may share a work folder
+                run = s.work / "runs" / name
                 shutil.rmtree(run, ignore_errors=True)
                 (run / "tmp").mkdir(parents=True)
                 got = job_command(job, s, run)
@@ -237,14 +238,14 @@ def run_jobs(s: Setup, jobs: list[str], runs: int, budget: float, max_anon: int,
                     continue
                 cmd, inputs = got
                 print(f"[{r + 1}/{runs}] {job} ...", end=" ", flush=True)
-                m = run_measured(cmd, run, s.work / "runs" / f"{job}-{r}.log", [run],
+                m = run_measured(cmd, run, s.work / "runs" / f"{name}.log", [run],
                                  env=child_env(run / "tmp"), inputs=inputs, max_anon=max_anon)
                 d = m.to_dict()
                 d["output_bytes"] = sum(f.stat().st_size for f in run.glob("*.gguf"))
                 if m.returncode == 0:
                     harvest(job, s, run)
                 else:
-                    log = (s.work / "runs" / f"{job}-{r}.log").read_text(errors="replace")
+                    log = (s.work / "runs" / f"{name}.log").read_text(errors="replace")
                     d["log_tail"] = log[-1500:]
                 done.append(d)
                 spent[job] += m.seconds
@@ -356,6 +357,8 @@ def main() -> None:
                     help="GB of anonymous RSS at which a job's process tree is killed")
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="seconds after which no new job starts (the table uses what ran)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="replace the stored runs of this size instead of adding to them")
     ap.add_argument("--report", action="store_true",
                     help="only print (and store) the table and extrapolation of stored runs")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUFs")
@@ -383,9 +386,11 @@ def main() -> None:
                        t0 + args.time_limit)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
     old = data["sizes"].get(args.size, {})
-    if old.get("shape") == facts["shape"] and old.get("tokens") == facts["tokens"]:
-        # a run of some stages: the other jobs' runs are kept from the previous one
-        results = {**old["jobs"], **{j: r for j, r in results.items() if r}}
+    if not args.fresh and old.get("shape") == facts["shape"] \
+            and old.get("tokens") == facts["tokens"]:
+        # runs accumulate across invocations on the same model and tokens
+        results = {j: old["jobs"].get(j, []) + results.get(j, [])
+                   for j in {*old["jobs"], *results}}
     rows = summarize(results)
     print("\n" + fmt_table(rows))
 
