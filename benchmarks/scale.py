@@ -47,7 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from export_peak_rss import Shape, build_checkpoint, checkpoint_bytes  # noqa: E402
 from measure import run_measured  # noqa: E402
-from scale_extrapolate import extrapolate, fmt_extrapolation  # noqa: E402
+from scale_extrapolate import damage_work, extrapolate, fmt_extrapolation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 SIZES = {  # Qwen3-30B-A3B's layer (hidden 2048, expert FFN 768, 32/4 heads, top-8)
@@ -270,7 +270,8 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         if ok:
             return {"runs": len(ok), **{k: statistics.median(r.get(k, 0) for r in ok)
                                         for k in KEYS}}
-        stopped = [r for r in runs if r["returncode"] < 0 or r.get("killed_over")]
+        stopped = [r for r in runs if r["returncode"] < 0 or r.get("killed_over")
+                   or r.get("stopped")]
         if not stopped:
             return None
         r = max(stopped, key=lambda r: r["seconds"])
@@ -280,7 +281,7 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     for label, em, ll in ROWS:
         a, b = med(em), med(ll)
         failed = [r.get("log_tail", "")[-300:] for r in results.get(em, [])
-                  if r["returncode"] > 0]
+                  if r["returncode"] > 0 and not r.get("stopped")]
         if a is None and b is None and not failed:
             continue
         ratio = {k: a[k] / b[k] for k in ("seconds", "cpu_seconds", "peak_anon")
@@ -330,6 +331,7 @@ def model_facts(s: Setup) -> dict:
             "params": params, "active_params": params - embd - routed * (1 - a.n_expert_used
                                                                           / a.n_expert),
             "tensors": len(model.specs), "quantizable": sum(x.quantizable for x in model.specs),
+            "damage_work": damage_work(model.specs),
             "chunks": s.chunks, "ctx": s.ctx, "tokens": s.chunks * s.ctx, "cap": s.cap}
 
 
@@ -367,6 +369,10 @@ def main() -> None:
     if args.report:  # the table and extrapolation again, from the stored runs
         data = json.loads(RESULTS.read_text())
         entry = data["sizes"][args.size]
+        if "damage_work" not in entry:
+            from edgemoe import pipeline
+            entry["damage_work"] = damage_work(pipeline.open_model(
+                args.work / args.size / "model").specs)
         entry["rows"] = summarize(entry["jobs"])
         entry["extrapolation"] = extrapolate(entry)
         print(fmt_table(entry["rows"]) + "\n\n" + fmt_extrapolation(entry["extrapolation"]))

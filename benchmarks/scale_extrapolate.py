@@ -3,8 +3,8 @@
 For a stage (one side: edgemoe or llama.cpp) measured on the benchmark model with CPU time
 c (user + system of the whole process tree) and a busiest thread of CPU time b:
 
-    f       = 1 - b / (CPU time of all threads)        the parallel share of the work
-    compute = c * W_target / W_bench * ((1 - f) + f / cores)
+    s       = 2 b / (CPU time of all threads) - 1      the serial share (2 cores here)
+    compute = c * W_target / W_bench * (s + (1 - s) / cores)
     io      = (bytes read + bytes written) at the target / disk bandwidth
     hours   = max(compute, io) / 3600,   disk = peak extra disk * bytes_target / bytes_bench
 
@@ -13,8 +13,9 @@ ran), which stretches wall time several-fold but not CPU time. Threads are assum
 to all cores where they ran in parallel here (Amdahl with the measured serial share b);
 llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic for it).
 
-- W, the work that scales the stage: parameters P for convert, export, quantize and plan
-  (plan: conservative, its damage measurement samples rows of every tensor); tokens x
+- W, the work that scales the stage: parameters P for convert, export and quantize; for
+  plan, the rows its damage measurement quantizes: 256 rows of every dense tensor and of 16
+  experts of every expert tensor, times the row length (D below); tokens x
   active parameters T*A for running the model (calibration windows, imatrix, validation),
   with the same tokens as measured; for the probes (calibrate minus calibrate
   --no-sensitivity): P x the number of probes, which follows the code's rule (one per
@@ -64,7 +65,8 @@ def deepseek_v3() -> dict:
     return {"name": "DeepSeek-V3 (671B)", "params": total,
             "active": total - embd - routed * (1 - a.n_expert_used / a.n_expert),
             "source_bytes": total * 1.0,  # FP8 weights (block scales are 0.02%)
-            "q8_bytes": 713.29e9, "probes": probes, "tensors": len(specs)}
+            "q8_bytes": 713.29e9, "probes": probes, "tensors": len(specs),
+            "damage_work": damage_work(specs)}
 
 
 def qwen35_397b() -> dict:
@@ -88,16 +90,28 @@ def qwen35_397b() -> dict:
     kinds = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "attn_gate", "ssm_out",
              "ssm_alpha", "ssm_beta", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
              "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output", "token_embd"}
-    return {"name": "Qwen3.5-397B-A17B", "params": total,
+    # per layer: gate/up/down experts (16 measured), shared gate/up/down, attention or linear
+    # attention projections (4 of row 4096 + 1 of row 8192), counted as measure_damage would
+    dmg = 256 * (L * (16 * (2 * d + ff) + 2 * d + sff + 4 * d + 2 * d) + 2 * d)
+    return {"name": "Qwen3.5-397B-A17B", "params": total, "damage_work": dmg,
             "active": total - embd - routed * (1 - k / E), "source_bytes": 2.0 * total,
             "q8_bytes": Q8_BYTES_PER_PARAM * total, "probes": len(kinds),
             "tensors": 2 + 60 * 14}
 
 
 def _serial_share(m: dict) -> float:
-    """1 - f: the busiest thread's share of the CPU time of all threads seen."""
+    """1 - f: the busiest thread's share b of all threads' CPU time, on the 2 cores here
+    b = s + (1 - s) / 2, so s = 2 b - 1."""
     total = m.get("threads_seconds") or 0.0
-    return min(1.0, m.get("busiest_thread_seconds", 0.0) / total) if total > 0 else 1.0
+    b = m.get("busiest_thread_seconds", 0.0) / total if total > 0 else 1.0
+    return min(1.0, max(0.0, 2 * b - 1))
+
+
+def damage_work(specs) -> float:
+    """What `edgemoe.damage.measure_damage` quantizes per ladder type: 256 rows of each dense
+    tensor, of each of 16 experts of an expert tensor, times the row length."""
+    return sum(256 * s.row_length * (min(16, s.n_experts) if s.n_experts else 1)
+               for s in specs if s.quantizable)
 
 
 def _estimate(m: dict | None, parts: list[tuple[float, float]], io_bytes: float,
@@ -158,7 +172,8 @@ def extrapolate(entry: dict) -> dict:
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
             elif job == "em_plan":
-                r = est(job, [(t, p_r)], m["read_bytes"] * src / src_m)
+                r = est(job, [(t, tgt["damage_work"] / entry["damage_work"])],
+                        m["read_bytes"] * src / src_m)
             elif job in ("em_export", "em_export_s0"):
                 r = est(job, [(t, p_r)], src + CAP)
             elif job == "ll_quantize":  # from a BF16 GGUF (2 bytes per parameter)
