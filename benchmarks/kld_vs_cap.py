@@ -4,7 +4,7 @@ of the calibrated plan and of the alternatives a user has.
 For each cap (given as bits per weight of the bundled model's weights):
   calibrated    edgemoe: calibration stats, importance-weighted damage scaled by measured
                 per-tensor sensitivity probes, pruning allowed, imatrix quantization with
-                the output-error search (best of 16 ggml quantizations per row)
+                the output-error search (export's default --search)
   calibrated, search 0    the same plan written without the search (ablation: the bytes
                 llama-quantize writes for these types and this imatrix)
   calibrated, no probes   the same without the sensitivity probes (ablation)
@@ -129,7 +129,7 @@ def main() -> None:
     damage_cal = measure_damage(model, stats=stats, progress=False,
                                 ladder=mp.DEFAULT_LADDER + mp.quant_types.IMATRIX_LADDER_EXTRA)
     probe = pipeline.make_budget(a, 10**12, ctx=args.ctx)
-    overhead = probe.kv_bytes + probe.compute_bytes  # the same at every cap
+    overhead = probe.runtime_bytes  # the same at every cap
     results, rank_points = [], []
     for bpw in args.bpw:
         cap = overhead + int(bpw * n_params / 8)

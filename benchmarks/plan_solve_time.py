@@ -25,7 +25,11 @@ import scipy  # noqa: E402
 import memory_planner as mp  # noqa: E402
 from edgemoe.planning.from_config import plan_from_config, read_config  # noqa: E402
 from export.arch import adapter_for  # noqa: E402
-from memory_planner.quant_types import IMATRIX_LADDER_EXTRA, candidate_types  # noqa: E402
+from memory_planner.quant_types import (  # noqa: E402
+    IMATRIX_LADDER_EXTRA,
+    candidate_types,
+    with_types,
+)
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 IQ_LADDER = mp.DEFAULT_LADDER + IMATRIX_LADDER_EXTRA
@@ -39,14 +43,21 @@ CASES = [  # (config, cap, ladder name)
     ("deepseek-v3", "200GB", "imatrix"),
     ("deepseek-v3", "256GB", "default"),
     ("deepseek-v3", "400GB", "default"),
+    ("qwen3.5-397b-a17b", "128GB", "default"),
+    ("qwen3.5-397b-a17b", "128GB", "imatrix"),
+    ("qwen3.5-397b-a17b", "64GB", "default"),
+    ("qwen3.5-397b-a17b", "64GB", "imatrix"),
+    ("gpt-oss-120b", "64GB", "default"),
+    ("gpt-oss-120b", "128GB", "default"),
 ]
 LADDERS = {"default": mp.DEFAULT_LADDER, "imatrix": IQ_LADDER}
 
 
 def run_case(name: str, cap: str, ladder_name: str) -> dict:
     path = CONFIGS / f"{name}.json"
-    ladder = LADDERS[ladder_name]
-    specs = adapter_for(read_config(path)).tensor_specs()
+    adapter = adapter_for(read_config(path))
+    ladder = with_types(LADDERS[ladder_name], adapter.extra_types)  # gpt-oss: + MXFP4
+    specs = adapter.tensor_specs()
     row = {
         "model": name, "cap": cap, "ladder": ladder_name, "ctx": CTX, "tensors": len(specs),
         "variables": sum(len(candidate_types(s, ladder)) for s in specs),
@@ -68,7 +79,7 @@ def run_case(name: str, cap: str, ladder_name: str) -> dict:
 def main() -> None:
     rows = [run_case(*case) for case in CASES]
     head = f"{'model':<17}{'tensors':>8}{'vars':>7}{'cap':>7}{'ladder':>9}{'solve s':>9}" \
-           f"{'bpw':>7}{'total':>11}  status"
+           f"{'bpw':>7}{'weights':>11}{'KV':>10}{'compute':>10}{'total':>11}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -76,8 +87,11 @@ def main() -> None:
         total = mp.format_size(r.get("total_bytes", r.get("minimum_total_bytes")))
         status = r["status"] if "total_bytes" in r else f"needs >= {total}"
         total = total if "total_bytes" in r else "-"
+        parts = [mp.format_size(r[k]) if k in r else "-"
+                 for k in ("weight_bytes", "kv_bytes", "compute_bytes")]
         print(f"{r['model']:<17}{r['tensors']:>8}{r['variables']:>7}{r['cap']:>7}"
-              f"{r['ladder']:>9}{r['seconds']:>9.2f}{bpw:>7}{total:>11}  {status}")
+              f"{r['ladder']:>9}{r['seconds']:>9.2f}{bpw:>7}{parts[0]:>11}{parts[1]:>10}"
+              f"{parts[2]:>10}{total:>11}  {status}")
     out = ROOT / "benchmarks" / "results" / "plan_solve_time.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "scipy": scipy.__version__,

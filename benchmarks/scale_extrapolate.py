@@ -70,7 +70,7 @@ def deepseek_v3() -> dict:
 
 
 def qwen35_397b() -> dict:
-    """Counted by hand from the config (edgemoe has no qwen3_5_moe adapter yet)."""
+    """Counted by hand from the release config (text model; no vision tower, no MTP)."""
     c = json.loads((CONFIGS / "qwen3.5-397b-a17b.json").read_text())["text_config"]
     d, L, E, k = c["hidden_size"], c["num_hidden_layers"], c["num_experts"], \
         c["num_experts_per_tok"]

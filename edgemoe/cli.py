@@ -1,7 +1,7 @@
 """The `edgemoe` command. Each verb is a function whose keyword arguments are its flags.
 
 Planning and export: export, plan, calibrate, inspect. The file in llama.cpp: validate, run,
-chat, calibrate-top-any. `main` turns library errors into messages and exit codes;
+chat, serve, calibrate-top-any. `main` turns library errors into messages and exit codes;
 `edgemoe.supervise`, the console entry point, runs `python -m edgemoe.cli` in a child.
 """
 
@@ -16,14 +16,18 @@ import sys
 import threading
 from pathlib import Path
 
+from export.arch import adapter_for
 from export.gguf_io import check_output
+from export.split import SplitSpec, parse_shard
 from memory_planner import MemoryPlan, parse_size
+from memory_planner import solve as mp_solve
 
 from . import pipeline
 from .llamacpp import tokenize
 from .planning.from_config import is_config_only
 from .planning.hub import fetch_config, looks_like_repo_id
 from .report import tables as report
+from .runtime import serve as serving
 from .runtime import topany_calibrate, topany_metadata
 from .runtime.model import load
 from .runtime.validate import (
@@ -38,13 +42,35 @@ from .runtime.validate import (
 log = logging.getLogger("edgemoe")
 
 
-def _show_plan(plan: MemoryPlan, tradeoff: list) -> None:
+def _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth):
+    """The GPUs of --gpu-memory (None: a system-RAM-only plan)."""
+    if not gpu_memory:
+        if min_tps:
+            raise ValueError("--min-tps weighs devices' speeds: give --gpu-memory too")
+        return None
+    from .planning.gpu import GPUSetup
+
+    return GPUSetup.parse(gpu_memory, cpu_bandwidth, gpu_bandwidth, min_tps)
+
+
+def _budget(model, memory, ctx, kv_type, reserve, setup):
+    """The budget and one-keep-count solver: system RAM only, or GPUs + system RAM."""
+    if setup is None:
+        return pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve), mp_solve
+    return setup.placed(model.adapter, memory, ctx, kv_type, reserve)
+
+
+def _show_plan(plan: MemoryPlan, tradeoff: list, adapter=None) -> None:
     if tradeoff:
         print(report.tradeoff_table(tradeoff))
         print()
     print(report.plan_table(plan))
     print()
     print(report.budget_table(plan))
+    if plan.devices:
+        print()
+        print(report.device_table(plan, adapter.tensor_specs(plan.n_experts_kept or None),
+                                  adapter.n_expert_used))
 
 
 def export(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
@@ -52,12 +78,21 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
            stats: str | None = None, imatrix: str | None = None, calib_text: str | None = None,
            no_prune: bool = False, threads: int | None = None,
            plan_out: str | None = None, search: int = pipeline.DEFAULT_SEARCH,
-           plan_file: str | None = None) -> Path:
+           plan_file: str | None = None, split_max_size: str | None = None,
+           shard: str | None = None, gpu_memory: list[str] | None = None,
+           min_tps: float | None = None, cpu_bandwidth: str | None = None,
+           gpu_bandwidth: str | None = None) -> Path:
     """Export SOURCE as the best GGUF that fits in MEMORY."""
     if looks_like_repo_id(source):
         raise ValueError(f"{source} looks like a Hugging Face model id: export needs the "
                          f"weights on disk (hf download {source} --local-dir DIR), then "
                          "edgemoe export DIR; `edgemoe plan` works from the id alone")
+    split = None
+    if split_max_size or shard:
+        if not split_max_size:
+            raise ValueError("--shard writes one file of a split export: give --split-max-size")
+        i, n = parse_shard(shard) if shard else (None, None)
+        split = SplitSpec(parse_size(split_max_size), i, n)
     model = pipeline.open_model(source)
     out = check_output(output or f"{Path(source).name}-{memory}.gguf", model.source.files)
     calib, _ = pipeline.load_stats(model, stats, imatrix, calib_text)
@@ -65,22 +100,32 @@ def export(source: str, memory: str, output: str | None = None, ctx: int = pipel
         plan, tradeoff = MemoryPlan.load(plan_file), []
         plan.check_model(model.adapter.tensor_specs(plan.n_experts_kept or None), plan_file)
     else:
-        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        setup = _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth)
+        budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         plan, tradeoff = pipeline.make_plan(model, budget, type, stats=calib,
-                                            prune=not no_prune)
-    _show_plan(plan, tradeoff)
+                                            prune=not no_prune, solver=solver)
+    _show_plan(plan, tradeoff, model.adapter)
     if plan_out:
         plan.save(plan_out)
-    path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search)
-    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)\nrun it with llama.cpp: "
-          f"{report.llama_server_command(path, plan)}")
+    path = pipeline.export(model, plan, out, stats=calib, threads=threads, search=search,
+                           split=split)
+    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
+    if split is not None and split.shard is None:
+        files = sorted(path.parent.glob(path.name.replace("-00001-of-", "-*-of-")))
+        print(f"and {len(files) - 1} more files beside it "
+              f"({sum(f.stat().st_size for f in files):,} bytes in all)")
+    if split is None or split.shard in (None, 1):  # llama.cpp is given the first file
+        print(f"run it with llama.cpp: {report.llama_server_command(path, plan)}")
+        print(f"model card and ollama Modelfile: edgemoe card {path}")
     return path
 
 
 def plan(source: str, memory: str, output: str | None = None, ctx: int = pipeline.DEFAULT_CTX,
          kv_type: str = pipeline.DEFAULT_KV_TYPE, reserve: str = "0",
          type: str | None = None, stats: str | None = None, imatrix: str | None = None,
-         calib_text: str | None = None, no_prune: bool = False) -> MemoryPlan:
+         calib_text: str | None = None, no_prune: bool = False,
+         gpu_memory: list[str] | None = None, min_tps: float | None = None,
+         cpu_bandwidth: str | None = None, gpu_bandwidth: str | None = None) -> MemoryPlan:
     """Plan an export of SOURCE for MEMORY without writing the model.
 
     SOURCE may also be a config.json (or a folder with one and no weights): the plan is then
@@ -89,17 +134,27 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     tradeoff: list = []
     if looks_like_repo_id(source):
         source = str(fetch_config(source))
+    calib_path = None
+    setup = _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth)
     if is_config_only(source):
-        from .planning.from_config import plan_from_config
+        from .planning.from_config import plan_from_config, read_config
 
-        p = plan_from_config(source, memory, ctx, kv_type, reserve, type)
-        calib_path = None
+        adapter = adapter_for(read_config(source))
+        budget, solver = None, mp_solve
+        if setup:
+            budget, solver = setup.placed(adapter, memory, ctx, kv_type, reserve)
+        p = plan_from_config(source, memory, ctx, kv_type, reserve, type, budget=budget,
+                             solver=solver)
     else:
         model = pipeline.open_model(source)
-        budget = pipeline.make_budget(model.adapter, memory, ctx, kv_type, reserve)
+        adapter = model.adapter
+        budget, solver = _budget(model, memory, ctx, kv_type, reserve, setup)
         calib, calib_path = pipeline.load_stats(model, stats, imatrix, calib_text)
-        p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune)
-    _show_plan(p, tradeoff)
+        p, tradeoff = pipeline.make_plan(model, budget, type, stats=calib, prune=not no_prune,
+                                         solver=solver)
+    _show_plan(p, tradeoff, adapter)
+    if p.devices:
+        print(f"\nrun the exported file with: {report.llama_server_command('MODEL.gguf', p)}")
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
     if calib_path and not is_config_only(source) and calib.in_cov:
@@ -118,14 +173,16 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
 def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
               max_tokens: int | None = None, no_sensitivity: bool = False,
-              cov_budget: str = "1GiB") -> None:
+              cov_budget: str = "1GiB", max_disk: str | None = None,
+              threads: int | None = None) -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from .calibration import collect as cal
 
     out = output or f"{Path(source).name}.stats.gguf"
     stats = cal.calibrate(source, text=text, output=out, calib_model=calib_model, n_ctx=ctx,
                           max_tokens=max_tokens, sensitivity=not no_sensitivity,
-                          cov_budget=parse_size(cov_budget))
+                          cov_budget=parse_size(cov_budget), threads=threads,
+                          max_disk=parse_size(max_disk) if max_disk else None)
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -133,6 +190,15 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
 def inspect(file: str) -> None:
     """Show a GGUF file's tensor types and bits per weight by layer and tensor kind."""
     print(report.inspect_gguf(file))
+
+
+def card(file: str, validation: str | None = None, output_dir: str | None = None) -> None:
+    """Write a model card (README.md), the plan's heatmap and an ollama Modelfile beside
+    FILE (an edgemoe export; the first file of a split one)."""
+    from .report.card import write_card
+
+    for p in write_card(file, validation, output_dir):
+        print(f"wrote {p}")
 
 
 def validate(file: str, reference: str | None = None, text: str | None = None,
@@ -198,6 +264,18 @@ def chat(file: str, top_any: str | None = None, system: str | None = None,
     return messages
 
 
+def serve(file: str, host: str = serving.DEFAULT_HOST, port: int = serving.DEFAULT_PORT,
+          top_any: str | None = None, ctx: int = 4096, threads: int | None = None,
+          alias: str | None = None, api_key: str | None = None) -> None:
+    """Serve FILE over an OpenAI-compatible HTTP API (llama-cpp-python's server) with its
+    top-any thresholds active; experts per token in each response's usage and at /metrics."""
+    app = serving.create_app(file, top_any, ctx, threads, alias, api_key)
+    print(f"edgemoe: serving {file} ({serving.thresholds_summary(app)}) at "
+          f"http://{host}:{port}/v1; experts per token in each response's usage and at "
+          "/metrics", flush=True)
+    serving.run(app, host, port)
+
+
 def _log_expert_use(llm) -> None:
     if llm.dropper is not None:
         u = llm.expert_use
@@ -256,6 +334,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="a llama.cpp importance matrix (.gguf or legacy .dat)")
         sp.add_argument("--calib-text", default=None, help="calibrate on this text file first")
         sp.add_argument("--no-prune", action="store_true", help="keep every expert")
+        sp.add_argument("--gpu-memory", dest="gpu_memory", action="append", default=None,
+                        metavar="SIZE", help="a GPU's memory beside --memory (system RAM): "
+                        "plan types and placement together, print the llama-server offload "
+                        "flags; several GPUs: 24GB,24GB or the flag repeated (experts are "
+                        "not pruned in these plans)")
+        sp.add_argument("--min-tps", dest="min_tps", type=float, default=None,
+                        help="with --gpu-memory: the best plan decoding at least this many "
+                             "tokens/s, estimated from bytes read per token and bandwidths")
+        sp.add_argument("--cpu-bandwidth", dest="cpu_bandwidth", default=None,
+                        metavar="SIZE", help="system RAM read bandwidth per second "
+                        "(default 60GB)")
+        sp.add_argument("--gpu-bandwidth", dest="gpu_bandwidth", default=None,
+                        metavar="SIZE", help="GPU memory bandwidth per second (default 900GB)")
 
     e = sub.add_parser("export", help="export a model as a GGUF that fits the memory cap")
     budget_flags(e)
@@ -265,10 +356,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
                    help="write this plan (from `edgemoe plan -o`) instead of planning again")
     e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
-                   help="per row, keep the best of this many ggml quantizations by output "
-                        "error, where the stats hold input covariances (default "
-                        f"{pipeline.DEFAULT_SEARCH}: export takes about that many times "
-                        "longer to quantize; 0 writes what llama-quantize writes)")
+                   help="ggml quantizations a row may get, keeping the one with the least "
+                        "output error, where the stats hold input covariances (default "
+                        f"{pipeline.DEFAULT_SEARCH}: the rows whose errors line up with the "
+                        "inputs' correlations get a second one, corrected by GPTQ-style "
+                        "error feedback; about twice the quantizing time; more: every row, "
+                        "slower; 0 writes what llama-quantize writes)")
+    e.add_argument("--split-max-size", dest="split_max_size", default=None, metavar="SIZE",
+                   help="write llama.cpp's split layout (OUT-00001-of-0000N.gguf ...), each "
+                        "file at most SIZE (e.g. 50GB, the Hub's limit); llama.cpp loads the "
+                        "first file")
+    e.add_argument("--shard", default=None, metavar="i/N",
+                   help="with --split-max-size, write only file i of N (one process per "
+                        "file, e.g. a job array; give every process the same --plan)")
     pl = sub.add_parser("plan", help="plan an export without writing it")
     budget_flags(pl)
     pl.add_argument("-o", "--output", help="write the plan JSON (and a heatmap .png) here")
@@ -277,7 +377,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (default: shipped text)")
     c.add_argument("-o", "--output", default=None, help="stats file (default SOURCE.stats.gguf)")
     c.add_argument("--calib-model", default=None,
-                   help="run this GGUF of the model instead of writing a temporary Q8_0")
+                   help="run this GGUF of the model (an HF source is otherwise run as an "
+                        "intermediate GGUF written beside the output; a GGUF source as it is)")
     c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     c.add_argument("--no-sensitivity", action="store_true",
@@ -288,9 +389,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "
-                        "shared by a layer's experts (gate/up only), else none (default 1GiB)")
+                        "shared by a layer's experts (gate/up, shared expert), as many as fit, "
+                        "those serving the most weights per byte first (default 1GiB)")
+    c.add_argument("--max-disk", default=None,
+                   help="disk an HF source's intermediate GGUF and the checkpoint may take: "
+                        "the most faithful that fits is run (Q8_0, then experts lower, ...; "
+                        "default 90%% of the free space beside the output)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads and workers adding up the statistics (default: "
+                        "every core)")
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("file")
+    cd = sub.add_parser("card", help=card.__doc__, description=card.__doc__)
+    cd.add_argument("file")
+    cd.add_argument("--validation", metavar="REPORT.json",
+                    help="an `edgemoe validate --json` report of FILE, shown in the card")
+    cd.add_argument("--output-dir", dest="output_dir", default=None,
+                    help="folder to write into (default: FILE's)")
 
     def top_any_flag(p):
         p.add_argument("--top-any", dest="top_any", default=None, metavar="SPEC",
@@ -337,6 +452,18 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--ctx", type=int, default=4096)
     threads_flag(ch)
 
+    sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    sv.add_argument("file")
+    sv.add_argument("--host", default=serving.DEFAULT_HOST,
+                    help="address to listen on (default %(default)s: this machine only)")
+    sv.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="default %(default)s")
+    top_any_flag(sv)
+    sv.add_argument("--ctx", type=int, default=4096, help="context length (default 4096)")
+    sv.add_argument("--alias", default=None, help="model id in /v1/models (default: file name)")
+    sv.add_argument("--api-key", dest="api_key", default=None,
+                    help="require this bearer key on every request")
+    threads_flag(sv)
+
     k = sub.add_parser("calibrate-top-any", help=calibrate_top_any.__doc__,
                        description=calibrate_top_any.__doc__)
     k.add_argument("file")
@@ -358,8 +485,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect,
-         "validate": validate, "run": run, "chat": chat, "calibrate-top-any": calibrate_top_any}
+VERBS = {"export": export, "plan": plan, "calibrate": calibrate, "inspect": inspect, "card": card,
+         "validate": validate, "run": run, "chat": chat, "serve": serve,
+         "calibrate-top-any": calibrate_top_any}
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.metadata
 import logging
@@ -144,6 +145,69 @@ def open_llama(path: str | Path, n_ctx: int = 512, f32_kv: bool = False,
         )
 
 
+class SimulationError(RuntimeError):
+    """llama.cpp could not load a header (its architecture or a key it needs) or refused the
+    context; the message has llama.cpp's own last log lines."""
+
+
+class ContextRefusedError(SimulationError):
+    """llama.cpp loads the model but refuses the context asked (a quantized V cache without
+    flash attention, different K and V types with MLA, ...): the file would not run so."""
+
+
+@contextmanager
+def simulated_context(path: str | Path, **context_fields) -> Iterator[tuple[int, int]]:
+    """(model, context) pointers of a GGUF opened with `no_alloc`: llama.cpp reads the
+    header, plans every buffer (weights, KV cache, recurrent state, compute) as it would for
+    a real load with edgemoe's load policy, and allocates none; tensor data is never read
+    (common/fit.cpp measures memory the same way). `context_fields` set
+    llama_context_params fields (n_ctx, n_batch, n_ubatch, flash_attn_type, type_k, ...)."""
+    import ctypes
+
+    import llama_cpp
+
+    check_version()
+    llama_cpp.llama_backend_init()
+    logs: list[str] = []
+    kept = [False]
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):  # keep llama.cpp's reasons for a refusal
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+            kept[0] = level == 4  # GGML_LOG_LEVEL_ERROR (ggml.h: WARN 3, ERROR 4)
+        if kept[0]:
+            logs.append(text.decode(errors="replace"))
+
+    params = model_params(no_alloc=True, n_gpu_layers=0,
+                          load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE)
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    model = ctx = None
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise SimulationError("llama.cpp cannot load it: " + _last(logs))
+        cparams = llama_cpp.llama_context_default_params()
+        for k, v in context_fields.items():
+            setattr(cparams, k, v)
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ContextRefusedError("llama.cpp refuses this context: " + _last(logs))
+        yield model, ctx
+    finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        if model:
+            llama_cpp.llama_model_free(model)
+        from llama_cpp._logger import llama_log_callback
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+
+
+def _last(logs: list[str], n: int = 3) -> str:
+    lines = [x.strip() for x in "".join(logs).splitlines() if x.strip()]
+    return " | ".join(lines[-n:]) or "no message"
+
+
 def tokenize(model, text: str, max_tokens: int | None = None) -> list[int]:
     """llama.cpp's tokens for `text` (no BOS, special tokens as text), the first `max_tokens`
     if given. `model`: an open `llama_cpp.Llama`, a GGUF file (its vocabulary alone is
@@ -226,3 +290,48 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str = "Q8_0",
                                         ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) failed with {rc}")
+
+
+class _BuftOverride(ctypes.Structure):
+    """`struct llama_model_tensor_buft_override` (llama.h; the binding types the field as
+    a bare pointer)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def tensors_moved_to_cpu(path: str | Path, patterns: Sequence[str]) -> set[str]:
+    """The tensors llama.cpp moves to the CPU when `path` is loaded with these
+    `--override-tensor PATTERN=CPU` patterns: read from llama.cpp's own loader (its
+    "buffer type overridden" log lines), with no weights allocated (`no_alloc`)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    cpu = ctypes.CDLL(str(lib))
+    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    buft = cpu.ggml_backend_cpu_buffer_type()
+    encoded = [p.encode() for p in patterns]  # kept alive while llama.cpp reads them
+    overrides = (_BuftOverride * (len(encoded) + 1))()  # NULL-terminated
+    for i, p in enumerate(encoded):
+        overrides[i].pattern = p
+        overrides[i].buft = buft
+    moved: set[str] = set()
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        m = re.match(rb"tensor (\S+) \(.*\) buffer type overridden to", text or b"")
+        if m:
+            moved.add(m.group(1).decode())
+
+    with _params_lock:
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+        try:
+            params = model_params(tensor_buft_overrides=ctypes.cast(overrides, ctypes.c_void_p),
+                                  no_alloc=True, load_mode=0)  # as common/fit.cpp: LOAD_MODE_NONE
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            if not model:
+                raise RuntimeError(f"{path}: llama.cpp could not load it with the overrides")
+            llama_cpp.llama_model_free(model)
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return moved

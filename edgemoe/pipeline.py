@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,9 @@ import numpy as np
 import memory_planner as mp
 from export.arch import Adapter, TensorRecipe, adapter_for_source
 from export.options import export_options
-from export.quantize import DEFAULT_SEARCH
+from export.search import DEFAULT_SEARCH
 from export.source import GGUFSource, HFSource, open_source
+from export.split import SplitSpec
 from export.writer import write_gguf
 from memory_planner.joint import keep_grid, solve_joint
 from memory_planner.stats import CalibStats
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CTX = 4096
 DEFAULT_KV_TYPE = "f16"
+# llama-cpp-python's defaults, which edgemoe's runtime uses; the printed llama-server
+# command passes them explicitly (llama-server's own are -b 2048 -fa auto -np 4)
+DEFAULT_N_BATCH = 512
+DEFAULT_N_UBATCH = 512
 
 
 @dataclass
@@ -58,32 +63,70 @@ def open_model(path: str | Path) -> Model:
 
 
 def make_budget(adapter: Adapter, memory: str | int, ctx: int = DEFAULT_CTX,
-                kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0) -> mp.Budget:
-    """The cap with the KV cache, compute buffers and reserve that must fit beside weights."""
-    return mp.Budget(
-        cap_bytes=mp.parse_size(memory),
-        kv_bytes=adapter.kv_bytes(ctx, kv_type),
-        compute_bytes=adapter.compute_bytes(ctx),
-        reserve_bytes=mp.parse_size(reserve),
-        ctx=ctx,
-        kv_type=kv_type,
-    )
+                kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
+                n_batch: int = DEFAULT_N_BATCH, n_ubatch: int = DEFAULT_N_UBATCH,
+                flash_attn: bool | None = None, simulate: bool = True) -> mp.Budget:
+    """The cap with the KV cache, compute and output buffers and reserve that must fit
+    beside the weights, for a context of `ctx` tokens at `kv_type`, batches of
+    `n_batch`/`n_ubatch` tokens and flash attention on or off (None: on only for a quantized
+    KV cache, which llama.cpp requires it for; edgemoe's runtime and the llama-server command
+    it prints use the same). A context llama.cpp refuses raises ContextRefusedError.
+
+    The buffers are llama.cpp's own allocation, simulated without weights from the header of
+    the file the adapter would write (`runtime.simulate`); where the pinned llama.cpp cannot
+    load the architecture (or `simulate` is False) the adapter's formulas stand in, and
+    `memory_source` says so. Buffers do not depend on the weight types (llama.cpp allocates
+    the same context and compute bytes for F16 and Q4_0 weights: BENCHMARKS.md), and
+    pruning only shrinks them, so one simulation with all experts holds for every plan.
+    """
+    from .llamacpp import ContextRefusedError
+    from .runtime.simulate import SimulationError, simulate_allocation
+
+    if flash_attn is None:
+        flash_attn = kv_type.lower() not in ("f32", "f16", "bf16")
+    n_batch = min(ctx, n_batch)
+    common = dict(cap_bytes=mp.parse_size(memory), reserve_bytes=mp.parse_size(reserve),
+                  ctx=ctx, kv_type=kv_type, n_batch=n_batch,
+                  n_ubatch=min(n_batch, n_ubatch), flash_attn=flash_attn)
+    why = "not asked"
+    if simulate:
+        try:
+            a = simulate_allocation(adapter, ctx=ctx, kv_type=kv_type, n_batch=n_batch,
+                                    n_ubatch=n_ubatch, flash_attn=flash_attn)
+            return mp.Budget(kv_bytes=a.context, compute_bytes=a.compute,
+                             output_bytes=a.output, memory_source="llama.cpp", **common)
+        except ContextRefusedError:
+            raise
+        except SimulationError as e:
+            why = str(e)
+            log.warning("llama.cpp could not simulate %s's memory (%s): formulas stand in",
+                        adapter.arch_name, why)
+    return mp.Budget(kv_bytes=adapter.kv_bytes(ctx, kv_type),
+                     compute_bytes=adapter.compute_bytes(ctx, n_ubatch),
+                     output_bytes=4 * adapter.n_vocab,
+                     memory_source=f"formula ({why})", **common)
 
 
 def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
               ladder: Sequence[str] | None = None, stats: CalibStats | None = None,
-              prune: bool = True, progress: bool = True) -> tuple[mp.MemoryPlan, list]:
+              prune: bool = True, progress: bool = True,
+              solver=mp.solve) -> tuple[mp.MemoryPlan, list]:
     """A forced single-type plan (`type_name`), or the least-damage plan under the budget.
+    `solver` plans one keep count (a GPU + CPU plan passes edgemoe.planning.gpu's).
 
     With calibration statistics that include expert saliency and a measured pruning scale
     (sensitivity probes), and `prune`, expert pruning is weighed against bits: returns the
     plan and the keep-count trade-off it explored.
     """
     if type_name is not None:
+        if solver is not mp.solve:
+            raise ValueError("--type makes a one-type plan: it cannot be placed on devices")
         return mp.uniform_plan(model.specs, type_name, budget), []
-    if ladder is None:
-        ladder = mp.DEFAULT_LADDER + (mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
     adapter = model.adapter
+    if ladder is None:
+        ladder = mp.quant_types.with_types(
+            mp.DEFAULT_LADDER, adapter.extra_types) + (
+            mp.quant_types.IMATRIX_LADDER_EXTRA if stats else ())
     grid = [adapter.n_expert]
     # pruning is weighed only when probes measured its cost: without that scale the
     # energy-share estimate over-prunes (BENCHMARKS.md, "calibrated, no probes")
@@ -96,12 +139,17 @@ def make_plan(model: Model, budget: mp.Budget, type_name: str | None = None,
     if stats is not None:
         damage = damage.scaled(stats.scales)
     if len(grid) == 1:
-        plan = mp.solve(model.specs, damage.table(model.specs), budget, ladder=ladder,
-                        damage_model=damage.model)
-        return plan, []
-    return solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert, stats, budget,
-                       grid, ladder=ladder, damage_model=damage.model,
-                       prune_scale=_prune_scale(stats), n_groups=adapter.n_expert_groups)
+        plan, tradeoff = solver(model.specs, damage.table(model.specs), budget, ladder=ladder,
+                                damage_model=damage.model), []
+    else:
+        plan, tradeoff = solve_joint(adapter.tensor_specs, damage.dense, damage.per_expert,
+                                     stats, budget, grid, ladder=ladder,
+                                     damage_model=damage.model,
+                                     prune_scale=_prune_scale(stats),
+                                     n_groups=adapter.n_expert_groups, solver=solver)
+    if stats is not None and stats.source is not None:  # how far the statistics' model is
+        plan = replace(plan, calibration=stats.source.describe())
+    return plan, tradeoff
 
 
 def _prune_scale(stats: CalibStats) -> float:
@@ -116,20 +164,20 @@ def _prune_scale(stats: CalibStats) -> float:
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
            reuse: str | Path | None = None, search: int = DEFAULT_SEARCH,
-           search_seed: int = 0) -> Path:
+           split: SplitSpec | None = None) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
-    are copied. Where `stats` hold input covariances and `search` > 1, each row is the best
-    of `search` ggml quantizations by output error (export.quantize.quantize_rows_searched);
-    `search` 0 or 1 writes what llama-quantize writes with the same imatrix. `search_seed`
-    fixes the search's random candidates (the same seed, the same bytes)."""
+    are copied. Where `stats` hold input covariances and `search` > 1, rows get up to
+    `search` ggml quantizations, the later ones corrected by error feedback, and keep the
+    one with the least output error (export.search.quantize_rows_searched); `search` 0 or
+    1 writes what llama-quantize writes with the same imatrix. `split`: llama.cpp's split
+    files (`export.split`); returns the first file's path (or the shard's)."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
     options = export_options(stats, model.recipes, recipes, kept, search=search,
-                             search_seed=search_seed, reuse=reuse, threads=threads,
-                             progress=progress)
+                             reuse=reuse, threads=threads, progress=progress, split=split)
 
     def metadata(w) -> None:
         w.add_name(source.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from memory_planner.stats import CalibStats, ExpertStats
+from memory_planner.stats import CalibSource, CalibStats, ExpertStats
 
 from .gguf_check import check_gguf
 from .gguf_io import atomic_output
@@ -28,6 +28,13 @@ KV_SCALE_NAMES = "edgemoe.sensitivity.names"
 KV_SCALES = "edgemoe.sensitivity.scales"
 KV_PRUNE_SCALE = "edgemoe.sensitivity.prune_scale"
 COV_SUFFIX = ".edgemoe_in_cov"
+# tensors whose covariance is another's (one input read by both): names, and whose
+KV_COV_ALIASES = "edgemoe.cov.alias_names"
+KV_COV_OWNERS = "edgemoe.cov.alias_owners"
+# the model the statistics were measured on (CalibSource)
+KV_SOURCE_TYPES = "edgemoe.calib.model_types"
+KV_SOURCE_BPW = "edgemoe.calib.model_bpw"
+KV_SOURCE_FIDELITY = "edgemoe.calib.fidelity"
 _EXPERT_FIELDS = ("selected", "weight_sum", "saliency_sum", "energy_sum")
 
 
@@ -51,13 +58,27 @@ def write_stats(stats: CalibStats, path: str | Path, chunk_size: int = 0) -> Pat
         w.add_array(KV_SCALES, [float(stats.scales[n]) for n in names])
     if stats.prune_scale is not None:
         w.add_float64(KV_PRUNE_SCALE, float(stats.prune_scale))
+    if stats.source is not None:
+        w.add_string(KV_SOURCE_TYPES, stats.source.types)
+        w.add_float64(KV_SOURCE_BPW, float(stats.source.bpw))
+        w.add_string(KV_SOURCE_FIDELITY, stats.source.fidelity)
+    # a covariance shared by several tensors (the same array object) is stored once
+    owners: dict[int, str] = {}
+    for name in sorted(stats.in_cov):
+        if name in stats.in_sum2:
+            owners.setdefault(id(stats.in_cov[name]), name)
+    aliases = {n: owners[id(c)] for n, c in stats.in_cov.items()
+               if n in stats.in_sum2 and owners[id(c)] != n}
+    if aliases:
+        w.add_array(KV_COV_ALIASES, sorted(aliases))
+        w.add_array(KV_COV_OWNERS, [aliases[n] for n in sorted(aliases)])
     for name in sorted(stats.in_sum2):
         s = np.asarray(stats.in_sum2[name], dtype=np.float32)
         s = s.reshape(len(stats.counts[name]), -1)
         w.add_tensor(f"{name}.in_sum2", s)
         w.add_tensor(f"{name}.counts",
                      np.asarray(stats.counts[name], dtype=np.float32).reshape(-1, 1))
-        if name in stats.in_cov:  # llama.cpp's loader skips tensors of other suffixes
+        if name in stats.in_cov and name not in aliases:  # llama.cpp skips these
             w.add_tensor(f"{name}{COV_SUFFIX}", np.asarray(stats.in_cov[name], np.float32))
     for layer in sorted(stats.experts):
         e = stats.experts[layer]
@@ -114,6 +135,14 @@ def _read_gguf(path: Path) -> CalibStats:
     names, values = r.get_field(KV_SCALE_NAMES), r.get_field(KV_SCALES)
     scales = dict(zip(names.contents(), values.contents())) if names and values else {}
     ps = r.get_field(KV_PRUNE_SCALE)
+    alias_names, alias_owners = r.get_field(KV_COV_ALIASES), r.get_field(KV_COV_OWNERS)
+    if alias_names and alias_owners:
+        for name, owner in zip(alias_names.contents(), alias_owners.contents()):
+            if owner in in_cov:
+                in_cov[name] = in_cov[owner]  # one array, as calibration made it
+    st, sb, sf = (r.get_field(k) for k in (KV_SOURCE_TYPES, KV_SOURCE_BPW, KV_SOURCE_FIDELITY))
+    source = (CalibSource(str(st.contents()), float(sb.contents()), str(sf.contents()))
+              if st and sb and sf else None)
     n_tokens = int(nt.contents()) if nt is not None else int(
         max((c.max() for c in counts.values()), default=0))
     return CalibStats(
@@ -126,6 +155,7 @@ def _read_gguf(path: Path) -> CalibStats:
         scales={k: float(v) for k, v in scales.items()},
         prune_scale=float(ps.contents()) if ps is not None else None,
         in_cov={k: v for k, v in in_cov.items() if k in in_sum2},
+        source=source,
     )
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from memory_planner.stats import CalibStats
 
 from .arch.base import TensorRecipe
-from .quantize import DEFAULT_SEARCH
+from .search import DEFAULT_SEARCH
+from .split import SplitSpec
 
 
 @dataclass(frozen=True)
@@ -27,29 +28,30 @@ class ExportOptions:
     n_expert x n_per_row for the experts the file keeps). `covariance` maps a tensor name to
     its inputs' second moments ((n_blocks, B, B), or one per kept expert; an expert tensor's
     single one is shared, each expert scaling its correlations by its own imatrix row); with
-    `search` > 1 those tensors' rows are each the best of `search` ggml quantizations by
-    output error (`export.search.quantize_rows_searched`, whose random candidates
-    `search_seed` fixes). `reuse` is an earlier export of the same source with the same
-    statistics: tensors it holds with the same name, shape and type are copied from it
-    instead of being read and quantized again (the sensitivity probes change one group of
-    tensors at a time). `threads`: quantizing workers (None: `default_threads()`).
+    `search` > 1 those tensors' rows get up to `search` ggml quantizations and keep the one
+    with the least output error (`export.search.quantize_rows_searched`). `reuse` is an
+    earlier export of the same source with the same statistics: tensors it holds with the
+    same name, shape and type are copied from it instead of being read and quantized again
+    (the sensitivity probes change one group of tensors at a time). `threads`: quantizing
+    workers (None: `default_threads()`). `split`: write llama.cpp's split layout, or one
+    file of it (`export.split.SplitSpec`).
     """
 
     imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
     covariance: Mapping[str, np.ndarray] = field(default_factory=dict)
     search: int = DEFAULT_SEARCH
-    search_seed: int = 0
     reuse: str | Path | None = None
     threads: int | None = None
     progress: bool = True
+    split: SplitSpec | None = None
 
 
 def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
                    recipes: Sequence[TensorRecipe],
                    kept: Mapping[int, Sequence[int]] | None = None, *,
-                   search: int = DEFAULT_SEARCH, search_seed: int = 0,
+                   search: int = DEFAULT_SEARCH,
                    reuse: str | Path | None = None, threads: int | None = None,
-                   progress: bool = True) -> ExportOptions:
+                   progress: bool = True, split: SplitSpec | None = None) -> ExportOptions:
     """The options for writing `recipes` (the file's tensors, experts pruned as `kept` says:
     layer -> source expert ids) of a model whose unpruned tensors are `full`.
 
@@ -71,4 +73,4 @@ def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
             if cov is not None:
                 cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
                 covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
-    return ExportOptions(imatrix, covariance, search, search_seed, reuse, threads, progress)
+    return ExportOptions(imatrix, covariance, search, reuse, threads, progress, split)

@@ -3,15 +3,13 @@
 gguf-py can produce only a few types, so we call `ggml_quantize_chunk` in the
 `libggml-base` that llama-cpp-python ships (the same code llama-quantize runs) through
 ctypes (`export.ggml` loads it). ctypes releases the GIL during the call, so a
-ThreadPoolExecutor quantizes row chunks and expert slices in parallel. Reading back goes
-through `gguf.quants.dequantize`.
+ThreadPoolExecutor quantizes row chunks and expert slices in parallel. `dequantize` reads
+back through `gguf.quants.dequantize`; the search reads back with ggml's own dequantizer.
 
 Every quantizer in ggml works row by row (each row sees only its own values and the
 imatrix), so splitting a matrix into row chunks never changes the bytes.
 
-`quantize_rows_searched` goes one step further than llama-quantize: it runs ggml's quantizer
-with several column weightings and keeps, per row, the result with the least output error
-under the inputs' measured covariance. The bytes are still ggml's, of the same type.
+The output-error search that improves these bytes lives in export/search.py.
 """
 
 from __future__ import annotations
@@ -277,93 +275,3 @@ def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None 
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den
-
-
-# ---------------------------------------------------------------------------------------------
-# Output-error search: the same format, better bytes
-# ---------------------------------------------------------------------------------------------
-
-COV_BLOCK = 256  # covariance is kept in diagonal blocks of this many columns (a super-block)
-DEFAULT_SEARCH = 16
-
-
-def cov_block(n_per_row: int) -> int | None:
-    """The covariance block for rows of this length, None when none is kept."""
-    if n_per_row % COV_BLOCK == 0:
-        return COV_BLOCK
-    return n_per_row if n_per_row < COV_BLOCK else None
-
-
-def output_error(data: np.ndarray, raw: np.ndarray, type_name: str,
-                 cov: np.ndarray) -> np.ndarray:
-    """Per row, the mean squared output error (w - q)^T C (w - q) of quantized `raw`.
-
-    `cov` (n_blocks, B, B) is the inputs' second moment in diagonal blocks of B columns.
-    """
-    w = _as_rows(data, 2).astype(np.float64)
-    return _output_error(w, raw, type_name, cov.astype(np.float64))
-
-
-def _output_error(w: np.ndarray, raw: np.ndarray, type_name: str,
-                  cov: np.ndarray) -> np.ndarray:
-    """`output_error` for float64 `w` and `cov`."""
-    err = dequantize(raw, type_name, w.shape).astype(np.float64) - w
-    nb, b = cov.shape[0], cov.shape[-1]
-    err = err.reshape(len(w), nb, b).transpose(1, 0, 2)  # (blocks, rows, B)
-    return np.einsum("krj,krj->r", np.matmul(err, cov), err)
-
-
-def scaled_correlation(cov: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
-    """One expert's covariance estimated from the experts' shared one (n_blocks, B, B): its
-    correlations, scaled by this expert's mean squared inputs (`imatrix`, one per column)."""
-    nb, b = cov.shape[0], cov.shape[-1]
-    c = cov.astype(np.float64)
-    d = np.sqrt(np.maximum(np.diagonal(c, axis1=1, axis2=2), 1e-30))  # (nb, B)
-    s = np.sqrt(np.maximum(np.asarray(imatrix, np.float64), 0.0)).reshape(nb, b) / d
-    return (c * s[:, :, None] * s[:, None, :]).astype(np.float32)
-
-
-def _search_weights(imatrix: np.ndarray, tries: int, seed: int) -> list[np.ndarray]:
-    """The `tries - 1` column weightings for ggml's quantizer tried after the imatrix
-    itself: powers of it, flat and smoothed versions, then random log-normal perturbations
-    (fixed by `seed`)."""
-    im = np.maximum(imatrix.astype(np.float64), 1e-30)
-    im = im / im.mean()
-    out = [im ** a for a in (0.5, 0.75, 1.25, 1.5, 2.0)] + [np.ones_like(im), im + 1.0]
-    rng = np.random.default_rng(seed)
-    while len(out) < tries - 1:
-        out.append(im * np.exp(rng.normal(0.0, 0.5, im.shape)))
-    return [np.ascontiguousarray(x, dtype=np.float32) for x in out[:max(0, tries - 1)]]
-
-
-def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray | None,
-                           cov: np.ndarray, tries: int = DEFAULT_SEARCH,
-                           seed: int = 0) -> np.ndarray:
-    """Like `quantize_rows`, but each row is the best of `tries` ggml quantizations.
-
-    ggml's quantizers minimise an importance-weighted error that treats the input columns as
-    independent. Quantizing each row with `tries` column weightings (the imatrix first) and
-    keeping, per row, the candidate with the least output error under the inputs' measured
-    covariance `cov` (n_blocks, B, B) gives bytes of the same type that llama.cpp runs as
-    any other, never worse on that error than plain `quantize_rows` with the imatrix. Rows
-    are chosen independently, so the bytes do not depend on how rows are split into calls.
-    """
-    t = checked_type(type_name)
-    src = _as_rows(data, 2)
-    n_rows, n_per_row = src.shape
-    b = cov_block(n_per_row)
-    if b is None or cov.shape != (n_per_row // b, b, b):
-        raise QuantizeError(f"covariance shape {cov.shape} does not fit rows of {n_per_row}")
-    base = np.ones(n_per_row, np.float32) if imatrix is None else _check_imatrix(
-        imatrix, n_per_row, t.name)
-    w, c = src.astype(np.float64), cov.astype(np.float64)
-    # the first candidate is exactly what quantize_rows writes
-    best_raw = quantize_rows(src, t.name, imatrix).reshape(n_rows, -1)
-    best_err = _output_error(w, best_raw, t.name, c)
-    for weights in _search_weights(base, tries, seed):
-        raw = quantize_rows(src, t.name, weights).reshape(n_rows, -1)
-        err = _output_error(w, raw, t.name, c)
-        better = err < best_err
-        best_raw[better] = raw[better]
-        best_err = np.where(better, err, best_err)
-    return best_raw.reshape(-1)

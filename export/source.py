@@ -1,8 +1,9 @@
 """Read a model one tensor at a time: a Hugging Face directory or a GGUF file.
 
 Never loads the whole model: `load(name)` reads one tensor (or a few rows of its first axis)
-and returns float32. `HFSource` reads F32/F16/BF16 safetensors and FP8 (e4m3) weights with
-block scales (`weight_scale_inv`, as DeepSeek-V3 ships), dequantized on the fly;
+and returns float32. `HFSource` reads F32/F16/BF16 safetensors, FP8 (e4m3) weights with
+block scales (`weight_scale_inv`, as DeepSeek-V3 ships) and MXFP4 blocks with E8M0 scales
+(`_blocks` / `_scales`, as gpt-oss ships its experts), dequantized on the fly;
 `GGUFSource` reads F32/F16/BF16/Q8_0 GGUF files, the precisions model pages publish.
 `open_source(path)` picks one from the path.
 
@@ -46,6 +47,12 @@ class MissingFileError(SourceError):
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 _FP8_DTYPES = {"F8_E4M3"}
 _SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: "<weight name>_scale_inv"
+# MXFP4 (gpt-oss): "<name>_blocks" U8 [..., rows, n_blocks, 16] holds two 4-bit e2m1 codes a
+# byte (element 2i in the low nibble), "<name>_scales" U8 [..., rows, n_blocks] one E8M0
+# exponent (bias 127) per block of 32 along the row
+_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                  -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
 def open_source(path: str | Path) -> HFSource | GGUFSource:
@@ -61,7 +68,9 @@ class HFSource:
 
     FP8 weights (safetensors F8_E4M3, `quantization_config.weight_block_size` in config.json)
     are multiplied by their `<name>_scale_inv` block scales when loaded, exactly as llama.cpp's
-    converter does; the scale tensors themselves are not listed in `names`.
+    converter does; the scale tensors themselves are not listed in `names`. An MXFP4 pair is
+    listed under its `<name>_blocks` name and loads as float32 [..., rows, n_blocks * 32],
+    the checkpoint's own (out x in) orientation; `<name>_scales` is not listed.
     """
 
     kind = "hf"
@@ -77,7 +86,7 @@ class HFSource:
         self._files: dict[Path, SafetensorsFile] = {}  # headers read so far
         self._lock = threading.Lock()
         self._where = self._index_tensors()  # tensor name -> shard file
-        self._names = [n for n in self._where if not n.endswith(_SCALE_SUFFIX)]
+        self._names = [n for n in self._where if not self._folded(n)]
 
     @property
     def name(self) -> str:
@@ -127,7 +136,17 @@ class HFSource:
                        *self.path.glob("tokenizer.model")})
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where and not name.endswith(_SCALE_SUFFIX)
+        return name in self._where and not self._folded(name)
+
+    def _folded(self, name: str) -> bool:
+        """Scale tensors, read with the weights they scale (FP8 block scales, MXFP4 scales)."""
+        return name.endswith(_SCALE_SUFFIX) or (
+            name.endswith(_MXFP4_SCALES)
+            and name.removesuffix(_MXFP4_SCALES) + _MXFP4_BLOCKS in self._where)
+
+    def _is_mxfp4(self, name: str) -> bool:
+        return name.endswith(_MXFP4_BLOCKS) and (
+            name.removesuffix(_MXFP4_BLOCKS) + _MXFP4_SCALES in self._where)
 
     def _locate(self, name: str) -> tuple[SafetensorsFile, SafetensorsEntry]:
         try:
@@ -145,15 +164,20 @@ class HFSource:
                               "which does not hold it") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._locate(name)[1].shape
+        shape = self._locate(name)[1].shape
+        if self._is_mxfp4(name):  # [..., rows, n_blocks, 16 bytes] -> [..., rows, 32 n_blocks]
+            return (*shape[:-2], shape[-2] * 32)
+        return shape
 
     def dtype(self, name: str) -> str:
-        return self._locate(name)[1].dtype
+        return "MXFP4" if self._is_mxfp4(name) else self._locate(name)[1].dtype
 
     def load(self, name: str, rows: Rows = None) -> np.ndarray:
         """One tensor as a float32 numpy array; `rows` picks indices of its first axis, and
         only those rows are read from disk."""
         st, e = self._locate(name)
+        if self._is_mxfp4(name):
+            return self._load_mxfp4(name, rows)
         if e.dtype not in _FLOAT_DTYPES | _FP8_DTYPES:
             raise SourceError(f"{st.path}: tensor {name} is {e.dtype}; edgemoe reads F32, F16, "
                               "BF16 and block-scaled FP8 (e4m3) checkpoints")
@@ -170,6 +194,36 @@ class HFSource:
             pos += count * per_row
         if e.dtype in _FP8_DTYPES:
             out = self._dequantize_fp8(name, out, None if rows is None else row_ids(runs))
+        return out[0] if drop else out
+
+    def _raw_rows(self, name: str, rows: Rows) -> tuple[np.ndarray, bool]:
+        """Rows of the first axis of a U8 tensor, as stored."""
+        st, e = self._locate(name)
+        if e.dtype != "U8":
+            raise SourceError(f"{st.path}: MXFP4 tensor {name} is {e.dtype}, not U8")
+        runs, drop = row_runs(rows, e.shape[0])
+        per_row = math.prod(e.shape[1:])
+        out = np.empty((sum(c for _, c in runs), *e.shape[1:]), np.uint8)
+        flat, pos = out.reshape(-1), 0
+        for first, count in runs:
+            st.file.read_into(flat[pos:pos + count * per_row], e.offset + first * per_row)
+            pos += count * per_row
+        return out, drop
+
+    def _load_mxfp4(self, name: str, rows: Rows) -> np.ndarray:
+        """code value * 2^(scale - 127) for every 4-bit code: exact in float32."""
+        base = name.removesuffix(_MXFP4_BLOCKS)
+        blocks, drop = self._raw_rows(name, rows)
+        scales, _ = self._raw_rows(base + _MXFP4_SCALES, rows)
+        if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+            raise SourceError(f"MXFP4 {name} {blocks.shape[1:]} and {base}{_MXFP4_SCALES} "
+                              f"{scales.shape[1:]} do not pair as [..., n_blocks, 16] blocks "
+                              "and [..., n_blocks] scales")
+        out = np.empty((*blocks.shape[:-1], 32), np.float32)
+        out[..., 0::2] = _E2M1[blocks & 0x0F]
+        out[..., 1::2] = _E2M1[blocks >> 4]
+        out *= np.ldexp(np.float32(1), scales.astype(np.int32) - 127)[..., None]
+        out = out.reshape(*blocks.shape[:-2], -1)
         return out[0] if drop else out
 
     def _dequantize_fp8(self, name: str, weight: np.ndarray,

@@ -263,12 +263,14 @@ def _load_vocab(model_dir: Path) -> _Vocab:
                          f"tokenizer.model (SentencePiece); {_describe_files(model_dir)}")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path,
-                  vocab_size: int | None = None) -> TokenizerInfo:
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None = None,
+                  special_defaults: Mapping[str, str] | None = None) -> TokenizerInfo:
     """Write the tokenizer of the HF checkpoint in `model_dir` into `writer`'s metadata.
 
     `vocab_size` is the number of embedding rows: the vocabulary is padded up to it with
-    UNUSED "[PAD{i}]" tokens, as llama.cpp's converter does. Must run before the header is
+    UNUSED "[PAD{i}]" tokens, as llama.cpp's converter does. `special_defaults` names, by
+    content, special tokens (kind -> token) a family's converter sets where the tokenizer
+    files name none (GLM's [gMASK] BOS, say). Must run before the header is
     written. Raises TokenizerError when the tokenizer is missing or llama.cpp cannot run it.
     """
     if writer.state not in (WriterState.NO_FILE, WriterState.EMPTY):
@@ -302,6 +304,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path,
         # SpecialVocab only looks for it next to a tokenizer_config.json
         special.chat_template = template_file.read_text(encoding="utf-8")
     ids = _special_token_ids(model_dir, tokens, special.chat_template)
+    for typ, content in (special_defaults or {}).items():
+        if typ not in ids and content in first:
+            ids[typ] = first[content]
     # add_bos/add_eos: tokenizer_config.json's flags, else tokenizer.json's TemplateProcessing
     # (both read by SpecialVocab, in transformers' order), else the tokenizer class default.
     add = {"bos": vocab.default_add_bos, "eos": False, **special.add_special_token}

@@ -28,8 +28,18 @@ from memory_planner.types import MemoryPlan
 from .arch.base import TensorRecipe
 from .gguf_io import header_bytes, resumable_output
 from .options import ExportOptions
-from .quantize import default_threads, quantize_rows, quantize_rows_searched, scaled_correlation
+from .quantize import default_threads, quantize_rows
 from .reads import check_finite
+from .search import quantize_rows_searched, scaled_correlation
+from .split import (
+    SPLIT_COUNT,
+    SPLIT_KEYS_BYTES,
+    SPLIT_NO,
+    SPLIT_TENSORS,
+    SplitError,
+    split_layout,
+    split_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +119,7 @@ def _file_type(plan: MemoryPlan) -> int:
     main = max(by_type, key=by_type.__getitem__)
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
     ftype = names.get(main, f"MOSTLY_{main}")
-    for candidate in (ftype, f"{ftype}_M", f"{ftype}_S"):
+    for candidate in (ftype, f"{ftype}_M", f"{ftype}_S", f"{ftype}_MOE"):  # MXFP4: _MOE
         if candidate in gguf.LlamaFileType.__members__:
             return int(gguf.LlamaFileType[candidate])
     return int(gguf.LlamaFileType.GUESSED)
@@ -126,7 +136,8 @@ def write_gguf(
     options: ExportOptions,
 ) -> Path:
     """Write `recipes` quantized as `plan` says, as `options` say (statistics, search,
-    threads, reuse, progress: `export.options.ExportOptions`); returns the final path.
+    threads, reuse, progress, split: `export.options.ExportOptions`); returns the final path
+    (with a split, the first file's, or the shard's).
 
     `add_metadata` fills the KV section (hyperparameters, tokenizer, names).
     """
@@ -136,21 +147,54 @@ def write_gguf(
     if missing:
         raise ValueError(f"the plan has no type for {len(missing)} tensors: {missing[:5]}")
 
-    w = gguf.GGUFWriter(path=None, arch=arch_name)
-    add_metadata(w)
-    w.add_file_type(_file_type(plan))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string(PLAN_KEY, plan.to_json())
-    infos = []
-    for r in recipes:
-        tp = types[r.spec.name]
-        w.add_tensor_info(r.spec.name, r.spec.shape, np.dtype(np.float32), tp.nbytes,
-                          raw_dtype=qtype(tp.type))
-        infos.append((r.spec.name, tp.nbytes))
+    def header(part: range, split_no: int | None = None, n_split: int = 1) -> gguf.GGUFWriter:
+        w = gguf.GGUFWriter(path=None, arch=arch_name)
+        if not split_no:  # the whole file, or a split's first file: all metadata
+            add_metadata(w)
+            w.add_file_type(_file_type(plan))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            w.add_string(PLAN_KEY, plan.to_json())
+        if split_no is not None:
+            w.add_uint16(SPLIT_NO, split_no)
+            w.add_uint16(SPLIT_COUNT, n_split)
+            w.add_int32(SPLIT_TENSORS, len(recipes))
+        for r in (recipes[i] for i in part):
+            w.add_tensor_info(r.spec.name, r.spec.shape, np.dtype(np.float32),
+                              types[r.spec.name].nbytes, raw_dtype=qtype(types[r.spec.name].type))
+        return w
+
+    whole = range(len(recipes))
+    split = options.split
+    if split is None:
+        _write_file(out_path, header(whole), [recipes[i] for i in whole], source, types,
+                    options)
+        return out_path
+    bound = len(header_bytes(header(whole))) + SPLIT_KEYS_BYTES
+    parts = split_layout([r.spec.name for r in recipes],
+                         [types[r.spec.name].nbytes for r in recipes], split.max_bytes, bound,
+                         gguf.GGUFWriter(path=None, arch=arch_name).data_alignment)
+    paths = split_paths(out_path, len(parts))
+    todo = range(len(parts))
+    if split.shard is not None:
+        if split.n_shards != len(parts):
+            raise SplitError(f"--shard {split.shard}/{split.n_shards}: at "
+                             f"{split.max_bytes:,} bytes per file this model makes "
+                             f"{len(parts)} files, so N must be {len(parts)}")
+        todo = range(split.shard - 1, split.shard)
+    for i in todo:
+        _write_file(paths[i], header(parts[i], i, len(parts)),
+                    [recipes[j] for j in parts[i]], source, types, options)
+    return paths[todo[0]]
+
+
+def _write_file(out_path: Path, w: gguf.GGUFWriter, recipes: Sequence[TensorRecipe], source,
+                types: Mapping, options: ExportOptions) -> None:
+    """One GGUF file: the header of `w`, then the data of `recipes` (resumable)."""
+    infos = [(r.spec.name, types[r.spec.name].nbytes) for r in recipes]
 
     # the options the data loop below reads
     imatrix, covariance, reuse = options.imatrix, options.covariance, options.reuse
-    search, search_seed, progress = options.search, options.search_seed, options.progress
+    search, progress = options.search, options.progress
     threads = options.threads or default_threads()
     block = max([MIN_BLOCK_ELEMENTS] + [math.prod(r.spec.shape[1:]) for r in recipes
                                         if r.spec.n_experts])
@@ -163,7 +207,7 @@ def write_gguf(
         stream = _DataStream(fout, infos[first:], w.data_alignment)
         desc = f"writing {out_path.name}"
         if covariance and search > 1:  # tell why it takes longer than llama-quantize
-            desc += f" (best of {search} quantizations per row)"
+            desc += " (output-error search)"
         with ThreadPoolExecutor(threads) as pool, tqdm(
             total=total, initial=sum(n for _, n in infos[:first]), unit="B", unit_scale=True,
             desc=desc, disable=not progress,
@@ -176,7 +220,7 @@ def write_gguf(
                 if r.spec.name in copies:
                     chunks = _copied(reuse, *copies[r.spec.name], block)
                 else:
-                    quant = _quantizer(type_name, search, search_seed)
+                    quant = _quantizer(type_name, search)
                     chunks = _tensor_chunks(r, source, quant, im, cov, pool, threads, block)
                 for chunk in chunks:
                     stream.write(chunk)
@@ -185,13 +229,12 @@ def write_gguf(
                 stream.end()
         stream.close_check()
     log.info("wrote %s (%d bytes of tensor data)", out_path, total)
-    return out_path
 
 
 def _fingerprint(header: bytes, source, options: ExportOptions) -> dict[str, str]:
     """What decides the file's bytes besides its header, by part, so that a resumed export
     is byte-identical to an uninterrupted one and a changed input says what changed."""
-    from . import quantize
+    from . import quantize, search
     from .ggml import ggml_library_path
 
     def digest(*parts) -> str:
@@ -212,9 +255,10 @@ def _fingerprint(header: bytes, source, options: ExportOptions) -> dict[str, str
     return {
         "plan or metadata": digest(header),
         "source files": digest(*(identity(p) for p in source.files)),
-        "statistics or search": digest(options.search, options.search_seed, reuse,
+        "statistics or search": digest(options.search, reuse,
                                        arrays(options.imatrix), arrays(options.covariance)),
         "quantizer": digest(Path(quantize.__file__).read_bytes(),
+                            Path(search.__file__).read_bytes(),
                             identity(ggml_library_path())),
     }
 
@@ -245,7 +289,7 @@ def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np
             yield np.frombuffer(data, np.uint8)
 
 
-def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
+def _quantizer(type_name: str, search: int) -> Callable:
     """rows, imatrix, covariance -> bytes: ggml's quantization, searched where a covariance
     is given (float types are exact conversions: nothing to search)."""
     exact = type_name in ("F32", "F16", "BF16")
@@ -253,7 +297,7 @@ def _quantizer(type_name: str, search: int, seed: int = 0) -> Callable:
     def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
         if cov is None or exact:
             return quantize_rows(rows, type_name, im)
-        return quantize_rows_searched(rows, type_name, im, cov, search, seed)
+        return quantize_rows_searched(rows, type_name, im, cov, search)
     return quant
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .planner import BudgetTooSmallError, PlanError, solve
+from .planner import PlanError, solve
 from .quant_types import DEFAULT_LADDER
 from .stats import CalibStats
 from .types import Budget, MemoryPlan, TensorSpec
@@ -112,24 +112,26 @@ def solve_joint(
     damage_model: str = "calibrated",
     prune_scale: float = 1.0,
     n_groups: int = 1,
+    solver: Callable[..., MemoryPlan] = solve,
 ) -> tuple[MemoryPlan, list[TradeOff]]:
     """The least-damage (keep count, types) plan under `budget`, and the whole trade-off.
 
     `prune_scale` converts pruning damage (output-energy share) to the units of `dense` and
-    `per_expert` when those were rescaled (e.g. to measured KL divergence)."""
+    `per_expert` when those were rescaled (e.g. to measured KL divergence). `solver` makes
+    the plan of one keep count (`planner.solve`'s arguments; a GPU + CPU plan's differs)."""
     n_expert = max(s.n_experts for s in specs_for(grid[0]))
     best: MemoryPlan | None = None
     best_total = np.inf
     rows = []
-    smallest_error: BudgetTooSmallError | None = None
+    smallest_error: PlanError | None = None
     for n_keep in grid:
         kept = kept_by_saliency(stats, n_keep, n_groups) if n_keep < n_expert else None
         specs = specs_for(n_keep)
         table = damage_with_kept(specs, dense, per_expert, kept)
         prune = prune_scale * sum(pruning_damage(stats, kept).values()) if kept else 0.0
         try:
-            plan = solve(specs, table, budget, ladder=ladder, damage_model=damage_model)
-        except BudgetTooSmallError as exc:
+            plan = solver(specs, table, budget, ladder=ladder, damage_model=damage_model)
+        except PlanError as exc:
             smallest_error = exc
             rows.append(TradeOff(n_keep, False))
             continue

@@ -71,8 +71,8 @@ def _check_fits(min_weight_bytes: int, budget: Budget, what: str) -> None:
             f"memory cap {format_size(budget.cap_bytes)} is below the smallest {what}: "
             f"{format_size(need)} in all ({format_size(min_weight_bytes)} weights + "
             f"{format_size(budget.kv_bytes)} KV cache for {budget.ctx} tokens at {budget.kv_type} "
-            f"+ {format_size(budget.compute_bytes)} compute buffers + "
-            f"{format_size(budget.reserve_bytes)} reserve)",
+            f"+ {format_size(budget.compute_bytes + budget.output_bytes)} compute and output "
+            f"buffers + {format_size(budget.reserve_bytes)} reserve)",
             minimum_total_bytes=need,
         )
 

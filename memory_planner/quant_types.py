@@ -66,6 +66,23 @@ def legal_type(type_name: str, row_length: int) -> str:
     return t
 
 
+def bits_per_weight(type_name: str) -> float:
+    blck, size = GGML_QUANT_SIZES[qtype(type_name)]
+    return 8.0 * size / blck
+
+
+def with_types(ladder: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+    """`ladder` with the types of `extra` it lacks, each after the types of as many or more
+    bits per weight (a family's own candidates: gpt-oss's MXFP4 after IQ4_XS)."""
+    out = list(ladder)
+    for t in extra:
+        if t not in out:
+            bpw = bits_per_weight(t)
+            at = next((i for i, x in enumerate(out) if bits_per_weight(x) < bpw), len(out))
+            out.insert(at, t)
+    return tuple(out)
+
+
 def candidate_types(spec: TensorSpec, ladder: tuple[str, ...]) -> list[tuple[str, str]]:
     """(legal type, asked type) pairs for a tensor, deduplicated by legal type, ladder order."""
     if not spec.quantizable:

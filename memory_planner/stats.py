@@ -50,6 +50,22 @@ class ExpertStats:
 
 
 @dataclass(frozen=True)
+class CalibSource:
+    """The model the statistics were measured on, as far as it differs from the model:
+    its tensor types (`"Q8_0"`, `"Q3_K experts, Q8_0 others"`, ...), their bits per weight,
+    and the fidelity class measured for such a source (BENCHMARKS.md, issue 11): `exact`
+    (the model itself, or F32/F16/BF16), `near`, `close`, `coarse`, `rough` (importance
+    matrices off by < 1%, < 2.5%, < 5% and more, on average)."""
+
+    types: str
+    bpw: float
+    fidelity: str
+
+    def describe(self) -> str:
+        return f"measured on {self.types} ({self.bpw:.2f} bpw): fidelity {self.fidelity}"
+
+
+@dataclass(frozen=True)
 class CalibStats:
     """Everything calibration measured. Importance matrices are llama.cpp's: per tensor,
     the sum over calibration tokens of each input column squared (`in_sum2`, one row per
@@ -67,7 +83,9 @@ class CalibStats:
     # the inputs' second moments in diagonal blocks of B columns, summed over the same
     # tokens as `in_sum2` ((n_mat, n_blocks, B, B)); edgemoe's export searches quantizations
     # with them. Empty when not collected (llama.cpp imatrix files, over the size budget)
+    # tensors that read the same input (q/k/v, a layer's gate/up) share one array object
     in_cov: dict[str, np.ndarray] = field(default_factory=dict)
+    source: CalibSource | None = None  # what ran; None: not recorded (llama.cpp files)
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean squared input per column (n_mat x n_per_row): the quantizers' imatrix.

@@ -66,15 +66,38 @@ class Budget(_FlatRecord):
     """The memory cap and everything that must fit under it besides the weights."""
 
     cap_bytes: int
-    kv_bytes: int = 0  # KV cache for `ctx` tokens at `kv_type`
-    compute_bytes: int = 0  # estimated compute buffers of the runtime
+    kv_bytes: int = 0  # KV cache (or recurrent state) for `ctx` tokens at `kv_type`
+    compute_bytes: int = 0  # compute buffers of the runtime
     reserve_bytes: int = 0  # user-asked headroom (OS, other programs)
     ctx: int = 4096
     kv_type: str = "f16"
+    output_bytes: int = 0  # the logits buffer
+    # the context these buffers are for: tokens per batch / micro-batch, flash attention
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = False
+    # where kv/compute/output come from: "llama.cpp" (its own allocation, simulated without
+    # weights) or "formula" (an estimate; the reason llama.cpp was not asked follows)
+    memory_source: str = "formula"
+
+    @property
+    def runtime_bytes(self) -> int:
+        """What the runtime allocates beside the weights: KV cache, compute and output."""
+        return self.kv_bytes + self.compute_bytes + self.output_bytes
 
     @property
     def weight_bytes_available(self) -> int:
-        return self.cap_bytes - self.kv_bytes - self.compute_bytes - self.reserve_bytes
+        return self.cap_bytes - self.runtime_bytes - self.reserve_bytes
+
+
+@dataclass(frozen=True)
+class Device(_FlatRecord):
+    """One memory pool of a GPU + CPU plan: what it holds besides the weights it is given."""
+
+    name: str  # "CPU", or "GPU0", "GPU1", ... in llama.cpp's device order
+    cap_bytes: int
+    fixed_bytes: int = 0  # KV cache, compute buffers and reserve that llama.cpp puts here
+    bandwidth: float = 0.0  # bytes/s it reads weights at while decoding (0: not modelled)
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,11 @@ class MemoryPlan:
     kept_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     solver: str = ""  # e.g. "milp/highs optimal"
     pruning_damage: float = 0.0  # predicted damage of the experts removed
+    # what the calibration statistics were measured on (CalibSource.describe), if any
+    calibration: str = ""
+    # a GPU + CPU plan (memory_planner.placement): the devices, and per tensor its device
+    devices: tuple[Device, ...] = ()
+    placement: dict[str, str] = field(default_factory=dict)
 
 
     def check_model(self, specs: list[TensorSpec], where: str) -> None:
@@ -131,7 +159,7 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         b = self.budget
-        return self.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes
+        return self.weight_bytes + b.runtime_bytes + b.reserve_bytes
 
     @property
     def predicted_damage(self) -> float:
@@ -158,6 +186,10 @@ class MemoryPlan:
                 v = v.to_dict()
             elif f.name == "kept_experts":
                 v = {k: list(ids) for k, ids in v.items()}
+            elif f.name == "devices":
+                v = [dev.to_dict() for dev in v]
+            elif f.name == "placement":
+                v = dict(v)
             d[f.name] = v
         # derived totals, for people and other tools reading the JSON; ignored on load
         d["totals"] = {
@@ -184,6 +216,9 @@ class MemoryPlan:
             kept_experts={k: tuple(v) for k, v in d["kept_experts"].items()},
             solver=d["solver"],
             pruning_damage=d.get("pruning_damage", 0.0),
+            calibration=d.get("calibration", ""),
+            devices=tuple(Device.from_dict(x) for x in d.get("devices", ())),
+            placement=dict(d.get("placement", {})),
         )
 
     def to_json(self) -> str:

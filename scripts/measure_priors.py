@@ -27,7 +27,8 @@ from export.quantize import relative_error  # noqa: E402
 
 TYPES = (
     "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS",
-    "Q4_0", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+    "Q4_0", "MXFP4", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
+    "IQ1_S",
 )
 N_ROWS, N_PER_ROW, SEED = 256, 4096, 0
 

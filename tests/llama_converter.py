@@ -55,28 +55,43 @@ _DRIVER = """
 import runpy, sys
 sys.path.insert(1, sys.argv[1] + "/gguf-py")
 sys.path.insert(1, sys.argv[1])
-pre = sys.argv[2]
+pre, restore_add_bos = sys.argv[2], sys.argv[3] == "1"
 if pre:
     import conversion.base
     conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+if restore_add_bos:
+    import json, pathlib, transformers
+    _load = transformers.AutoTokenizer.from_pretrained
+    def _from_pretrained(path, *args, **kwargs):
+        tok = _load(path, *args, **kwargs)
+        cfg = pathlib.Path(path) / "tokenizer_config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("add_bos_token"):
+            tok.add_bos_token = True
+        return tok
+    transformers.AutoTokenizer.from_pretrained = _from_pretrained
+sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[4:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def converter_command(hf_dir: Path, out: Path, outtype: str = "f32",
-                      pre: str | None = None) -> list[str]:
-    """The command that runs llama.cpp's converter on `hf_dir` (in `converter_dir()`)."""
+def converter_command(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None,
+                      args: tuple[str, ...] = (), restore_add_bos: bool = False) -> list[str]:
+    """The command that runs llama.cpp's converter on `hf_dir` (in `converter_dir()`);
+    arguments as for `convert_hf`."""
     root = converter_dir()
-    return [sys.executable, "-c", _DRIVER, str(root), pre or "", "--outtype", outtype,
-            "--outfile", str(out), str(hf_dir)]
+    return [sys.executable, "-c", _DRIVER, str(root), pre or "", "1" if restore_add_bos else "0",
+            "--outtype", outtype, *args, "--outfile", str(out), str(hf_dir)]
 
 
-def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None) -> Path:
+def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None,
+               args: tuple[str, ...] = (), restore_add_bos: bool = False) -> Path:
     """Run llama.cpp's converter on `hf_dir`; returns `out`. `pre` names the BPE
-    pre-tokenizer (tokenizer.ggml.pre) for tokenizers the converter's hash list lacks.
-    Raises LlamaToolError with the converter's output when it fails."""
-    cmd = converter_command(hf_dir, out, outtype, pre)
+    pre-tokenizer (tokenizer.ggml.pre) for tokenizers the converter's hash list lacks;
+    `args` are further converter flags (e.g. --no-mtp). `restore_add_bos`: transformers 5
+    drops tokenizer_config.json's add_bos_token when a tokenizer.json exists, so a converter
+    that asserts the flag (DeepSeek-V3.2's) fails on every checkpoint; the child sets it back
+    from the file. Raises LlamaToolError with the converter's output when it fails."""
+    cmd = converter_command(hf_dir, out, outtype, pre, args, restore_add_bos)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=converter_dir())
     if r.returncode != 0 or not out.is_file():
         raise LlamaToolError(f"llama.cpp's converter failed ({r.returncode}): {' '.join(cmd)}\n"

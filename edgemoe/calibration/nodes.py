@@ -8,7 +8,7 @@ against the library before first use, so a changed layout fails loudly.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -79,6 +79,8 @@ def ggml() -> ctypes.CDLL:
                             "layout changed")
         _checked_layout = True
     return lib
+
+
 
 
 def split_name(name: str) -> tuple[str, int | None]:
@@ -172,6 +174,49 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.type_name}, ne={self.ne})"
+
+
+@dataclass(frozen=True)
+class GraphNodes:
+    """Where an architecture's llama.cpp graph (src/models/*.cpp) shows what calibration
+    reads: node name -> the tensor kinds of the same block that read it, the routed experts'
+    input rows, and the architecture's own names for the other nodes it reads (the common
+    spelling -> this graph's)."""
+
+    dense: dict[str, tuple[str, ...]]
+    ffn_input: str = "ffn_norm"
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def name(self, common: str) -> str:
+        """This graph's name of the node commonly called `common`."""
+        return self.renamed.get(common, common)
+
+
+_DEFAULT_DENSE = {"attn_norm": ("attn_q", "attn_k", "attn_v"), "kqv_out": ("attn_output",)}
+_DEFAULT_NODES = GraphNodes(_DEFAULT_DENSE)
+_ARCH_NODES = {
+    # src/models/qwen35moe.cpp: attn_norm feeds the DeltaNet projections or Q/K/V; the gated
+    # attention output feeds attn_output, the gated-normed DeltaNet output ssm_out; the MoE
+    # reads the post-attention norm
+    "qwen35moe": GraphNodes({"attn_norm": ("attn_q", "attn_k", "attn_v", "attn_qkv",
+                                           "attn_gate", "ssm_alpha", "ssm_beta"),
+                             "attn_gated": ("attn_output",), "final_output": ("ssm_out",)},
+                            "attn_post_norm"),
+    # src/models/openai-moe.cpp: the FFN input is "attn_post_norm", the experts' activation
+    # the clamped "ffn_moe_swiglu_oai", and each expert's output gets its bias after
+    # "ffn_moe_down" ("ffn_moe_down_biased"); its `ffn_moe_weights` are the raw top-k router
+    # logits, the weights used the later "ffn_moe_weights_softmax"
+    "gpt-oss": GraphNodes(_DEFAULT_DENSE, "attn_post_norm",
+                          {"ffn_moe_swiglu": "ffn_moe_swiglu_oai",
+                           "ffn_moe_down": "ffn_moe_down_biased"}),
+    # src/models/glm4-moe.cpp names the experts' input "post_attn_norm"
+    "glm4moe": GraphNodes(_DEFAULT_DENSE, "post_attn_norm"),
+}
+
+
+def graph_nodes(arch: str) -> GraphNodes:
+    """The node names of llama.cpp arch `arch` (a GGUF general.architecture)."""
+    return _ARCH_NODES.get(arch, _DEFAULT_NODES)
 
 
 @dataclass

@@ -43,27 +43,38 @@ def read_config(config_path: str | Path) -> dict:
 def plan_from_config(config_path: str | Path, memory: str | int, ctx: int = DEFAULT_CTX,
                      kv_type: str = DEFAULT_KV_TYPE, reserve: str | int = 0,
                      type_name: str | None = None,
-                     ladder: Sequence[str] = mp.DEFAULT_LADDER,
-                     prune: bool = True) -> mp.MemoryPlan:
+                     ladder: Sequence[str] | None = None,
+                     prune: bool = True, budget: mp.Budget | None = None,
+                     solver=mp.solve) -> mp.MemoryPlan:
     """The least-damage plan under `memory` predicted from shapes alone, or a uniform one.
 
     With `type_name` every quantizable tensor gets that type (llama.cpp's fallbacks apply);
-    otherwise types come from `ladder`, ranked by the damage priors. Raises
-    BudgetTooSmallError (with the smallest total) when nothing fits.
+    otherwise types come from `ladder` (default: the planner's, with the family's own
+    candidates such as gpt-oss's MXFP4), ranked by the damage priors. Raises
+    BudgetTooSmallError (with the smallest total) when nothing fits. `budget` and `solver`
+    replace the single-pool ones (a GPU + CPU plan: edgemoe.planning.gpu).
     """
     adapter = adapter_for(read_config(config_path))
+    if ladder is None:
+        ladder = mp.quant_types.with_types(mp.DEFAULT_LADDER, adapter.extra_types)
     specs = adapter.tensor_specs()
-    budget = make_budget(adapter, memory, ctx, kv_type, reserve)
+    budget = budget or make_budget(adapter, memory, ctx, kv_type, reserve)
     if type_name is not None:
+        if solver is not mp.solve:
+            raise ValueError("--type makes a one-type plan: it cannot be placed on devices")
         return mp.uniform_plan(specs, type_name, budget)
     damage = prior_damage(specs, ladder, experts_used=adapter.n_expert_used)
+    shipped = adapter.shipped_types()
+    for s in specs:  # a shipped type (gpt-oss's MXFP4 experts) loses nothing
+        if shipped.get(s.kind) in damage.get(s.name, {}):
+            damage[s.name][shipped[s.kind]] = 0.0
     if not prune or adapter.n_expert <= adapter.n_expert_used:
         mp.planner.check_minimum(specs, budget, ladder)
-        return mp.solve(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)
-    return _plan_with_pruning(adapter, damage, budget, ladder)
+        return solver(specs, damage, budget, ladder=ladder, damage_model=DAMAGE_MODEL)
+    return _plan_with_pruning(adapter, damage, budget, ladder, solver)
 
 
-def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryPlan:
+def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder, solver) -> mp.MemoryPlan:
     """The joint program on priors: experts of a layer are assumed to carry log-normal
     shares of its output energy (memory_planner.priors). It decides how many experts to
     keep; which ones is a calibration question, so the plan names no expert ids."""
@@ -83,7 +94,7 @@ def _plan_with_pruning(adapter, damage, budget: mp.Budget, ladder) -> mp.MemoryP
     plan, _ = solve_joint(adapter.tensor_specs, dense, per_expert, stats, budget, grid,
                           ladder=ladder, damage_model=DAMAGE_MODEL,
                           prune_scale=routed * PRUNING_COST_RATIO,
-                          n_groups=adapter.n_expert_groups)
+                          n_groups=adapter.n_expert_groups, solver=solver)
     if plan.n_experts_kept < plan.n_experts:
         plan = replace(plan, kept_experts={},
                        solver=plan.solver + " (which experts: calibrate to choose)")

@@ -32,16 +32,23 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def budget_table(plan: MemoryPlan) -> str:
     b = plan.budget
     total = plan.total_bytes
+    # llama.cpp's own allocation, or the formulas' estimate where llama.cpp was not asked
+    source = "as llama.cpp allocates" if b.memory_source == "llama.cpp" else "estimate"
     rows = [
         ["weights (exact, as planned)", format_size(plan.weight_bytes),
          f"{plan.bits_per_weight:.2f} bits/weight"],
-        [f"KV cache ({b.ctx} tokens, {b.kv_type})", format_size(b.kv_bytes), ""],
-        ["compute buffers (estimate)", format_size(b.compute_bytes), ""],
+        [f"KV cache ({b.ctx} tokens, {b.kv_type})", format_size(b.kv_bytes), source],
+        [f"compute buffers (batch {b.n_batch}/{b.n_ubatch}, flash attention "
+         f"{'on' if b.flash_attn else 'off'})", format_size(b.compute_bytes), source],
+        ["output buffer (logits)", format_size(b.output_bytes), source],
         ["reserve", format_size(b.reserve_bytes), ""],
         ["total", format_size(total), f"{100 * total / b.cap_bytes:.1f}% of cap"],
         ["cap", format_size(b.cap_bytes), "fits" if total <= b.cap_bytes else "OVER THE CAP"],
     ]
-    return table(rows, ["memory", "bytes", ""])
+    out = table(rows, ["memory", "bytes", ""])
+    if b.memory_source != "llama.cpp":  # say why the estimate stands in
+        out += f"\nKV, compute and output buffers: {b.memory_source}"
+    return out
 
 
 def _count(n: float) -> str:
@@ -74,6 +81,8 @@ def plan_table(plan: MemoryPlan) -> str:
     rows = _by_kind((t.name, t.type, t.n_elements, t.nbytes) for t in plan.tensors)
     head = (f"plan: {plan.solver}; predicted damage {plan.predicted_damage:.4g} "
             f"({plan.damage_model}); experts per layer {plan.n_experts_kept}/{plan.n_experts}")
+    if plan.calibration:
+        head += f"\nstatistics {plan.calibration}"
     return head + "\n" + table(rows, ["tensor", "count", "params", "types", "bpw", "bytes"])
 
 
@@ -158,15 +167,59 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
 
 
 def llama_server_command(path: str | Path, plan: MemoryPlan | None = None) -> str:
-    """The llama-server command that runs `path` as planned (context, KV cache type), with
-    the flags this machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
+    """The llama-server command that runs `path` as planned (context, KV cache type; for a
+    GPU + CPU plan the offload flags that reproduce its placement), with the flags this
+    machine needs (`--no-repack` where llama.cpp's AMX kernels crash)."""
     from ..llamacpp import server_flags
 
     args = ["llama-server", "-m", str(path)]
     if plan is not None:
         b = plan.budget
-        args += ["-c", str(b.ctx)]
+        # the context the plan's memory is for (llama-server's own defaults differ)
+        args += ["-c", str(b.ctx), "-b", str(b.n_batch), "-ub", str(b.n_ubatch),
+                 "-fa", "on" if b.flash_attn else "off", "-np", "1"]
         if b.kv_type.lower() != "f16":
             args += ["--cache-type-k", b.kv_type.lower(), "--cache-type-v", b.kv_type.lower()]
+        args += offload_flags(plan)
     return " ".join(args + server_flags())
+
+
+def offload_flags(plan: MemoryPlan) -> list[str]:
+    """`-ngl`, `--tensor-split` and `--n-cpu-moe` or `--override-tensor` for a GPU + CPU
+    plan (none for a CPU plan). The regexes are quoted for a POSIX shell."""
+    from memory_planner.placement import n_cpu_moe, override_patterns
+
+    gpus = [d for d in plan.devices if d.name != "CPU"]
+    if not gpus:
+        return []
+    out = ["-ngl", "999"]
+    if len(gpus) > 1:
+        out += ["--tensor-split", ",".join(f"{d.cap_bytes / 1e9:g}" for d in gpus)]
+    n = n_cpu_moe(plan)
+    if n:
+        out += ["--n-cpu-moe", str(n)]
+    elif n is None:
+        out += ["--override-tensor",
+                "'" + ",".join(f"{p}=CPU" for p in override_patterns(plan)) + "'"]
+    return out
+
+
+def device_table(plan: MemoryPlan, specs=None, n_used: int = 0) -> str:
+    """Per device of a GPU + CPU plan: weights, what llama.cpp adds there, total and cap;
+    with the model's `specs`, the decode speed the bandwidths predict."""
+    from memory_planner.placement import decode_seconds, device_weight_bytes
+
+    used = device_weight_bytes(plan.tensors, plan.placement)
+    rows = []
+    for d in plan.devices:
+        w = used.get(d.name, 0)
+        total = w + d.fixed_bytes
+        rows.append([d.name, format_size(w), format_size(d.fixed_bytes), format_size(total),
+                     format_size(d.cap_bytes), f"{100 * total / d.cap_bytes:.1f}%"])
+    out = table(rows, ["device", "weights", "KV + buffers + reserve", "total", "cap", "used"])
+    if specs is not None and all(d.bandwidth for d in plan.devices):
+        s = decode_seconds(plan, specs, n_used)
+        out += (f"\ndecode estimate: {1 / s:.1f} tokens/s (weights read per token over "
+                + ", ".join(f"{d.name} {d.bandwidth / 1e9:g} GB/s" for d in plan.devices) + ")")
+    return out
 

@@ -6,4 +6,5 @@
   `topany_calibrate`: choosing the thresholds on calibration text.
 - `textscore`: perplexity, KL divergence and top-1 agreement on text.
 - `validate`: quality, speed and memory of a file, as the `validate` verb reports them.
+- `serve`: an OpenAI-compatible server (llama-cpp-python's) with the thresholds active.
 """

@@ -26,8 +26,9 @@ class _Map(ctypes.Structure):
                 ("rightmost", ctypes.c_void_p), ("count", ctypes.c_size_t)]
 
 
-def _breakdown(llm) -> list[_MapNode]:
-    """The entries of `llama_get_memory_breakdown` for a context: one per buffer type.
+def _breakdown(ctx) -> list[_MapNode]:
+    """The entries of `llama_get_memory_breakdown` for a context (a llama_context pointer):
+    one per buffer type.
 
     It returns a std::map<ggml_backend_buffer_type_t, llama_memory_breakdown_data> by value
     (llama.cpp's src/llama-ext.h, the numbers behind its own memory report), walked here
@@ -40,7 +41,7 @@ def _breakdown(llm) -> list[_MapNode]:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]  # hidden return slot, then ctx
     m = _Map()
-    fn(ctypes.byref(m), llm.ctx)  # the map's nodes are leaked: a few dozen bytes per call
+    fn(ctypes.byref(m), ctx)  # the map's nodes are leaked: a few dozen bytes per call
     if not 0 < m.count < 64:
         raise RuntimeError(f"llama_get_memory_breakdown: {m.count} buffer types? layout changed")
     nodes, todo = [], [m.root]
@@ -52,16 +53,23 @@ def _breakdown(llm) -> list[_MapNode]:
     return nodes
 
 
+def buffer_sums(ctx) -> dict[str, int]:
+    """llama_get_memory_breakdown of a context pointer summed over buffer types: bytes of
+    "model" (weights), "context" (KV cache, recurrent state) and "compute" buffers."""
+    out = {"model": 0, "context": 0, "compute": 0}
+    for node in _breakdown(ctx):
+        out["model"] += node.model
+        out["context"] += node.context
+        out["compute"] += node.compute
+    return out
+
+
 def memory_breakdown(llm) -> dict[str, int]:
     """Bytes llama.cpp allocated for a context: model buffers, context (KV cache) and compute
     buffers, summed over buffer types, plus the logits output buffer."""
     import llama_cpp
 
-    out = {"model": 0, "context": 0, "compute": 0}
-    for node in _breakdown(llm):
-        out["model"] += node.model
-        out["context"] += node.context
-        out["compute"] += node.compute
+    out = buffer_sums(llm.ctx)
     weights = int(llama_cpp.llama_model_size(llm.model))
     if not weights <= out["model"] < weights + (64 << 20) + weights // 8:
         raise RuntimeError(f"llama_get_memory_breakdown: model buffers {out['model']} bytes "
@@ -76,14 +84,20 @@ def model_buffer_types(llm) -> dict[str, int]:
     from ..calibration.nodes import ggml
 
     name = ggml().ggml_backend_buft_name
-    return {name(n.key).decode(): n.model for n in _breakdown(llm) if n.model}
+    return {name(n.key).decode(): n.model for n in _breakdown(llm.ctx) if n.model}
 
 
 def output_buffer_bytes(llm, n_outputs: int = 1) -> int:
     """The logits buffer llama.cpp keeps for `n_outputs` tokens (llama_context::
     output_reserve: n_vocab floats per output; `logits_all` contexts grow it to n_batch)."""
     rows = llm.n_batch if llm._logits_all else n_outputs
-    return 4 * llm.n_vocab() * max(rows, 1)
+    return logits_bytes(llm.n_vocab(), rows)
+
+
+def logits_bytes(n_vocab: int, rows: int = 1) -> int:
+    """llama.cpp's output buffer for `rows` outputs: n_vocab F32 logits each (at least one
+    row: output_reserve sizes it for max(n_outputs, n_seq_max))."""
+    return 4 * n_vocab * max(rows, 1)
 
 
 def peak_rss_bytes() -> int:

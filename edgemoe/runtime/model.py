@@ -7,6 +7,7 @@
     llm("def fib(n):", max_tokens=32)               # completion, as llama_cpp.Llama
     llm.create_chat_completion(messages=[...], stream=True)
     llm.expert_use.experts_per_token                # experts computed per token and layer
+    llm("def fib(n):")["usage"]["experts_per_token"]  # the same, for one completion
 
 `EdgeLlama` is a `llama_cpp.Llama`: completion, chat (the GGUF's chat template), streaming,
 sampling and tokenization are llama-cpp-python's. Only the context differs: when any
@@ -40,19 +41,30 @@ def _llama_class():
             tau = topany_metadata.parse_spec(top_any, n_layer, stored)
             self.thresholds = np.zeros(n_layer, np.float32) if tau is None else tau
             arch = self.metadata.get("general.architecture", "")
-            if self.thresholds.any() and arch in topany.UNSUPPORTED_ARCHS:
-                raise ValueError(f"top-any thresholds are not supported for {arch}")
+            topany.check_supported(arch, self.thresholds)
             self.dropper = None
             if self.thresholds.any() or hooks is not None:
                 hooks = hooks or EvalHooks()
-                self.dropper = topany.TopAny(self.thresholds,
-                                             skip=skip_dropped).install(hooks)
+                self.dropper = topany.TopAny(
+                    self.thresholds, skip=skip_dropped,
+                    logits=arch in topany.LOGIT_WEIGHT_ARCHS).install(hooks)
                 attach(self, hooks)
 
         @property
         def expert_use(self) -> topany.ExpertUse:
             """Experts seen and kept since load (empty for plain llama.cpp, tau = 0)."""
             return self.dropper.use if self.dropper is not None else topany.ExpertUse()
+
+        def create_completion(self, *args, **kwargs):
+            """`llama_cpp.Llama.create_completion`; a non-streamed result's `usage` also
+            holds `experts_per_token`: experts computed per token and MoE layer over the
+            tokens this call evaluated (when expert use is counted: see `expert_use`)."""
+            before = self.expert_use.snapshot()
+            result = super().create_completion(*args, **kwargs)
+            if self.dropper is not None and isinstance(result, dict):  # not a stream
+                used = self.expert_use.since(before)
+                result["usage"]["experts_per_token"] = round(used.experts_per_token, 4)
+            return result
 
     return EdgeLlama
 
@@ -76,5 +88,7 @@ def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
     if _EdgeLlama is None:
         _EdgeLlama = _llama_class()
     kwargs.setdefault("logits_all", False)
+    # window layers (gpt-oss) cache their window, as planned and as llama-server runs them
+    kwargs.setdefault("swa_full", False)
     return open_llama(path, n_ctx=n_ctx, threads=threads, llama_class=_EdgeLlama,
                       top_any=top_any, hooks=hooks, skip_dropped=skip_dropped, **kwargs)

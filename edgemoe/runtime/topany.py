@@ -3,7 +3,8 @@
 Rule (MC's dynamic pruning, MC#'s top-any): at MoE layer l a token keeps its top expert and
 drops slot j when its router weight w_j < tau_l * w_top. Applied in llama.cpp through
 `edgemoe.calibration.hooks` on `ffn_moe_weights`: a dropped slot gets weight 0
-(renormalisation, where the architecture renormalises, then runs over the kept slots) and
+(renormalisation, where the architecture renormalises, then runs over the kept slots; where
+the node holds the selected logits, soft-maxed afterwards as in gpt-oss, a logit of -inf) and
 the expert id of the token's top slot, so that `mul_mat_id` never reads the dropped
 expert's weights. Slots that every token of the batch drops (always the case when decoding
 one token: the router's slots are sorted, so the kept ones are a prefix) are cut from the
@@ -29,9 +30,34 @@ from ..calibration.nodes import GGMLTensor, HookError, Node, ggml, moe_routing
 
 WEIGHTS_NODE = "ffn_moe_weights"
 DOWN_NODE = "ffn_moe_down"  # the last op that reads the selection (mul_mat_id)
-# gating where ffn_moe_weights holds logits that are soft-maxed afterwards: a 0 weight
-# would not remove the expert there
-UNSUPPORTED_ARCHS = {"gpt-oss"}
+# architectures whose routing this dropper cannot rewrite correctly, and why (none today)
+UNSUPPORTED_ARCHS: dict[str, str] = {}
+# architectures whose ffn_moe_weights are the selected router logits, soft-maxed afterwards
+# (llama.cpp's SOFTMAX_WEIGHT gating, gpt-oss): the rule sees their softmax, and a dropped
+# slot gets a logit of -inf (weight exactly 0, the kept slots' weights renormalised), not 0
+LOGIT_WEIGHT_ARCHS = frozenset({"gpt-oss"})
+
+
+def routing_weights(w: np.ndarray, logits: bool) -> np.ndarray:
+    """The routing weights (n_tokens, k) of an `ffn_moe_weights` node's values."""
+    if not logits:
+        return w
+    e = np.exp(w - w.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+
+class TopAnyUnsupportedError(ValueError):
+    """Top-any thresholds asked for an architecture whose routing they cannot rewrite."""
+
+
+def check_supported(arch: str, thresholds) -> None:
+    """Raise TopAnyUnsupportedError, with the reason, if any threshold is on for `arch`."""
+    if thresholds is not None and np.any(np.asarray(thresholds) > 0) \
+            and arch in UNSUPPORTED_ARCHS:
+        raise TopAnyUnsupportedError(f"top-any thresholds are not supported for {arch}: "
+                                     f"{UNSUPPORTED_ARCHS[arch]}; run it with --top-any 0")
+
 
 # a rule gets (layer, weights (n_tokens, k)) and returns the slots to drop (bool) or None
 DropRule = Callable[[int, np.ndarray], "np.ndarray | None"]
@@ -65,6 +91,19 @@ class ExpertUse:
     def layer_shares(self) -> dict[int, float]:
         return {li: 1.0 - self.kept[li] / s for li, s in sorted(self.slots.items()) if s}
 
+    def snapshot(self) -> ExpertUse:
+        """A copy, safe to read while another thread keeps counting."""
+        # dict(d) copies under the GIL: no 'changed size during iteration' from add()
+        return ExpertUse(dict(self.slots), dict(self.kept), dict(self.tokens))
+
+    def since(self, earlier: ExpertUse) -> ExpertUse:
+        """What was counted after `earlier` (a snapshot of this record)."""
+        def diff(now: dict[int, int], then: dict[int, int]) -> dict[int, int]:
+            return {li: n - then.get(li, 0) for li, n in now.items()}
+
+        return ExpertUse(diff(self.slots, earlier.slots), diff(self.kept, earlier.kept),
+                         diff(self.tokens, earlier.tokens))
+
 
 class SlotDropper:
     """An `ffn_moe_weights` handler that drops the slots `rule` marks and counts expert use.
@@ -72,8 +111,10 @@ class SlotDropper:
     The top slot (largest weight) of a token is never dropped, whatever the rule says.
     """
 
-    def __init__(self, rule: DropRule | None, protect_first: int = 0, skip: bool = True):
+    def __init__(self, rule: DropRule | None, protect_first: int = 0, skip: bool = True,
+                 logits: bool = False):
         self.rule = rule
+        self.logits = logits  # the node holds logits (LOGIT_WEIGHT_ARCHS)
         self.protect_first = protect_first  # positions that always keep all their experts
         self.skip = skip
         self.use = ExpertUse()
@@ -129,7 +170,8 @@ class SlotDropper:
         k, n = node.ne[1], node.ne[2]
         if node.type != gguf.GGMLQuantizationType.F32 or node.ne[0] != 1:
             raise HookError(f"{node.name} is {node.type_name} {node.ne}, expected F32 [1, k, n]")
-        w = node.read().reshape(n, k)
+        values = node.read().reshape(n, k)
+        w = routing_weights(values, self.logits)
         drop = self.rule(node.layer, w) if self.rule is not None else None
         n_drop = 0
         if drop is not None:
@@ -147,9 +189,9 @@ class SlotDropper:
                 moe_routing(node)  # raises, naming what src[1] is
             ids = topk.read().reshape(n, k)
             ids[drop] = np.broadcast_to(ids[np.arange(n), top][:, None], ids.shape)[drop]
-            w[drop] = 0.0
+            values[drop] = -np.inf if self.logits else 0.0
             topk.write(ids.reshape(topk.shape))
-            node.write(w.reshape(node.shape))
+            node.write(values.reshape(node.shape))
             if self.skip:  # slots dropped by every token of the batch: skip them altogether
                 m = int((k - np.argmax(~drop[:, ::-1], axis=1)).max())
                 if m < k:
@@ -174,16 +216,16 @@ class TopAny(SlotDropper):
     """The top-any rule with per-layer thresholds; `thresholds` may be changed between runs."""
 
     def __init__(self, thresholds: Sequence[float] | np.ndarray, protect_first: int = 0,
-                 skip: bool = True):
+                 skip: bool = True, logits: bool = False):
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
-        super().__init__(self._rule, protect_first, skip)
+        super().__init__(self._rule, protect_first, skip, logits)
 
     def _rule(self, layer: int, w: np.ndarray) -> np.ndarray | None:
         t = self.thresholds[layer] if layer < len(self.thresholds) else 0.0
         return w < t * w.max(axis=1, keepdims=True) if t > 0 else None
 
     def __call__(self, node: Node) -> None:
-        if node.ne[2] != 1 or self.protect_first or node.ne[0] != 1 or \
+        if node.ne[2] != 1 or self.protect_first or node.ne[0] != 1 or self.logits or \
                 node.type != gguf.GGMLQuantizationType.F32:
             return super().__call__(node)
         # one token (decode): the same decisions in plain Python, without numpy's per-call

@@ -13,13 +13,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from ..calibration.hooks import EvalHooks, attach
 from ..calibration.nodes import Node
 from ..llamacpp import open_llama
 from . import textscore
-from .topany import WEIGHTS_NODE, ExpertUse, TopAny
+from .topany import (
+    LOGIT_WEIGHT_ARCHS,
+    WEIGHTS_NODE,
+    ExpertUse,
+    TopAny,
+    check_supported,
+    routing_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,10 @@ def tau_for_share(ratios: np.ndarray, share: float, k: int) -> float:
     return float(np.nextafter(np.float32(r[i - 1]), np.float32(1.0)))
 
 
+def _arch(path: str | Path) -> str:
+    return str(gguf.GGUFReader(path).get_field(gguf.Keys.General.ARCHITECTURE).contents())
+
+
 class Evaluator:
     """A model on fixed text windows in llama.cpp, re-run with changing thresholds.
 
@@ -82,7 +94,9 @@ class Evaluator:
     def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
                  threads: int | None = None, protect_first: int = 0):
         self.hooks = EvalHooks()
-        self.topany = TopAny(np.zeros(0, np.float32), protect_first).install(self.hooks)
+        self.logits = _arch(path) in LOGIT_WEIGHT_ARCHS
+        self.topany = TopAny(np.zeros(0, np.float32), protect_first,
+                             logits=self.logits).install(self.hooks)
         self._ratios: dict[int, list[np.ndarray]] | None = {}
         self.hooks.add(WEIGHTS_NODE, self._collect)
         llm = open_llama(path, n_ctx=n_ctx, f32_kv=True, logits_all=True, threads=threads)
@@ -97,7 +111,7 @@ class Evaluator:
 
     def _collect(self, node: Node) -> None:
         if self._ratios is not None:
-            w = node.read().reshape(node.ne[2], node.ne[1])
+            w = routing_weights(node.read().reshape(node.ne[2], node.ne[1]), self.logits)
             self._ratios.setdefault(node.layer, []).append(slot_ratios(w))
 
     def run(self, thresholds: Sequence[float] | np.ndarray):
@@ -188,6 +202,7 @@ def calibrate(path: str | Path, tokens: Sequence[int], share: float | None = Non
     if method not in ("layer", "uniform"):
         raise ValueError(f"unknown calibration method {method!r} (layer, uniform)")
     _check_target(share, max_ppl_increase, max_kld)
+    check_supported(_arch(path), [1.0])  # any threshold: refused before measuring anything
     ev = Evaluator(path, tokens, n_ctx, threads)
     thresholds = ev.uniform if method == "uniform" else \
         Calibrator(ev, grid, progress=progress).thresholds

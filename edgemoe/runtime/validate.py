@@ -61,8 +61,10 @@ def kv_type_id(kv_type: str) -> int:
 
 def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
                     tokens: Sequence[int] | None = None, n_prompt: int = PROBE_PROMPT,
-                    n_decode: int = PROBE_DECODE, threads: int | None = None) -> dict:
+                    n_decode: int = PROBE_DECODE, threads: int | None = None,
+                    context: dict | None = None) -> dict:
     """Load `path` as `edgemoe run` does and time a prompt and a decode; memory numbers.
+    `context`: n_batch, n_ubatch, flash_attn as the plan's budget has them.
 
     Runs in the calling process: use `probe` for clean peak-memory numbers.
     """
@@ -71,7 +73,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
     rss_before = rss_bytes()
     t0 = time.perf_counter()
     llm = load(path, top_any=top_any, n_ctx=ctx, threads=threads,
-               type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type))
+               type_k=kv_type_id(kv_type), type_v=kv_type_id(kv_type), **(context or {}))
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
     n_prompt = max(1, min(n_prompt, ctx - n_decode - 1))
@@ -109,12 +111,14 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
 
 def probe(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
           tokens: Sequence[int] | None = None, n_prompt: int = PROBE_PROMPT,
-          n_decode: int = PROBE_DECODE, threads: int | None = None) -> dict:
+          n_decode: int = PROBE_DECODE, threads: int | None = None,
+          context: dict | None = None) -> dict:
     """`measure_runtime` in a fresh Python process: its peak memory is the model's alone
     (plus the interpreter's, reported as `rss_before_bytes`)."""
     args = {"path": str(path), "top_any": _jsonable(top_any), "ctx": ctx, "kv_type": kv_type,
             "tokens": None if tokens is None else [int(t) for t in tokens],
-            "n_prompt": n_prompt, "n_decode": n_decode, "threads": threads}
+            "n_prompt": n_prompt, "n_decode": n_decode, "threads": threads,
+            "context": context}
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -234,6 +238,7 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     n_layer = int(header.get_field(f"{arch}.block_count").contents())
     del header
     tau = topany_metadata.parse_spec(top_any, n_layer, stored)
+    topany.check_supported(arch, tau)  # before any measurement
     report: dict = {"file": str(path), "top_any": {
         "spec": top_any, "thresholds": None if tau is None else [float(x) for x in tau],
         "stored_in_file": stored is not None, "info": info}}
@@ -247,7 +252,12 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     else:
         report["quality"] = None
         prompt_tokens = None
-    sp = probe(path, top_any, ctx, kv_type, prompt_tokens, n_prompt, n_decode, threads)
+    # the batch and flash-attention setting the plan's memory is for
+    context = None if budget is None else {"n_batch": budget.n_batch,
+                                           "n_ubatch": budget.n_ubatch,
+                                           "flash_attn": budget.flash_attn}
+    sp = probe(path, top_any, ctx, kv_type, prompt_tokens, n_prompt, n_decode, threads,
+               context)
     report["speed"] = {k: sp[k] for k in ("prompt_tokens", "prompt_tps", "decode_tokens",
                                           "decode_tps", "threads", "load_s",
                                           "decode_experts_per_token")}
@@ -264,7 +274,8 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
         "peak_rss_model_bytes": rss_model,
         "planned": None if plan is None else {
             "weight_bytes": plan.weight_bytes, "kv_bytes": budget.kv_bytes,
-            "compute_bytes": budget.compute_bytes, "total_bytes": plan.total_bytes},
+            "compute_bytes": budget.compute_bytes, "output_bytes": budget.output_bytes,
+            "total_bytes": plan.total_bytes, "memory_source": budget.memory_source},
     }
     mem["fits"] = None if cap is None else (alloc + reserve <= cap and rss_model + reserve <= cap)
     report["memory"] = mem
@@ -330,6 +341,8 @@ def format_report(r: dict, max_kld: float | None = None) -> str:
     if m["planned"] is not None:
         p = m["planned"]
         out.append(f"planned: weights {format_size(p['weight_bytes'])}, KV "
-                   f"{format_size(p['kv_bytes'])}, compute {format_size(p['compute_bytes'])}")
+                   f"{format_size(p['kv_bytes'])}, compute {format_size(p['compute_bytes'])}, "
+                   f"output {format_size(p.get('output_bytes', 0))} "
+                   f"({p.get('memory_source', 'formula')})")
     out.append(f"\nexit code {r['exit_code']}")
     return "\n".join(out)

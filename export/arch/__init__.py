@@ -9,16 +9,22 @@ from .base import (
     UnsupportedModelError,
 )
 from .deepseek2 import DeepseekV2Adapter, DeepseekV3Adapter
+from .deepseek_v32 import DeepseekV32Adapter
 from .from_gguf import GGUFAdapter
+from .glm4_moe import Glm4MoeAdapter
+from .gpt_oss import GptOssAdapter
+from .minimax_m2 import MiniMaxM2Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
+from .qwen3_5_moe import Qwen35MoeAdapter, Qwen35MoeTextAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a
     for a in (Qwen3MoeAdapter, MixtralAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
-              Qwen2MoeAdapter, OlmoeAdapter)
+              Qwen2MoeAdapter, OlmoeAdapter, Qwen35MoeAdapter, Qwen35MoeTextAdapter,
+              GptOssAdapter, Glm4MoeAdapter, MiniMaxM2Adapter, DeepseekV32Adapter)
 }
 
 

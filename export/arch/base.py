@@ -60,6 +60,8 @@ class Adapter:
     expert_row_kinds: ClassVar[tuple[str, ...]] = ("ffn_gate_inp",)
     # the config key of the routed experts' FFN width
     expert_ff_key: ClassVar[str] = "moe_intermediate_size"
+    # candidate types beside the planner's ladder (gpt-oss: MXFP4, its experts' own type)
+    extra_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict):
         self.config = config
@@ -177,7 +179,7 @@ class Adapter:
         `kept_experts` maps a layer to the source expert ids it keeps (pruning); layers not
         named keep all experts.
         """
-        tmap = gguf.get_tensor_name_map(self.arch, self.hp.n_layer)
+        tmap = gguf.get_tensor_name_map(self.arch, self.hp.n_layer + self.hp.n_nextn)
         direct: dict[str, str] = {}  # gguf name -> hf name
         experts: dict[str, dict[int, str]] = {}  # gguf stacked name -> expert id -> hf name
         unknown = []
@@ -187,7 +189,7 @@ class Adapter:
             m = _EXPERT_RE.match(name)
             if m:
                 base = f"{m.group(1)}.{m.group(3)}"
-                gname = tmap.get_name(base)
+                gname = self.gguf_name(tmap, base)
                 if gname is not None:
                     experts.setdefault(gname + ".weight", {})[int(m.group(2))] = name
                     continue
@@ -207,7 +209,9 @@ class Adapter:
         for spec in self.tensor_specs(E_out):
             ids = kept.get(spec.layer, tuple(range(self.hp.n_expert))) if spec.layer is not None \
                 else None
-            if spec.n_experts:
+            if (derived := self.derived_recipe(spec, direct)) is not None:
+                out.append(derived)  # e.g. one half of a fused HF tensor
+            elif spec.n_experts:
                 have = experts.get(spec.name, {})
                 lack = [e for e in range(self.hp.n_expert) if e not in have]
                 if lack:
@@ -222,8 +226,6 @@ class Adapter:
                 out.append(TensorRecipe(spec, (direct[spec.name],), rows=rows,
                                         transform=self.transform_for(spec.name),
                                         hf_shape=hf_shape))
-            elif (derived := self.derived_recipe(spec, direct)) is not None:
-                out.append(derived)
             else:
                 missing.append(spec.name)
         if missing:
@@ -267,7 +269,14 @@ class Adapter:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
         return list(range(self.hp.n_layer))
 
-    # ---- memory the runtime needs besides weights
+    def shipped_types(self) -> dict[str, str]:
+        """Tensor kinds the checkpoint ships in a GGUF type, losslessly re-quantizable to it
+        (gpt-oss's MXFP4 experts): their damage at that type is zero. Default: none."""
+        return {}
+
+    # ---- memory the runtime needs besides weights: fallback formulas. pipeline.make_budget
+    # asks llama.cpp itself (edgemoe.runtime.simulate, exact for every architecture the
+    # pinned llama.cpp loads) and uses these only where it cannot.
     def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
         """llama.cpp's KV cache for `ctx` tokens: K and V rows of every layer.
 

@@ -231,6 +231,10 @@ class DeepseekV3Adapter(Adapter):
             ]
         return out
 
+    def nextn_blocks(self, n_experts_kept: int) -> int:
+        """NextN (MTP) blocks written after the trunk: none for V2/V3, as their converter."""
+        return 0
+
     def moe_layers(self) -> list[int]:
         return list(range(self.hp.n_dense_lead, self.hp.n_layer))
 
@@ -306,7 +310,7 @@ class DeepseekV3Adapter(Adapter):
         w.add_vocab_size(hp.n_vocab)
         w.add_context_length(hp.context_length)
         w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)  # MTP block not exported: no nextn_predict_layers
+        w.add_block_count(hp.n_layer + self.nextn_blocks(E))  # V2/V3: MTP block not exported
         w.add_feed_forward_length(hp.dense_ff)
         w.add_head_count(hp.n_head)
         w.add_head_count_kv(hp.n_head_kv)  # 1: absorbed MLA is MQA over the latent

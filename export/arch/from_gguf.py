@@ -15,6 +15,7 @@ import gguf
 from gguf.gguf_writer import GGUFValue
 
 from memory_planner.names import parse_tensor_name
+from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from .base import Adapter, IncompleteCheckpointError, TensorRecipe, UnsupportedModelError
@@ -133,10 +134,29 @@ class GGUFAdapter(Adapter):
                 shape = (E, *shape[1:])
             # what llama.cpp's converter and llama-quantize keep in F32
             quantizable = (len(shape) >= 2 and name.endswith(".weight")
-                           and not kind.startswith("ffn_gate_inp") and not kind.endswith("norm"))
+                           and not kind.startswith("ffn_gate_inp") and not kind.endswith("norm")
+                           and kind != "ssm_conv1d")
             specs.append(TensorSpec(name, shape, kind, layer, n_experts=E if stacked else 0,
                                     quantizable=quantizable))
         return specs
+
+    def kv_bytes(self, ctx: int, kv_type: str = "f16") -> int:
+        """With `{arch}.attention.recurrent_layers` (hybrid models such as qwen35moe): the KV
+        cache of the other blocks plus the recurrent blocks' F32 state for one sequence, sized
+        as llama_hparams::n_embd_r / n_embd_s do from the ssm.* keys."""
+        values = {k: v.value for k, v in self.metadata.items()}
+        recurrent = values.get(f"{self.arch_name}.attention.recurrent_layers")
+        if recurrent is None:
+            return super().kv_bytes(ctx, kv_type)
+        ssm = {k: int(values[f"{self.arch_name}.ssm.{k}"])
+               for k in ("conv_kernel", "inner_size", "state_size", "group_count")}
+        conv = (ssm["conv_kernel"] - 1) * (ssm["inner_size"]
+                                           + 2 * ssm["group_count"] * ssm["state_size"])
+        state = sum(map(bool, recurrent)) * (conv + ssm["state_size"] * ssm["inner_size"]) * 4
+        hp = self.hp
+        n_attn = len(recurrent) - sum(map(bool, recurrent))
+        kv = n_attn * hp.n_head_kv * (hp.head_dim + hp.value_dim) * ctx
+        return int(round(kv * kv_bytes_per_element(kv_type))) + state
 
     def moe_layers(self) -> list[int]:
         names = (parse_tensor_name(n) for n in self.shapes)

@@ -37,6 +37,9 @@ class HParams:
     # pruned file must keep a multiple of it, ideally the same number from each group
     n_expert_groups: int = 1
     tied_embeddings: bool = False
+    # NextN / multi-token-prediction blocks written after the trunk (blk.{n_layer}...), as
+    # the family's converter writes them; llama.cpp's decode neither runs nor caches them
+    n_nextn: int = 0
     qkv_bias: bool = False  # Q, K and V carry biases (Qwen2)
     # latent attention (DeepSeek MLA), 0 without: llama.cpp caches K only, one row of
     # kv_lora_rank + qk_rope_dim per token and layer

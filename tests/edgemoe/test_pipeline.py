@@ -34,7 +34,7 @@ def test_q8_0_export_agrees_on_top1(tiny_model, tmp_path):
 def test_budgets_exact_bytes_and_more_bits_for_more_memory(qwen3_dir, tmp_path):
     model = pipeline.open_model(qwen3_dir)
     probe = pipeline.make_budget(model.adapter, "1GB", ctx=256)
-    overhead = probe.kv_bytes + probe.compute_bytes
+    overhead = probe.runtime_bytes
     lo = mp.uniform_plan(model.specs, "Q2_K", probe).weight_bytes
     hi = mp.uniform_plan(model.specs, "Q8_0", probe).weight_bytes
     damage = measure_damage(model, progress=False)

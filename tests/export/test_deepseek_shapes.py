@@ -151,7 +151,7 @@ def test_v3_at_128gb_needs_pruning():
     b = plan.budget
     assert plan.n_experts == 256 and plan.n_experts_kept < 256
     assert plan.kept_experts == {}  # which experts: only calibration can say
-    assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
+    assert plan.weight_bytes + b.runtime_bytes + b.reserve_bytes == plan.total_bytes
     assert 0.99 * b.cap_bytes < plan.total_bytes <= b.cap_bytes == 128 * GB
     assert b.kv_bytes == 61 * (512 + 64) * 8192 * 2
     exps = [t for t in plan.tensors if t.name == "blk.10.ffn_up_exps.weight"][0]
@@ -164,7 +164,7 @@ def test_v3_plan_totals_add_up_and_kv_is_the_mla_latent(cap, ladder):
     plan = plan_from_config(V3, cap, ctx=8192, ladder=ladder, prune=False)
     b = plan.budget
     assert b.kv_bytes == 61 * (512 + 64) * 8192 * 2  # K-only f16 cache: 576 per token, layer
-    assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
+    assert plan.weight_bytes + b.runtime_bytes + b.reserve_bytes == plan.total_bytes
     assert plan.total_bytes <= b.cap_bytes == mp.parse_size(cap)
     assert plan.total_bytes > 0.99 * b.cap_bytes  # the cap is used, not wasted
     assert plan.damage_model == DAMAGE_MODEL and plan.solver.endswith("optimal")
@@ -201,7 +201,7 @@ def test_other_models_sizes_and_plans(name, params, cap):
     assert 8.5 <= q8.bits_per_weight < 8.52
     plan = plan_from_config(CONFIGS / f"{name}.json", cap, ctx=8192)
     b = plan.budget
-    assert plan.weight_bytes + b.kv_bytes + b.compute_bytes + b.reserve_bytes == plan.total_bytes
+    assert plan.weight_bytes + b.runtime_bytes + b.reserve_bytes == plan.total_bytes
     assert plan.total_bytes <= b.cap_bytes
     assert b.kv_bytes == a.n_layer * a.hp.n_head_kv * a.hp.head_dim * 2 * 8192 * 2
 

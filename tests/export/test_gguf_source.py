@@ -155,8 +155,9 @@ def test_pruned_gguf_export_is_the_pruned_checkpoint_export(bf16_pair, tmp_path)
 
 
 def test_calibrated_plan_from_gguf_is_the_checkpoints(bf16_pair, tmp_path):
-    """Calibration runs a Q8_0 export of either source: the same file, so the same statistics,
-    the same measured damage, the same plan and the same output. Pruning is weighed only
+    """Calibration runs the BF16 GGUF source as it is, and a BF16 intermediate of the HF
+    checkpoint: the same file, so the same statistics, the same measured damage, the same
+    plan and the same output. Pruning is weighed only
     with a measured pruning cost (probes, tests/edgemoe/calibration/test_sensitivity.py): one
     is set here, the same for both sources, and at this cap the plans prune (Qwen2-MoE to 2 of
     4 experts, DeepSeek-V3 to 8 of 16), so the pruned export from a GGUF source is compared
@@ -165,13 +166,13 @@ def test_calibrated_plan_from_gguf_is_the_checkpoints(bf16_pair, tmp_path):
 
     _, hf, path = bf16_pair
     results = []
-    for src in (path, hf):
-        stats = replace(calibrate(str(src), max_tokens=256, n_ctx=128, progress=False),
-                        prune_scale=1.0)
+    for src, calib_type in ((path, None), (hf, "BF16")):
+        stats = replace(calibrate(str(src), max_tokens=256, n_ctx=128, progress=False,
+                                  calib_type=calib_type), prune_scale=1.0)
         model = pipeline.open_model(src)
         probe = pipeline.make_budget(model.adapter, 10**9, ctx=256)
         q8 = mp.uniform_plan(model.specs, "Q8_0", probe).weight_bytes
-        cap = probe.kv_bytes + probe.compute_bytes + int(q8 * 0.3)  # about 2.5 bits a weight
+        cap = probe.runtime_bytes + int(q8 * 0.3)  # about 2.5 bits a weight
         budget = pipeline.make_budget(model.adapter, cap, ctx=256)
         plan, tradeoff = pipeline.make_plan(model, budget, stats=stats, progress=False)
         assert len(tradeoff) > 1  # keep counts were weighed
@@ -181,11 +182,13 @@ def test_calibrated_plan_from_gguf_is_the_checkpoints(bf16_pair, tmp_path):
     assert s1.in_sum2.keys() == s2.in_sum2.keys()
     assert all(np.array_equal(s1.in_sum2[k], s2.in_sum2[k]) for k in s1.in_sum2)
     assert sorted(s1.experts) == sorted(s2.experts) == m1.adapter.moe_layers()
-    assert p1 == p2
+    assert "source GGUF itself (BF16)" in p1.calibration and "BF16" in p2.calibration
+    assert replace(p1, calibration="") == replace(p2, calibration="")
     assert len({t.type for t in p1.tensors}) > 2  # a mixed plan, not one type
 
     assert p1.n_experts_kept < p1.n_experts
     assert p1.n_experts_kept % m1.adapter.n_expert_groups == 0
-    files = [pipeline.export(m, p, tmp_path / f"{i}.gguf", stats=s, progress=False)
-             for i, (m, s, p) in enumerate(results)]
+    # (the plan stored in the file says what the statistics ran on: the one difference)
+    files = [pipeline.export(m, replace(p, calibration=""), tmp_path / f"{i}.gguf", stats=s,
+                             progress=False) for i, (m, s, p) in enumerate(results)]
     _same_file(*files)

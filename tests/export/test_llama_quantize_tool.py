@@ -23,7 +23,7 @@ from edgemoe import pipeline
 from edgemoe.calibration.collect import calibrate
 from edgemoe.cli import main
 from export.imatrix import read_stats, write_legacy, write_stats
-from export.quantize import output_error
+from export.search import output_error
 from memory_planner.stats import CalibStats
 from tests.helpers import PROMPT
 from tests.llama_tools import llama_quantize_path
@@ -193,7 +193,7 @@ def test_plan_prints_a_command_that_runs_as_printed(tool, calibrated, qwen3_dir,
     # them some that need an imatrix
     budget = pipeline.make_budget(c.model.adapter, 0, PLAN_CTX)
     weights = mp.uniform_plan(c.model.specs, "IQ2_S", mp.Budget(2**62)).weight_bytes
-    flags = ["--memory", str(weights + budget.kv_bytes + budget.compute_bytes),
+    flags = ["--memory", str(weights + budget.runtime_bytes),
              "--ctx", str(PLAN_CTX), "--stats", str(c.gguf_stats), "--no-prune"]
     assert main(["plan", str(qwen3_dir), *flags, "-o", str(tmp_path / "plan.json")]) == 0
     plan = mp.MemoryPlan.load(tmp_path / "plan.json")

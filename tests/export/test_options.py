@@ -40,7 +40,7 @@ def _stats() -> CalibStats:
 def test_statistics_follow_the_kept_experts():
     stats, full = _stats(), _recipes(E)
     kept = {0: (1, 3)}
-    opts = export_options(stats, full, _recipes(2), kept, search=8, search_seed=3, threads=2,
+    opts = export_options(stats, full, _recipes(2), kept, search=8, threads=2,
                           progress=False)
     up, down, q, norm = (r.spec.name for r in full)
     im = stats.importance_for(full[0].spec)
@@ -53,7 +53,7 @@ def test_statistics_follow_the_kept_experts():
     np.testing.assert_array_equal(opts.covariance[up], stats.covariance(up)[[1, 3]])
     assert opts.covariance[down].shape == (1, B, B)  # shared: not sliced
     assert opts.covariance[q].shape == (1, B, B)
-    assert (opts.search, opts.search_seed, opts.threads, opts.progress) == (8, 3, 2, False)
+    assert (opts.search, opts.threads, opts.progress) == (8, 2, False)
 
 
 def test_no_search_no_covariances_and_no_stats_no_statistics():

@@ -186,67 +186,6 @@ def test_bad_inputs() -> None:
     assert q.quantize_rows(w, "Q8_0").tobytes() == q.quantize_rows(w32, "Q8_0").tobytes()
 
 
-# ---------------------------------------------------------------------------------------------
-# output-error search
-
-
-def correlated_cov(n: int, seed: int = 2) -> np.ndarray:
-    """A (n // 256 or 1, B, B) block covariance with strong correlations between columns."""
-    b = q.cov_block(n)
-    a = np.random.default_rng(seed).standard_normal((n // b, b, b // 4))
-    return (a @ a.transpose(0, 2, 1) / b + 0.05 * np.eye(b)).astype(np.float32)
-
-
-def test_output_error_is_the_blockwise_quadratic_form() -> None:
-    w, cov = gaussian(8, 512), correlated_cov(512)
-    raw = q.quantize_rows(w, "Q4_K")
-    e = (q.dequantize(raw, "Q4_K", w.shape) - w).astype(np.float64).reshape(8, 2, 256)
-    want = sum(np.einsum("ri,ij,rj->r", e[:, k], cov[k].astype(np.float64), e[:, k])
-               for k in range(2))
-    np.testing.assert_allclose(q.output_error(w, raw, "Q4_K", cov), want, rtol=1e-6)
-
-
-@pytest.mark.parametrize("type_name", ["Q4_K", "IQ2_XXS", "Q2_K"])
-def test_search_never_loses_to_ggml_and_wins_in_total(type_name: str) -> None:
-    w, im, cov = gaussian(64, 512), positive(512), correlated_cov(512)
-    plain = q.quantize_rows(w, type_name, im)
-    searched = q.quantize_rows_searched(w, type_name, im, cov, tries=8)
-    assert searched.shape == plain.shape
-    e_plain = q.output_error(w, plain, type_name, cov)
-    e_search = q.output_error(w, searched, type_name, cov)
-    assert (e_search <= e_plain).all()
-    assert e_search.sum() < 0.95 * e_plain.sum()
-    # one try is ggml's own quantization
-    np.testing.assert_array_equal(q.quantize_rows_searched(w, type_name, im, cov, tries=1), plain)
-
-
-def test_search_bytes_do_not_depend_on_the_row_split() -> None:
-    w, im, cov = gaussian(40, 256), positive(256), correlated_cov(256)
-    whole = q.quantize_rows_searched(w, "IQ3_S", im, cov, tries=6)
-    halves = np.concatenate([q.quantize_rows_searched(w[:17], "IQ3_S", im, cov, tries=6),
-                             q.quantize_rows_searched(w[17:], "IQ3_S", im, cov, tries=6)])
-    np.testing.assert_array_equal(whole, halves)
-
-
-def test_scaled_correlation_keeps_the_correlations_and_takes_the_imatrix() -> None:
-    cov, im = correlated_cov(512), positive(512)
-    c = q.scaled_correlation(cov, im)
-    np.testing.assert_allclose(np.diagonal(c, axis1=1, axis2=2).reshape(-1), im, rtol=1e-5)
-
-    def corr(m):
-        d = np.sqrt(np.diagonal(m, axis1=1, axis2=2))
-        return m / d[:, :, None] / d[:, None, :]
-
-    np.testing.assert_allclose(corr(c.astype(np.float64)), corr(cov.astype(np.float64)),
-                               atol=1e-5)
-
-
-def test_search_checks_the_covariance_shape() -> None:
-    with pytest.raises(q.QuantizeError, match="covariance shape"):
-        q.quantize_rows_searched(gaussian(4, 512), "Q4_K", None, correlated_cov(256))
-    assert q.cov_block(7168) == 256 and q.cov_block(64) == 64 and q.cov_block(300) is None
-
-
 def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGEMOE_THREADS", raising=False)
     assert q.default_threads() >= 1

@@ -88,3 +88,41 @@ def test_reuse_copies_unchanged_tensors_and_quantizes_the_rest(qwen3_dir, tmp_pa
     got = pipeline.export(model, plan, tmp_path / "got.gguf", progress=False, reuse=base_path)
     assert got.read_bytes() == want.read_bytes()
     assert set(quantized) == {"Q8_0"}  # F32 norms and Q4_K tensors were copied
+
+
+def test_searched_export_does_not_depend_on_threads(qwen3_dir, tmp_path):
+    """The output-error search inside the writer: the same bytes with 1 and 3 workers (which
+    split dense tensors into other row blocks), and not the bytes of search 0."""
+    from dataclasses import replace
+
+    import memory_planner as mp
+    from export.options import ExportOptions
+    from export.search import cov_block
+
+    model = pipeline.open_model(qwen3_dir)
+    plan = mp.uniform_plan(model.specs, "Q4_K", mp.Budget(2**62), check_budget=False)
+    iq3 = mp.uniform_plan(model.specs, "IQ3_S", mp.Budget(2**62), check_budget=False).by_name()
+    plan = replace(plan, tensors=tuple(iq3[t.name] if "down" in t.name else t
+                                       for t in plan.tensors))
+    rng = np.random.default_rng(0)
+    imatrix, covariance = {}, {}
+    for r in model.recipes:
+        s = r.spec
+        if not s.quantizable or s.name == "token_embd.weight":
+            continue
+        b = cov_block(s.row_length)
+        a = rng.standard_normal((s.row_length // b, b, b // 4))
+        covariance[s.name] = (a @ a.transpose(0, 2, 1) / b + 0.05 * np.eye(b)).astype(np.float32)
+        im = np.diagonal(covariance[s.name], axis1=1, axis2=2).reshape(-1)
+        imatrix[s.name] = np.tile(im, (s.n_experts, 1)) if s.n_experts else im
+
+    def write(name: str, **kw) -> bytes:
+        options = ExportOptions(imatrix, covariance, progress=False, **kw)
+        return writer.write_gguf(
+            tmp_path / name, arch_name=model.adapter.arch_name, recipes=model.recipes,
+            source=model.source, plan=plan, add_metadata=lambda w: None,
+            options=options).read_bytes()
+
+    one = write("t1.gguf", threads=1)
+    assert write("t3.gguf", threads=3) == one
+    assert write("s0.gguf", threads=3, search=0) != one

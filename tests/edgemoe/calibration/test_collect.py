@@ -140,15 +140,14 @@ def test_stats_file_drives_llama_cpps_own_quantizer(qwen3_dir, tmp_path):
 
 def test_shared_expert_covariances_when_per_expert_ones_do_not_fit(qwen3_dir, tmp_path):
     from edgemoe import pipeline
-    from edgemoe.calibration.collect import cov_plan
+    from edgemoe.calibration.collect import cov_bytes, cov_plan
 
     specs = pipeline.open_model(qwen3_dir).specs
     full = cov_plan(specs, 2**40)
-    need = sum(4 * max(1, s.n_experts) * s.row_length * full[s.name][0] for s in specs
-               if s.name in full)
+    need = cov_bytes(specs, full)
     shared = cov_plan(specs, need - 1)
-    assert all(per for n, (_, per) in full.items() if "_exps" in n)
-    assert not any(per for _, per in shared.values())
+    assert all(c.per_expert for n, c in full.items() if "_exps" in n)
+    assert not any(c.per_expert for c in shared.values())
     assert not any("ffn_down_exps" in n for n in shared)  # each expert's own units
     assert cov_plan(specs, 1000) == {}
 
@@ -171,7 +170,7 @@ def test_shared_expert_covariances_when_per_expert_ones_do_not_fit(qwen3_dir, tm
     import gguf
 
     import memory_planner as mp
-    from export.quantize import output_error
+    from export.search import output_error
 
     model = pipeline.open_model(qwen3_dir)
 

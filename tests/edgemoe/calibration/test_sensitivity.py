@@ -36,7 +36,7 @@ def test_probes_and_calibrated_plan(qwen3_dir, tmp_path):
     # a tight cap: the calibrated program may trade experts for bits; the file is exact
     lo = mp.uniform_plan(model.specs, "Q2_K", mp.Budget(2**62)).weight_bytes
     budget = pipeline.make_budget(model.adapter, 1, ctx=128)
-    cap = budget.kv_bytes + budget.compute_bytes + int(lo * 1.1)
+    cap = budget.runtime_bytes + int(lo * 1.1)
     budget = pipeline.make_budget(model.adapter, cap, ctx=128)
     plan, tradeoff = pipeline.make_plan(model, budget, stats=back, progress=False)
     assert plan.damage_model.endswith("+probed")
