@@ -87,6 +87,7 @@ def build_checkpoint(work: Path, shape: Shape) -> Path:
         num_experts_per_tok=min(8, shape.experts), norm_topk_prob=True,
         max_position_embeddings=4096, rms_norm_eps=1e-6,
         eos_token_id=eos, tie_word_embeddings=False, torch_dtype="bfloat16",
+        architectures=["Qwen3MoeForCausalLM"],  # what llama.cpp's converter looks up
     ).save_pretrained(out)
 
     g = torch.Generator().manual_seed(0)

@@ -74,6 +74,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def converter_command(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None,
+                      args: tuple[str, ...] = (), restore_add_bos: bool = False) -> list[str]:
+    """The command that runs llama.cpp's converter on `hf_dir` (in `converter_dir()`);
+    arguments as for `convert_hf`."""
+    root = converter_dir()
+    return [sys.executable, "-c", _DRIVER, str(root), pre or "", "1" if restore_add_bos else "0",
+            "--outtype", outtype, *args, "--outfile", str(out), str(hf_dir)]
+
+
 def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None,
                args: tuple[str, ...] = (), restore_add_bos: bool = False) -> Path:
     """Run llama.cpp's converter on `hf_dir`; returns `out`. `pre` names the BPE
@@ -82,10 +91,8 @@ def convert_hf(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = 
     drops tokenizer_config.json's add_bos_token when a tokenizer.json exists, so a converter
     that asserts the flag (DeepSeek-V3.2's) fails on every checkpoint; the child sets it back
     from the file. Raises LlamaToolError with the converter's output when it fails."""
-    root = converter_dir()
-    cmd = [sys.executable, "-c", _DRIVER, str(root), pre or "", "1" if restore_add_bos else "0",
-           "--outtype", outtype, *args, "--outfile", str(out), str(hf_dir)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    cmd = converter_command(hf_dir, out, outtype, pre, args, restore_add_bos)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=converter_dir())
     if r.returncode != 0 or not out.is_file():
         raise LlamaToolError(f"llama.cpp's converter failed ({r.returncode}): {' '.join(cmd)}\n"
                              f"{(r.stdout + r.stderr)[-4000:]}")

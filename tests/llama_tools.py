@@ -6,8 +6,11 @@ compiles the real `llama-quantize` (tools/quantize, plus the few files of common
 the imatrix loader, logging) from the sdist of the installed version and links it against the
 installed libraries, so the tool and the Python bindings run the very same quantizer. Built
 once per machine into a cache directory (10 to 20 s on 2 cores; the first sdist download
-adds 10 to 60 s). `llama_cpp_file` gives one file of that source (tests compare edgemoe's
-tables with llama.cpp's), unpacked once into the same cache directory.
+adds 10 to 60 s). `llama_imatrix_path` builds `llama-imatrix` the same way (with all of
+llama-common, which its argument parser needs: 3 to 10 minutes once); `llama_tool_path`
+builds any `Tool` described by its sources. `llama_cpp_file` gives one file of that source
+(tests compare edgemoe's tables with llama.cpp's), unpacked once into the same cache
+directory.
 
 Set EDGEMOE_LLAMA_SDIST to an sdist (.tar.gz, or an unpacked copy) to skip the download.
 """
@@ -26,21 +29,58 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DIST = "llama-cpp-python"
-RECIPE = 2  # bump when the build below changes, so cached binaries are rebuilt
 
-# translation units of llama-quantize, relative to vendor/llama.cpp; largest first so that
-# parallel compilation finishes early. common.cpp provides two helpers (tty_can_use_colors,
-# string_parse_kv_override); --gc-sections drops the rest of it and what that would need.
-SOURCES = ("common/common.cpp", "common/json.cpp", "tools/quantize/quantize.cpp",
-           "common/imatrix-loader.cpp", "common/log.cpp", "tools/quantize/main.cpp")
-INCLUDE_DIRS = ("include", "ggml/include", "common", "vendor", "tools/quantize")
-# what to unpack from the sdist (the whole tree is 3,900 files)
-NEEDED = ("include/", "ggml/include/", "common/", "tools/quantize/", "vendor/nlohmann/")
+
+@dataclass(frozen=True)
+class Tool:
+    """One llama.cpp program: its translation units (paths or globs relative to
+    vendor/llama.cpp; largest first so that parallel compilation finishes early), include
+    directories, the sdist prefixes to unpack, and which sources are compiled optimised."""
+
+    name: str
+    sources: tuple[str, ...]
+    include_dirs: tuple[str, ...]
+    needed: tuple[str, ...]
+    # -O0 builds twice as fast and costs nothing where the work runs in libllama and libggml;
+    # sources with hot loops of their own (imatrix's collector) are built -O2
+    optimized: tuple[str, ...] = ()
+    check_args: tuple[str, ...] = ()  # run with these, the built tool must print its usage
+    recipe: int = 1  # bump when the build below changes, so cached binaries are rebuilt
+
+
+# common.cpp provides two helpers (tty_can_use_colors, string_parse_kv_override);
+# --gc-sections drops the rest of it and what that would need.
+QUANTIZE = Tool(
+    "llama-quantize",
+    sources=("common/common.cpp", "common/json.cpp", "tools/quantize/quantize.cpp",
+             "common/imatrix-loader.cpp", "common/log.cpp", "tools/quantize/main.cpp"),
+    include_dirs=("include", "ggml/include", "common", "vendor", "tools/quantize"),
+    # what to unpack from the sdist (the whole tree is 3,900 files)
+    needed=("include/", "ggml/include/", "common/", "tools/quantize/", "vendor/nlohmann/"),
+    recipe=2)
+# imatrix parses its arguments with common/arg.cpp, whose option table reaches chat
+# templates, downloads (cpp-httplib) and samplers: all of llama-common is compiled
+IMATRIX = Tool(
+    "llama-imatrix",
+    sources=("common/arg.cpp", "tools/imatrix/imatrix.cpp", "vendor/cpp-httplib/httplib.cpp",
+             "common/*.cpp", "common/jinja/*.cpp", "common/parsers/*.cpp"),
+    include_dirs=("include", "ggml/include", "common", "vendor", "tools/imatrix"),
+    needed=("include/", "ggml/include/", "common/", "tools/imatrix/", "vendor/nlohmann/",
+            "vendor/cpp-httplib/", "vendor/sheredom/"),
+    optimized=("tools/imatrix/imatrix.cpp",), check_args=("--help",))
+PERPLEXITY = Tool(
+    "llama-perplexity", sources=(*IMATRIX.sources[:1], "tools/perplexity/perplexity.cpp",
+                                 "tools/perplexity/main.cpp", *IMATRIX.sources[2:]),
+    include_dirs=("include", "ggml/include", "common", "vendor", "tools/perplexity"),
+    needed=(*IMATRIX.needed[:3], "tools/perplexity/", *IMATRIX.needed[4:]),
+    optimized=("tools/perplexity/perplexity.cpp",), check_args=("--help",))
+NEEDED = QUANTIZE.needed
 
 
 class LlamaToolError(RuntimeError):
@@ -75,24 +115,41 @@ def llama_quantize_path() -> Path:
 
     Raises LlamaToolError (with the compiler's or pip's output) when it cannot be built.
     """
+    return llama_tool_path(QUANTIZE)
+
+
+def llama_imatrix_path() -> Path:
+    """The `llama-imatrix` binary of the installed llama-cpp-python version, built if needed
+    (all of llama-common: 3 to 10 minutes on 2 cores, once)."""
+    return llama_tool_path(IMATRIX)
+
+
+def llama_perplexity_path() -> Path:
+    """`llama-perplexity`, built like `llama_imatrix_path` (benchmarks' baseline of validate)."""
+    return llama_tool_path(PERPLEXITY)
+
+
+def llama_tool_path(tool: Tool) -> Path:
+    """`tool`'s binary, built from the installed version's sdist and linked against its
+    libraries, cached per version and library directory."""
     version, lib = installed_version(), library_dir()
     # keyed by the library directory too: the binary's rpath points there
-    key = hashlib.sha1(f"{RECIPE} {lib.resolve()}".encode()).hexdigest()[:10]
-    out = cache_dir() / f"llama-quantize-{version}-{key}" / "llama-quantize"
+    key = hashlib.sha1(f"{tool.recipe} {lib.resolve()}".encode()).hexdigest()[:10]
+    out = cache_dir() / f"{tool.name}-{version}-{key}" / tool.name
     if out.is_file():
         return out
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx or not shutil.which(cxx):
         found = f"CXX={cxx} is not an executable" if cxx else "no g++ or c++ on PATH"
-        raise LlamaToolError(f"building llama-quantize needs a C++17 compiler: {found} "
+        raise LlamaToolError(f"building {tool.name} needs a C++17 compiler: {found} "
                              "(apt-get install g++, or set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        root = _llama_cpp_source(version, tmp)
+        root = _llama_cpp_source(version, tmp, needed=tool.needed)
         t1 = time.perf_counter()
-        binary = _build(cxx, root, lib, version, tmp / "obj")
+        binary = _build(tool, cxx, root, lib, version, tmp / "obj")
         binary.replace(out)  # atomic: a concurrent build simply wins or loses
         log.warning("built %s in %.1f s (sources %.1f s, compile %.1f s)", out,
                     time.perf_counter() - t0, t1 - t0, time.perf_counter() - t1)
@@ -159,50 +216,81 @@ def _check_sdist_version(pkg_info: Path, version: str) -> None:
 def _download_sdist(version: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--disable-pip-version-check", "-d", str(dest), f"{DIST}=={version}"]
-    log.warning("fetching the %s %s sdist to build llama-quantize: %s", DIST, version,
+    log.warning("fetching the %s %s sdist to build llama.cpp tools: %s", DIST, version,
                 " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob("*.tar.gz")) if dest.is_dir() else []
     if r.returncode != 0 or not found:
         raise LlamaToolError(
-            f"could not download the {DIST} {version} sdist (needed to build llama-quantize; "
+            f"could not download the {DIST} {version} sdist (needed to build llama.cpp tools; "
             f"or set EDGEMOE_LLAMA_SDIST to a copy): {' '.join(cmd)} exited with "
             f"{r.returncode}\n{(r.stdout + r.stderr)[-3000:]}")
     return found[0]
 
 
-def _build(cxx: str, root: Path, lib: Path, version: str, obj: Path) -> Path:
+def _sources(tool: Tool, root: Path) -> list[Path]:
+    """The tool's translation units, globs expanded, each once, in the listed order."""
+    found: dict[Path, None] = {}
+    for pattern in tool.sources:
+        hits = sorted(root.glob(pattern)) if "*" in pattern else [root / pattern]
+        if not hits or not all(h.is_file() for h in hits):
+            raise LlamaToolError(f"{root} lacks {pattern}: llama.cpp's layout changed, update "
+                                 "tests/llama_tools.py")
+        found.update(dict.fromkeys(hits))
+    return list(found)
+
+
+def _object_key(cxx: str, args: list[str], dirs: list[str], rel: str, src: Path) -> str:
+    return hashlib.sha1(repr((Path(cxx).name, args, dirs, rel)).encode()
+                        + src.read_bytes()).hexdigest()[:16]
+
+
+def _build(tool: Tool, cxx: str, root: Path, lib: Path, version: str, obj: Path) -> Path:
     obj.mkdir(parents=True)
-    missing = [s for s in SOURCES if not (root / s).is_file()]
-    if missing:
-        raise LlamaToolError(f"{root} lacks {missing}: llama.cpp's layout changed, update "
-                             "tests/llama_tools.py")
     # build-info.cpp is generated by CMake from this template
     info = (root / "common" / "build-info.cpp.in").read_text()
     for k, v in {"LLAMA_BUILD_NUMBER": "0", "LLAMA_BUILD_COMMIT": f"{DIST}-{version}",
                  "BUILD_COMPILER": Path(cxx).name, "BUILD_TARGET": sys.platform}.items():
         info = info.replace(f"@{k}@", v)
     (obj / "build-info.cpp").write_text(info)
-    sources = [root / s for s in SOURCES] + [obj / "build-info.cpp"]
-    # -O0 builds twice as fast and costs nothing: quantizing runs in libllama and libggml
-    flags = ["-std=c++17", "-O0", "-ffunction-sections", "-fdata-sections",
-             *(f"-I{root / d}" for d in INCLUDE_DIRS)]
+    sources = _sources(tool, root) + [obj / "build-info.cpp"]
+    optimized = {root / s for s in tool.optimized}
+    # objects are cached per version and flags: the tools share llama-common's 50 files
+    shared = cache_dir() / f"objects-{version}"
+    shared.mkdir(parents=True, exist_ok=True)
 
     def compile_one(i_src: tuple[int, Path]) -> Path:
         i, src = i_src
+        rel = src.relative_to(root).as_posix() if src.is_relative_to(root) else None
+        dirs = [d for d in tool.include_dirs if not d.startswith("tools/")
+                or (rel or "").startswith("tools/")]  # a tool's own headers, for its files
+        args = ["-std=c++17", "-ffunction-sections", "-fdata-sections",
+                "-O2" if src in optimized else "-O0"]
+        cmd = [cxx, *args, *(f"-I{root / d}" for d in dirs), "-c", str(src)]
         o = obj / f"{i}-{src.stem}.o"
-        _run([cxx, *flags, "-c", str(src), "-o", str(o)], f"compiling {src.name}")
+        key = None
+        if rel is not None:
+            key = _object_key(cxx, args, dirs, rel, src)
+            cached = shared / f"{src.stem}-{key}.o"
+            if cached.is_file():
+                shutil.copyfile(cached, o)
+                return o
+        _run([*cmd, "-o", str(o)], f"compiling {src.name}")
+        if key is not None:
+            tmp = shared / f".{cached.name}.{os.getpid()}"
+            shutil.copyfile(o, tmp)
+            tmp.replace(cached)  # atomic: a concurrent build simply wins or loses
         return o
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(compile_one, enumerate(sources)))
-    binary = obj / "llama-quantize"
+    binary = obj / tool.name
     # DT_RPATH (not RUNPATH) so that LD_LIBRARY_PATH cannot swap in other libraries
     _run([cxx, *map(str, objects), "-o", str(binary), "-Wl,--gc-sections",
           f"-L{lib}", "-lllama", "-lggml", "-lggml-base", "-pthread",
-          f"-Wl,-rpath,{lib}", "-Wl,--disable-new-dtags"], "linking llama-quantize")
-    r = subprocess.run([str(binary)], capture_output=True, text=True)
-    if "usage:" not in r.stdout + r.stderr:
+          f"-Wl,-rpath,{lib}", "-Wl,--disable-new-dtags"], f"linking {tool.name}")
+    r = subprocess.run([str(binary), *tool.check_args], capture_output=True, text=True)
+    if "usage" not in (r.stdout + r.stderr).lower():
         raise LlamaToolError(f"the built {binary} does not run: {(r.stdout + r.stderr)[-2000:]}")
     return binary
 

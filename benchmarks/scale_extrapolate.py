@@ -1,0 +1,233 @@
+"""Each stage measured by `scale.py`, extrapolated to a target model and machine.
+
+For a stage (one side: edgemoe or llama.cpp) measured on the benchmark model with CPU time
+c (user + system of the whole process tree) and a busiest thread of CPU time b:
+
+    s       = 2 b / (CPU time of all threads) - 1      the serial share (2 cores here)
+    compute = c * W_target / W_bench * (s + (1 - s) / cores)
+    io      = (bytes read + bytes written) at the target / disk bandwidth
+    hours   = max(compute, io) / 3600,   disk = peak extra disk * bytes_target / bytes_bench
+
+CPU time, not wall time: the benchmark machine is shared (load 20 on 2 cores while these
+ran), which stretches wall time several-fold but not CPU time. Threads are assumed to scale
+to all cores where they ran in parallel here (Amdahl with the measured serial share b);
+llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic for it).
+
+- W, the work that scales the stage: parameters P for convert, export and quantize; for
+  plan, the rows its damage measurement quantizes: 256 rows of every dense tensor and of 16
+  experts of every expert tensor, times the row length (D below); tokens x
+  active parameters T*A for running the model (calibration windows, imatrix, validation),
+  with the same tokens as measured; for the probes (calibrate minus calibrate
+  --no-sensitivity): P x the number of probes, which follows the code's rule (one per
+  tensor up to 64 quantizable tensors, else one per tensor kind). An edgemoe calibration of
+  an HF source is its Q8_0 intermediate (the measured `export --type Q8_0`, scaled by P) +
+  the rest (scaled by T*A).
+- io: the source is read once; each model-sized file written is written once; a model run
+  reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
+  512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
+  memory: a 512-token batch routes to nearly every expert). Probes: each writes one
+  Q8_0-sized probe file and runs it over 2048 tokens.
+- disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
+  calibrate: its Q8_0 intermediate + the checkpoint of its sums (at most 4 GiB with the
+  default covariance budget); with probes also the probes' base and probe files (Q8_0-sized
+  each, on disk together with the intermediate). Other stages: measured peak x bytes ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "fixtures" / "configs"
+MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512, "probe_tokens": 2048}
+PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
+Q8_BYTES_PER_PARAM = 34 / 32
+CAP = 128e9  # the output: a plan at the machine's memory
+CHECKPOINT = 2 * 2 * 2**30  # calibrate's checkpoint: float64 covariances, and its next copy
+
+
+def deepseek_v3() -> dict:
+    """Counted by edgemoe's own adapter from the public config."""
+    import numpy as np
+
+    from edgemoe.planning.from_config import adapter_for, read_config
+
+    a = adapter_for(read_config(CONFIGS / "deepseek-v3.json"))
+    specs = a.tensor_specs()
+    n = {s.name: int(np.prod(s.shape)) for s in specs}
+    total = sum(n.values())
+    routed = sum(n[s.name] for s in specs if s.n_experts)
+    embd = sum(n[s.name] for s in specs if s.kind == "token_embd")
+    quantizable = [s for s in specs if s.quantizable]
+    probes = len(quantizable) if len(quantizable) <= 64 else len({s.kind for s in quantizable})
+    return {"name": "DeepSeek-V3 (671B)", "params": total,
+            "active": total - embd - routed * (1 - a.n_expert_used / a.n_expert),
+            "source_bytes": total * 1.0,  # FP8 weights (block scales are 0.02%)
+            "q8_bytes": 713.29e9, "probes": probes, "tensors": len(specs),
+            "damage_work": damage_work(specs)}
+
+
+def qwen35_397b() -> dict:
+    """Counted by hand from the release config (text model; no vision tower, no MTP)."""
+    c = json.loads((CONFIGS / "qwen3.5-397b-a17b.json").read_text())["text_config"]
+    d, L, E, k = c["hidden_size"], c["num_hidden_layers"], c["num_experts"], \
+        c["num_experts_per_tok"]
+    ff, sff = c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+    full = sum(t == "full_attention" for t in c["layer_types"])
+    hd, nq, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+    attn = d * (2 * nq * hd) + 2 * d * nkv * hd + nq * hd * d  # q (+ output gate), k, v, o
+    kd = c["linear_num_key_heads"] * c["linear_key_head_dim"]
+    vd = c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    nv = c["linear_num_value_heads"]
+    linear = d * (2 * kd + 2 * vd) + d * 2 * nv + vd * d + (2 * kd + vd) * c[
+        "linear_conv_kernel_dim"]  # in_proj_qkvz, in_proj_ba, out_proj, conv
+    routed = L * E * 3 * d * ff
+    dense = L * (3 * d * sff + d * E + d) + full * attn + (L - full) * linear
+    embd = out = c["vocab_size"] * d
+    total = routed + dense + embd + out
+    kinds = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "attn_gate", "ssm_out",
+             "ssm_alpha", "ssm_beta", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
+             "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output", "token_embd"}
+    # per layer: gate/up/down experts (16 measured), shared gate/up/down, attention or linear
+    # attention projections (4 of row 4096 + 1 of row 8192), counted as measure_damage would
+    dmg = 256 * (L * (16 * (2 * d + ff) + 2 * d + sff + 4 * d + 2 * d) + 2 * d)
+    return {"name": "Qwen3.5-397B-A17B", "params": total, "damage_work": dmg,
+            "active": total - embd - routed * (1 - k / E), "source_bytes": 2.0 * total,
+            "q8_bytes": Q8_BYTES_PER_PARAM * total, "probes": len(kinds),
+            "tensors": 2 + 60 * 14}
+
+
+def _serial_share(m: dict) -> float:
+    """1 - f: the busiest thread's share b of all threads' CPU time, on the 2 cores here
+    b = s + (1 - s) / 2, so s = 2 b - 1."""
+    total = m.get("threads_seconds") or 0.0
+    b = m.get("busiest_thread_seconds", 0.0) / total if total > 0 else 1.0
+    return min(1.0, max(0.0, 2 * b - 1))
+
+
+def damage_work(specs) -> float:
+    """What `edgemoe.damage.measure_damage` quantizes per ladder type: 256 rows of each dense
+    tensor, of each of 16 experts of an expert tensor, times the row length."""
+    return sum(256 * s.row_length * (min(16, s.n_experts) if s.n_experts else 1)
+               for s in specs if s.quantizable)
+
+
+def _estimate(m: dict | None, parts: list[tuple[float, float]], io_bytes: float,
+              scale_b: float) -> dict | None:
+    """`parts`: (measured CPU seconds, work ratio); `io_bytes` at the target."""
+    if m is None:
+        return None
+    serial = _serial_share(m)
+    per_core = serial + (1 - serial) / MACHINE["cores"]
+    compute = sum(c * w for c, w in parts) * per_core
+    io = io_bytes / MACHINE["disk_bps"]
+    return {"hours": max(compute, io) / 3600, "compute_hours": compute / 3600,
+            "io_hours": io / 3600, "disk_bytes": m["peak_disk"] * scale_b,
+            "serial_share": serial, "speedup_at_target": 1 / per_core,
+            "lower_bound": bool(m.get("lower_bound"))}
+
+
+def _passes(model_bytes: float, tokens: float) -> float:
+    return 1.0 if model_bytes <= PAGE_CACHE else math.ceil(tokens / MACHINE["ubatch"])
+
+
+def extrapolate(entry: dict) -> dict:
+    """Per target, per stage row and side: hours (compute, io) and disk, with the inputs."""
+    jobs = {r[side + "_job"]: r[side] for r in entry["rows"] for side in ("edgemoe", "llama")
+            if r[side]}
+    P, A, T = entry["params"], entry["active_params"], entry["tokens"]
+    q8_m, src_m = entry["q8_bytes"], entry["checkpoint_bytes"]
+    probes_m = entry["quantizable"] if entry["quantizable"] <= 64 else None
+    out = {"machine": MACHINE, "formula": __doc__, "targets": {}}
+    for tgt in (deepseek_v3(), qwen35_397b()):
+        p_r, ta_r = tgt["params"] / P, tgt["active"] / A
+        q8, src = tgt["q8_bytes"], tgt["source_bytes"]
+        scale_b = q8 / q8_m
+        rows = {}
+
+        def est(job: str, parts: list[tuple[float, float]], io_bytes: float,
+                scale_b: float = scale_b) -> dict | None:
+            return _estimate(jobs.get(job), parts, io_bytes, scale_b)
+
+        conv = jobs.get("em_convert")
+        t_conv = conv["cpu_seconds"] if conv else 0.0
+        run_io = q8 * _passes(q8, T)
+        for job, m in jobs.items():
+            t = m["cpu_seconds"]
+            if job in ("em_convert", "ll_convert"):
+                r = est(job, [(t, p_r)], src + q8)
+            elif job in ("em_calib_noprobes", "em_calib_gguf"):
+                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)], src + q8 + run_io)
+            elif job == "em_calib":
+                base = jobs.get("em_calib_noprobes")
+                if base is None or not probes_m:
+                    continue
+                t_probe = max(0.0, t - base["cpu_seconds"])
+                n_r = tgt["probes"] / probes_m
+                probe_io = tgt["probes"] * (q8 + q8 * _passes(q8, MACHINE["probe_tokens"]))
+                r = est(job, [(t_conv, p_r), (max(0.0, base["cpu_seconds"] - t_conv), ta_r),
+                              (t_probe, p_r * n_r)], src + q8 + run_io + probe_io)
+            elif job == "ll_imatrix":
+                r = est(job, [(t, ta_r)], run_io)
+            elif job == "em_plan":
+                r = est(job, [(t, tgt["damage_work"] / entry["damage_work"])],
+                        m["read_bytes"] * src / src_m)
+            elif job in ("em_export", "em_export_s0"):
+                r = est(job, [(t, p_r)], src + CAP)
+            elif job == "ll_quantize":  # from a BF16 GGUF (2 bytes per parameter)
+                r = est(job, [(t, p_r)], 2 * tgt["params"] + CAP)
+            elif job in ("em_validate", "ll_perplexity"):
+                r = est(job, [(t, ta_r)], CAP * _passes(CAP, T))
+            else:
+                continue
+            if r:  # what the stage writes at the target (the measured peaks hold a
+                # checkpoint of float64 sums, capped by --cov-budget: 2 x 2 x 1 GiB at most)
+                r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
+                                   "em_convert": q8, "ll_convert": q8,
+                                   "em_calib_noprobes": q8 + CHECKPOINT,
+                                   "em_calib_gguf": q8 + CHECKPOINT,
+                                   "em_calib": 3 * q8 + CHECKPOINT}.get(job, r["disk_bytes"])
+                rows[job] = r
+        em = [rows.get(j) for j in ("em_calib", "em_plan", "em_export")]
+        ll = [rows.get(j) for j in ("ll_convert", "ll_imatrix", "ll_quantize")]
+        out["targets"][tgt["name"]] = {
+            "model": tgt, "ratios": {"P": p_r, "T*A": ta_r, "bytes": scale_b}, "rows": rows,
+            "pipeline_edgemoe_hours": sum(r["hours"] for r in em) if all(em) else None,
+            "pipeline_llama_hours": sum(r["hours"] for r in ll) if all(ll) else None}
+    return out
+
+
+LABELS = {"em_convert": "edgemoe export --type Q8_0", "ll_convert": "convert_hf_to_gguf q8_0",
+          "em_calib": "edgemoe calibrate (HF, probes)",
+          "em_calib_noprobes": "edgemoe calibrate --no-sensitivity",
+          "em_calib_gguf": "edgemoe calibrate (GGUF src, no probes)",
+          "ll_imatrix": "llama-imatrix", "em_plan": "edgemoe plan",
+          "em_export": "edgemoe export (search)", "em_export_s0": "edgemoe export --search 0",
+          "ll_quantize": "llama-quantize", "em_validate": "edgemoe validate",
+          "ll_perplexity": "llama-perplexity"}
+
+
+def fmt_extrapolation(x: dict) -> str:
+    m = x["machine"]
+    lines = [f"extrapolated to {m['ram'] / 1e9:.0f} GB RAM, {m['cores']} cores, "
+             f"{m['disk_bps'] / 1e9:.0f} GB/s disk (formula: benchmarks/scale_extrapolate.py)"]
+    for name, t in x["targets"].items():
+        md = t["model"]
+        lines.append(f"\n{name}: {md['params'] / 1e9:.1f}B parameters, {md['active'] / 1e9:.1f}B "
+                     f"active, Q8_0 {md['q8_bytes'] / 1e9:.0f} GB, {md['probes']} probes")
+        lines.append(f"{'job':<42}{'hours':>8}{'compute h':>11}{'io h':>8}{'disk GB':>9}")
+        for job, r in t["rows"].items():
+            ge = ">=" if r.get("lower_bound") else ""
+            lines.append(f"{LABELS.get(job, job):<42}{ge + format(r['hours'], '.2f'):>8}"
+                         f"{r['compute_hours']:>11.2f}"
+                         f"{r['io_hours']:>8.2f}{r['disk_bytes'] / 1e9:>9.0f}")
+        em, ll = t["pipeline_edgemoe_hours"], t["pipeline_llama_hours"]
+        if em is not None:
+            ge = ">= " if t["rows"]["em_calib"].get("lower_bound") else ""
+            lines.append(f"pipeline edgemoe (calibrate with probes + plan + export): {ge}"
+                         f"{em:.1f} h")
+        if ll is not None:
+            lines.append(f"pipeline llama.cpp (convert + imatrix + quantize): {ll:.1f} h")
+    return "\n".join(lines)
