@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -151,10 +152,11 @@ def llama_quantize_command(plan: MemoryPlan, imatrix: str | None = None,
             or [("F32", 0)])[0][0]  # an all-F32 plan is llama-quantize's F32
     args = []
     for (kind, qtype), layers in sorted(by_kind.items()):
+        k = re.escape(kind)  # kinds may hold dots (nextn.eh_proj)
         if layers == [None]:
-            pattern = rf"^{kind}\.weight$"
+            pattern = rf"^{k}\.weight$"
         else:
-            pattern = rf"^blk\.({'|'.join(sorted(layers, key=int))})\.{kind}\.weight$"
+            pattern = rf"^blk\.({'|'.join(sorted(layers, key=int))})\.{k}\.weight$"
         args.append(f"--tensor-type '{pattern}={qtype.lower()}'")
     head = "llama-quantize" + (f" --imatrix {imatrix}" if imatrix else "")
     cmd = " \\\n    ".join([head, *args, f"{src} {dst} {base}"])
