@@ -6,7 +6,9 @@ when calibration statistics are given, one number per dense tensor and one per e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 import memory_planner as mp
-from export.quantize import relative_error, sample_rows
+from export.quantize import default_threads, relative_error, sample_rows
 from memory_planner.joint import damage_with_kept
 from memory_planner.stats import CalibStats
 
@@ -78,33 +80,46 @@ def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
     dense: dict[str, dict[str, float]] = {}
     per_expert: dict[str, dict[str, np.ndarray]] = {}
     todo = [r for r in model.recipes if r.spec.quantizable]
-    for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
-        spec = r.spec
-        types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
-        imatrix = importance(stats, spec)
-        if imatrix is None:  # ggml cannot make these types without an importance matrix
-            types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
-        if not spec.n_experts:
-            # only the rows relative_error samples are read: a 129k-row token_embd stays
-            # on disk
-            rows = sample_rows(spec.shape[0], max_rows)
-            data = r.load_rows(model.source, rows)
-            dense[spec.name] = {t: relative_error(data, t, imatrix, max_rows=len(rows))
-                                for t in types}
-            continue
-        E = spec.n_experts
-        picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
-        errs = {t: np.full(E, np.nan) for t in types}
-        for e in picks:
-            data = r.load_expert(model.source, int(e))
-            im = None if imatrix is None else imatrix[e]
-            for t in types:
-                errs[t][e] = relative_error(data, t, im, max_rows=max_rows)
-        share = _expert_shares(stats, spec)
-        per_expert[spec.name] = {
-            t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
-        }
+    # each type's error on a thread of its own: ggml quantizes and reads back without the GIL
+    with ThreadPoolExecutor(default_threads()) as pool:
+        for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
+            _measure(model, r, ladder, stats, max_rows, max_experts, pool, dense, per_expert)
     return Damage(dense, per_expert, "calibrated" if stats is not None else "relative-error")
+
+
+def _measure(model: Model, r, ladder: Sequence[str], stats: CalibStats | None, max_rows: int,
+             max_experts: int, pool: ThreadPoolExecutor, dense: dict, per_expert: dict) -> None:
+    """One tensor's errors at every candidate type, into `dense` or `per_expert`."""
+    spec = r.spec
+    types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
+    imatrix = importance(stats, spec)
+    if imatrix is None:  # ggml cannot make these types without an importance matrix
+        types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
+    if not spec.n_experts:
+        # only the rows relative_error samples are read: a 129k-row token_embd stays
+        # on disk
+        rows = sample_rows(spec.shape[0], max_rows)
+        data = r.load_rows(model.source, rows)
+        one = functools.partial(_error, data, imatrix, len(rows))
+        dense[spec.name] = dict(zip(types, pool.map(one, types)))
+        return
+    E = spec.n_experts
+    picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
+    errs = {t: np.full(E, np.nan) for t in types}
+    for e in picks:
+        data = r.load_expert(model.source, int(e))
+        im = None if imatrix is None else imatrix[e]
+        one = functools.partial(_error, data, im, max_rows)
+        for t, err in zip(types, pool.map(one, types)):
+            errs[t][e] = err
+    share = _expert_shares(stats, spec)
+    per_expert[spec.name] = {
+        t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
+    }
+
+
+def _error(data: np.ndarray, imatrix, max_rows: int, type_name: str) -> float:
+    return relative_error(data, type_name, imatrix, max_rows=max_rows)
 
 
 def importance(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray | None:

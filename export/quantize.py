@@ -4,7 +4,7 @@ gguf-py can produce only a few types, so we call `ggml_quantize_chunk` in the
 `libggml-base` that llama-cpp-python ships (the same code llama-quantize runs) through
 ctypes (`export.ggml` loads it). ctypes releases the GIL during the call, so a
 ThreadPoolExecutor quantizes row chunks and expert slices in parallel. `dequantize` reads
-back through `gguf.quants.dequantize`; the search reads back with ggml's own dequantizer.
+back with ggml's own dequantizer (`export.ggml.to_float`).
 
 Every quantizer in ggml works row by row (each row sees only its own values and the
 imatrix), so splitting a matrix into row chunks never changes the bytes.
@@ -19,7 +19,6 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as _gguf_dequantize
 
 from memory_planner.quant_types import qtype, tensor_nbytes
 
@@ -29,6 +28,7 @@ from .ggml import (
     checked_type,
     init_type,
     library,
+    to_float,
 )
 
 # Rows are handed to threads in chunks of at least this many weights, so that the Python
@@ -219,12 +219,11 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
         raise QuantizeError(f"{raw.size} bytes do not hold {shape} {t.name} ({expected} bytes)")
     if n == 0:
         return np.zeros(shape, dtype=np.float32)
-    # gguf-py dequantizes along the last axis: give it one row per line
-    try:
-        values = _gguf_dequantize(raw.reshape(n // shape[-1], -1), t)
-    except NotImplementedError:
-        raise QuantizeError(f"gguf-py cannot dequantize {t.name}") from None
-    return np.asarray(values, dtype=np.float32).reshape(shape)
+    if t.name == "F32":
+        return raw.view(np.float32).reshape(shape).copy()
+    # ggml's own dequantizer: the values gguf-py's numpy one gives (tests/export/test_ggml.py),
+    # in C and without the GIL, so threads read back in parallel
+    return to_float(t.name, raw, n).reshape(shape)
 
 
 def sample_rows(total: int, max_rows: int, seed: int = 0) -> np.ndarray:

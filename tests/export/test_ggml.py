@@ -26,16 +26,20 @@ def test_shares_the_ggml_instance_llama_cpp_uses() -> None:
 
 
 def test_to_float_reads_back_what_gguf_py_reads() -> None:
+    import gguf
     import numpy as np
 
     from export import quantize as q
+    from memory_planner.quant_types import qtype
 
     w = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
     im = np.linspace(0.1, 2.0, 512, dtype=np.float32)
     for t in ("Q8_0", "Q4_K", "Q2_K", "Q3_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ2_XXS", "F16"):
         raw = q.quantize_rows(w, t, im)
+        # gguf-py's numpy dequantizer, one row per line (export.quantize.dequantize is ggml's)
+        by_gguf_py = gguf.quants.dequantize(raw.reshape(len(w), -1), qtype(t))
         np.testing.assert_array_equal(ggml.to_float(t, raw, w.size),
-                                      q.dequantize(raw, t, w.shape).reshape(-1), err_msg=t)
+                                      np.asarray(by_gguf_py, np.float32).reshape(-1), err_msg=t)
     with pytest.raises(ggml.QuantizeError, match="do not hold"):
         ggml.to_float("Q4_K", q.quantize_rows(w, "Q4_K")[:-1], w.size)
     with pytest.raises(ggml.QuantizeError, match="no dequantizer for F32"):
