@@ -48,18 +48,25 @@ def converter_differences(model_dir: Path, ours: Path, out: Path, pre: str = "qw
     return [d for d in diffs if d not in kept] + gone
 
 
-def pruned_difference(model_dir: Path, kept: dict[int, tuple[int, ...]], tmp: Path) -> float:
-    """Export `model_dir` at F32 keeping `kept` experts per MoE layer; the max logit
-    difference to transformers running the checkpoint pruned the same way."""
+def export_pruned(model_dir: Path, kept: dict[int, tuple[int, ...]], out: Path) -> Path:
+    """`model_dir` exported at F32 keeping `kept` experts per MoE layer; returns `out`."""
     model = pipeline.open_model(model_dir)
     n_keep = len(next(iter(kept.values())))
-    n = model.adapter.n_expert
     plan = mp.uniform_plan(model.adapter.tensor_specs(n_keep), "F32", mp.Budget(10**12))
-    plan = replace(plan, n_experts=n, n_experts_kept=n_keep,
+    plan = replace(plan, n_experts=model.adapter.n_expert, n_experts_kept=n_keep,
                    kept_experts={str(k): v for k, v in kept.items()})
-    out = pipeline.export(model, plan, tmp / "pruned.gguf", progress=False)
+    out = pipeline.export(model, plan, out, progress=False)
     arch = model.adapter.arch_name
     assert gguf.GGUFReader(out).get_field(f"{arch}.expert_count").contents() == n_keep
+    return out
+
+
+def pruned_difference(model_dir: Path, kept: dict[int, tuple[int, ...]], tmp: Path,
+                      exported: Path | None = None) -> float:
+    """The max logit difference between `model_dir` exported keeping `kept` experts per MoE
+    layer (`exported`, or `export_pruned` into `tmp`) and transformers running the checkpoint
+    pruned the same way."""
+    out = exported or export_pruned(model_dir, kept, tmp / "pruned.gguf")
     tokens = hf_tokens(model_dir)
     reference = af.prune_hf_checkpoint(model_dir, tmp / "hf_pruned", kept)
     want = hf_logits(reference, tokens)

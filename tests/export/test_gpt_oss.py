@@ -21,6 +21,7 @@ from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import UnsupportedModelError, adapter_for
 from tests import arch_fixtures as af
+from tests.export.family_checks import export_pruned, pruned_difference
 from tests.helpers import export_planned, hf_logits, hf_tokens, q8_0_agreement
 from tests.llama_converter import convert_hf, layout_differences
 
@@ -64,23 +65,14 @@ def test_q8_0_export_agrees_on_top1(gpt_oss_dir, tmp_path):
 
 def test_pruned_export_matches_pruned_transformers(gpt_oss_dir, tmp_path):
     """Router rows and bias, and the gate/up/down biases, follow the kept experts."""
-    model = pipeline.open_model(gpt_oss_dir)
-    plan = mp.uniform_plan(model.adapter.tensor_specs(6), "F32", mp.Budget(10**12))
-    plan = replace(plan, n_experts=8, n_experts_kept=6,
-                   kept_experts={str(k): v for k, v in KEPT.items()})
-    out = pipeline.export(model, plan, tmp_path / "pruned.gguf", progress=False)
+    out = export_pruned(gpt_oss_dir, KEPT, tmp_path / "pruned.gguf")
     r = gguf.GGUFReader(out)
     assert r.get_field("gpt-oss.expert_count").contents() == 6
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
     assert shapes["blk.1.ffn_gate_exps.bias"] == (96, 6)  # ggml order: {n_ff, n_expert}
     assert shapes["blk.1.ffn_gate_inp.bias"] == (6,)
 
-    tokens = hf_tokens(gpt_oss_dir)
-    reference = af.prune_hf_checkpoint(gpt_oss_dir, tmp_path / "hf_pruned", KEPT)
-    want = hf_logits(reference, tokens)
-    assert np.abs(hf_logits(gpt_oss_dir, tokens) - want).max() > 0.1, \
-        "pruning these experts should change the logits"
-    diff = np.abs(_logits(out, tokens) - want).max()
+    diff = pruned_difference(gpt_oss_dir, KEPT, tmp_path, out)
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"
 
 

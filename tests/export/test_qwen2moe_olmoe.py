@@ -7,17 +7,15 @@ grouped-query attention (Qwen2-MoE: 2 KV heads for 4).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import gguf
 import numpy as np
 import pytest
 
-import memory_planner as mp
 from edgemoe import pipeline
 from edgemoe.llamacpp import eval_logits, open_llama
 from export.arch import UnsupportedModelError, adapter_for
 from tests import arch_fixtures as af
+from tests.export.family_checks import pruned_difference
 from tests.helpers import export_planned, hf_logits, hf_tokens, q8_0_agreement
 
 BUILDERS = {"qwen2_moe": af.build_qwen2_moe, "olmoe": af.build_olmoe}
@@ -54,21 +52,8 @@ def test_q8_0_export_agrees_on_top1(family_dir, tmp_path):
 
 
 def test_pruned_export_matches_pruned_transformers(family_dir, tmp_path):
-    model = pipeline.open_model(family_dir)
-    kept = KEPT[model.adapter.model_type]
-    plan = mp.uniform_plan(model.adapter.tensor_specs(3), "F32", mp.Budget(10**12))
-    plan = replace(plan, n_experts=4, n_experts_kept=3,
-                   kept_experts={str(k): v for k, v in kept.items()})
-    out = pipeline.export(model, plan, tmp_path / "pruned.gguf", progress=False)
-    arch = model.adapter.arch_name
-    assert gguf.GGUFReader(out).get_field(f"{arch}.expert_count").contents() == 3
-
-    tokens = hf_tokens(family_dir)
-    reference = af.prune_hf_checkpoint(family_dir, tmp_path / "hf_pruned", kept)
-    want = hf_logits(reference, tokens)
-    assert np.abs(hf_logits(family_dir, tokens) - want).max() > 0.1, \
-        "pruning these experts should change the logits"
-    diff = np.abs(_logits(out, tokens) - want).max()
+    kept = KEPT[pipeline.open_model(family_dir).adapter.model_type]
+    diff = pruned_difference(family_dir, kept, tmp_path)
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"
 
 

@@ -9,7 +9,6 @@ used, plus a shared expert behind a sigmoid gate.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -22,6 +21,7 @@ from edgemoe.llamacpp import eval_logits, open_llama
 from edgemoe.runtime.memory import memory_breakdown
 from export.arch import UnsupportedModelError, adapter_for
 from tests import arch_fixtures as af
+from tests.export.family_checks import export_pruned, pruned_difference
 from tests.helpers import export_planned, export_uniform, hf_logits, hf_tokens, q8_0_agreement
 
 # 6 of 8 experts, other ones per block; each block drops experts the prompt's tokens use
@@ -63,11 +63,7 @@ def test_q8_0_export_agrees_on_top1(qwen35_dir, tmp_path):
 
 def test_pruned_export_matches_pruned_transformers(qwen35_dir, tmp_path):
     """Pruning keeps the shared expert and its gate and slices the router's rows."""
-    model = pipeline.open_model(qwen35_dir)
-    plan = mp.uniform_plan(model.adapter.tensor_specs(6), "F32", mp.Budget(10**12))
-    plan = replace(plan, n_experts=8, n_experts_kept=6,
-                   kept_experts={str(k): v for k, v in KEPT.items()})
-    out = pipeline.export(model, plan, tmp_path / "pruned.gguf", progress=False)
+    out = export_pruned(qwen35_dir, KEPT, tmp_path / "pruned.gguf")
     r = gguf.GGUFReader(out)
     assert r.get_field("qwen35moe.expert_count").contents() == 6
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
@@ -75,12 +71,7 @@ def test_pruned_export_matches_pruned_transformers(qwen35_dir, tmp_path):
     assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (128, 1)
     assert shapes["blk.0.ffn_up_shexp.weight"] == (128, 96)
 
-    tokens = hf_tokens(qwen35_dir)
-    reference = af.prune_hf_checkpoint(qwen35_dir, tmp_path / "hf_pruned", KEPT)
-    want = hf_logits(reference, tokens)
-    assert np.abs(hf_logits(qwen35_dir, tokens) - want).max() > 0.1, \
-        "pruning these experts should change the logits"
-    diff = np.abs(_logits(out, tokens) - want).max()
+    diff = pruned_difference(qwen35_dir, KEPT, tmp_path, out)
     assert diff < 1e-3, f"max |llama.cpp pruned - transformers pruned| = {diff}"
 
 
