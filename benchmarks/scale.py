@@ -13,7 +13,8 @@ not repeated once its runs took more than --stage-budget seconds in all.
 | convert | `export --type Q8_0` | `convert_hf_to_gguf.py --outtype q8_0` |
 | calibrate | `calibrate` HF source (probes on) | `llama-imatrix` on the Q8_0 GGUF |
 | calibrate, no probes | `calibrate --no-sensitivity` | the same `llama-imatrix` run |
-| calibrate, GGUF source | `calibrate Q8_0.gguf --no-sensitivity` | the same `llama-imatrix` run |
+| calibrate, GGUF source | `calibrate Q8_0.gguf` (probes on) | the same `llama-imatrix` run |
+| calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same `llama-imatrix` run |
 | plan | `plan --stats --no-prune` | (no such tool) |
 | export | `export --plan --stats` (search on) | `llama-quantize --imatrix --tensor-type` (BF16) |
 | export, search 0 | `export ... --search 0` | the same `llama-quantize` run |
@@ -64,6 +65,7 @@ ROWS = [
     ("convert", "em_convert", "ll_convert"),
     ("calibrate", "em_calib", "ll_imatrix"),
     ("calibrate, no probes", "em_calib_noprobes", "ll_imatrix"),
+    ("calibrate, GGUF source", "em_calib_gguf_probes", "ll_imatrix"),
     ("calibrate, GGUF source, no probes", "em_calib_gguf", "ll_imatrix"),
     ("plan", "em_plan", None),
     ("export", "em_export", "ll_quantize"),
@@ -71,7 +73,8 @@ ROWS = [
     ("validate", "em_validate", "ll_perplexity"),
 ]
 STAGES = {"convert": ("em_convert", "ll_convert"),
-          "calibrate": ("em_calib", "em_calib_noprobes", "em_calib_gguf", "ll_imatrix"),
+          "calibrate": ("em_calib", "em_calib_noprobes", "em_calib_gguf_probes",
+                        "em_calib_gguf", "ll_imatrix"),
           "plan": ("em_plan",), "export": ("em_export", "em_export_s0", "ll_quantize"),
           "validate": ("em_validate", "ll_perplexity")}
 
@@ -161,6 +164,8 @@ def job_command(job: str, s: Setup, run: Path) -> tuple[list[str], list[Path]] |
         return [*EDGEMOE, "calibrate", model, *calib], [s.model]
     if job == "em_calib_noprobes":
         return [*EDGEMOE, "calibrate", model, *calib, "--no-sensitivity"], [s.model]
+    if job == "em_calib_gguf_probes":
+        return [*EDGEMOE, "calibrate", str(s.q8), *calib], [s.q8]
     if job == "em_calib_gguf":
         return [*EDGEMOE, "calibrate", str(s.q8), *calib, "--no-sensitivity"], [s.q8]
     if job == "ll_imatrix":
@@ -207,6 +212,7 @@ def _extra_bufts() -> bool:
 def harvest(job: str, s: Setup, run: Path) -> None:
     """Keep what later jobs need from the first successful run of `job`."""
     keep = {"em_calib": ("stats.gguf", "stats.gguf"),
+            "em_calib_gguf_probes": ("stats.gguf", "stats.gguf"),
             "em_calib_noprobes": ("stats.gguf", "stats-noprobes.gguf"),
             "em_plan": ("plan.json", "plan.json"), "em_export_s0": ("out.gguf", "out-search0.gguf")}
     if job in keep and not s.product(keep[job][1]).is_file() and (run / keep[job][0]).is_file():

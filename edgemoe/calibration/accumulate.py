@@ -156,9 +156,10 @@ def checkpoint_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec],
 
 
 def block_moments(x: np.ndarray, b: int) -> np.ndarray:
-    """sum over rows of x x^T in diagonal blocks of b columns: (n // b, b, b)."""
+    """sum over rows of x x^T in diagonal blocks of b columns: (n // b, b, b), float32 (one
+    micro-batch's; the caller adds it to float64 sums)."""
     n = x.shape[-1]
-    xb = x.astype(np.float64).reshape(len(x), n // b, b).transpose(1, 0, 2)
+    xb = x.astype(np.float32, copy=False).reshape(len(x), n // b, b).transpose(1, 0, 2)
     return np.matmul(xb.transpose(0, 2, 1), xb)
 
 
@@ -189,14 +190,19 @@ class _Lanes:
             p.shutdown(wait=True, cancel_futures=True)
 
 
-def _grouped_sum(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    """sums[e] = sum of values[i] over i with ids[i] == e, in row order (numpy reductions
-    release the GIL, unlike np.add.at)."""
-    order = np.argsort(ids, kind="stable")
-    present, starts = np.unique(ids[order], return_index=True)
-    sums = np.zeros((n, values.shape[1]))
-    sums[present] = np.add.reduceat(values[order], starts, axis=0)
-    return sums
+def _expert_sums(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """sums[e] = sum of the rows of `values` in the slots that chose expert e: `values`
+    (n_tokens, k, m) one row per slot, or (n_tokens, m) one row a token's k slots share.
+    One product with a 0/1 matrix (float32, on BLAS), float64 out."""
+    t, k = ids.shape
+    if values.ndim == 2:  # a token picks an expert at most once: one 1 per (expert, token)
+        hit = np.zeros((n, t), np.float32)
+        hit[ids, np.arange(t)[:, None]] = 1.0
+    else:
+        hit = np.zeros((n, t * k), np.float32)
+        hit[ids.reshape(-1), np.arange(t * k)] = 1.0
+        values = values.reshape(t * k, -1)
+    return (hit @ values.astype(np.float32, copy=False)).astype(np.float64)
 
 
 class Collector:
@@ -252,13 +258,8 @@ class Collector:
         by all of `names` (computed once for them all)."""
         n, E = x.shape[-1], self.n_expert
         flat = ids.reshape(-1)
-        x2 = np.square(x, dtype=np.float64)
-        if x2.ndim == 2:  # a token's input is the same in each of its k slots
-            sums = _grouped_sum(flat, np.repeat(x2, ids.shape[1], axis=0), E)
-        else:
-            sums = _grouped_sum(flat, x2.reshape(-1, n), E)
         self._table(names[0], E, n)
-        self.in_sum2[names[0]] += sums
+        self.in_sum2[names[0]] += _expert_sums(ids, np.square(x, dtype=np.float32), E)
         self.counts[names[0]] += np.bincount(flat, minlength=E)
         for name in names:
             c = self.cov_blocks.get(name)
@@ -273,7 +274,7 @@ class Collector:
                 self._add_cov(name, block_moments(rows, c.block), int(e), E)
 
     def _routing(self, layer: int, ids: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-        contrib = w * np.linalg.norm(out.astype(np.float64), axis=-1)
+        contrib = w * np.sqrt(np.einsum("tkn,tkn->tk", out, out).astype(np.float64))
         flat = ids.reshape(-1)
         E = self.n_expert
         self.selected[layer] += np.bincount(flat, minlength=E)

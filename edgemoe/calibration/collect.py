@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import memory_planner as mp
@@ -28,11 +29,12 @@ from export.imatrix import write_stats
 from memory_planner.stats import CalibSource, CalibStats
 
 from .. import pipeline
-from ..llamacpp import open_llama, tokenize
+from ..llamacpp import tokenize
 from . import checkpoint, intermediate
 from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_plan  # noqa: F401
 from .hooks import attach
 from .nodes import graph_nodes
+from .perturb import BasePass, open_run
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_laye
             progress: bool = True, dataset: str = "text",
             cov_blocks: dict[str, CovSpec] | None = None,
             checkpoint_path: Path | None = None, fingerprint: str = "",
-            threads: int | None = None, source: CalibSource | None = None) -> CalibStats:
+            threads: int | None = None, source: CalibSource | None = None,
+            on_window=None) -> CalibStats:
     """Run `gguf_path` (a model with tensors `specs`) in llama.cpp over `text` in windows of
     `n_ctx` tokens; statistics.
 
@@ -54,14 +57,15 @@ def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_laye
     `checkpoint_path` the sums are saved there between windows (`checkpoint.every()`), and a
     checkpoint of the same `fingerprint` is resumed: the windows it covers are not run
     again, and the result is the same to the bit (the sums are float64, in window order,
-    whatever `threads`, the workers for the sums and llama.cpp's threads)."""
+    whatever `threads`, the workers for the sums and llama.cpp's threads).
+    `on_window(tokens, llm, seconds)` is called after each window llama.cpp ran (windows
+    a checkpoint covers are not run)."""
     threads = threads or os.cpu_count() or 1
     arch = gguf.GGUFReader(gguf_path).get_field("general.architecture").contents()
     col = Collector(specs, n_layer, n_expert, cov_blocks, threads=threads,
                     nodes=graph_nodes(arch))  # which graph nodes feed which tensors
     start = checkpoint.resume(col, checkpoint_path, fingerprint)
-    llm = attach(open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx,
-                            n_ubatch=n_ctx, threads=threads), col.hooks())
+    llm = attach(open_run(gguf_path, n_ctx, threads), col.hooks())
     tokens = tokenize(llm, text, max_tokens)
     windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
     windows = [w for w in windows if len(w) > 1]
@@ -69,24 +73,29 @@ def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_laye
         raise ValueError("the calibration text is too short: no tokens to run")
     every = checkpoint.every()
     saved, saved_at = start, time.monotonic()
-    try:
-        for i, w in enumerate(tqdm(windows[start:], desc="calibrating in llama.cpp",
-                                   initial=start, total=len(windows), disable=not progress),
-                              start + 1):
-            llm.reset()
-            llm.eval(w)
-            if checkpoint_path is not None and time.monotonic() - saved_at >= every \
-                    and i < len(windows):
-                checkpoint.save(col.state(), checkpoint_path, fingerprint, i)
-                saved, saved_at = i, time.monotonic()
-    except KeyboardInterrupt as e:
-        col.lanes.close()
-        if checkpoint_path is None or not saved:
-            raise
-        raise type(e)(f"the sums of the first {saved} of {len(windows)} windows are kept in "
-                      f"{checkpoint_path}: run the same command again to resume") from None
-    del llm
-    return col.stats((dataset,), source=source)
+    # numpy's BLAS on one thread in each worker: llama.cpp's threads hold the cores
+    with threadpool_limits(1, user_api="blas"):
+        try:
+            for i, w in enumerate(tqdm(windows[start:], desc="calibrating in llama.cpp",
+                                       initial=start, total=len(windows), disable=not progress),
+                                  start + 1):
+                started = time.monotonic()
+                llm.reset()
+                llm.eval(w)
+                if on_window is not None:
+                    on_window(w, llm, time.monotonic() - started)
+                if checkpoint_path is not None and time.monotonic() - saved_at >= every \
+                        and i < len(windows):
+                    checkpoint.save(col.state(), checkpoint_path, fingerprint, i)
+                    saved, saved_at = i, time.monotonic()
+        except KeyboardInterrupt as e:
+            col.lanes.close()
+            if checkpoint_path is None or not saved:
+                raise
+            raise type(e)(f"the sums of the first {saved} of {len(windows)} windows are kept in "
+                          f"{checkpoint_path}: run the same command again to resume") from None
+        del llm
+        return col.stats((dataset,), source=source)
 
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
@@ -105,10 +114,11 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     `max_disk` bytes (default: 90% of the free space there); `calib_model` runs a GGUF of
     the model you have instead. The text is `text` (default: the text shipped with
     edgemoe). With `sensitivity`, probes measure each tensor's KL divergence per unit of
-    predicted damage on the first `probe_tokens` tokens, inside llama.cpp's eval callback
-    on the GGUF just run (edgemoe.calibration.sensitivity; no file written), for
-    `probe_seconds` (default: as long as the calibration run, at least
-    `sensitivity.MIN_PROBE_SECONDS`). Writes the statistics to `output` (a llama.cpp-
+    predicted damage on the first whole windows of the text (an eighth of the calibration
+    tokens, 512 to `probe_tokens`), inside llama.cpp's eval callback on the GGUF just run
+    (edgemoe.calibration.sensitivity; no file written; the reference is this run's own
+    logits), for `probe_seconds` (default: `sensitivity.default_budget`, half the
+    calibration run's time, at least a minute). Writes the statistics to `output` (a llama.cpp-
     compatible GGUF imatrix) when given. The inputs' covariances (in blocks of 256 columns;
     `cov_plan` says which) are kept too, within `cov_budget` bytes on disk (float64
     accumulators take twice that in memory while calibrating): export's output-error search
@@ -146,19 +156,23 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
         pipeline.export(model, plan, work, progress=progress)  # itself resumable
+    # the probes' reference log-probabilities come from this run (no base pass of their own)
+    base = BasePass(probe_tokens, n_ctx) if sensitivity else None
     started = time.monotonic()
     stats = collect(gguf_path, body, model.specs, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
-                    threads=threads, source=record)
+                    threads=threads, source=record, on_window=base)
     if sensitivity:
-        from .sensitivity import MIN_PROBE_SECONDS, measure_scales
+        from .sensitivity import default_budget, measure_scales, probe_token_count
 
-        tokens = tokenize(model.source.path, body)[:probe_tokens]
-        # probes on the GGUF just run, for `probe_seconds` (default: as long as the run)
-        seconds = probe_seconds or max(MIN_PROBE_SECONDS, time.monotonic() - started)
+        seconds = probe_seconds or default_budget(time.monotonic() - started)
+        n = probe_token_count(stats.n_tokens, probe_tokens, n_ctx)
+        base.windows, base.logprobs = base.windows[:n // n_ctx], base.logprobs[:n // n_ctx]
+        tokens = base.tokens or tokenize(model.source.path, body)[:n]  # resumed: a base pass
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
-                               progress=progress)
+                               progress=progress, threads=threads,
+                               base=base if base.windows else None)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)

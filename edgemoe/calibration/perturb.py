@@ -285,15 +285,47 @@ class PruneProbe:
             raise ProbeError(f"no router probabilities were seen in layers {missing}")
 
 
+class BasePass:
+    """The probes' reference, taken from calibration's own run of the GGUF: the
+    log-probabilities of its first whole windows, up to `n_tokens` tokens
+    (`collect(on_window=...)`). llama.cpp runs the probes with the same settings (one
+    `open_llama` policy, `ProbeRunner`), so a pass without a probe gives these values again
+    and the probes need no base pass of their own."""
+
+    def __init__(self, n_tokens: int, n_ctx: int):
+        self.n_tokens, self.n_ctx = n_tokens, n_ctx
+        self.windows: list[list[int]] = []
+        self.logprobs: list[np.ndarray] = []
+        self.seconds = 0.0  # the run's time on these windows: what a probe pass costs
+
+    def __call__(self, window: Sequence[int], llm, seconds: float) -> None:
+        if len(window) == self.n_ctx and len(self.windows) * self.n_ctx < self.n_tokens:
+            self.windows.append(list(window))
+            self.logprobs.append(log_softmax(np.array(llm.scores[:len(window)], np.float32)))
+            self.seconds += seconds
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for w in self.windows for t in w]
+
+
+def open_run(path: str | Path, n_ctx: int, threads: int | None = None):
+    """llama.cpp on `path` as calibration and the probes run it: windows of `n_ctx` tokens in
+    one micro-batch, every position's logits."""
+    return open_llama(path, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, n_ubatch=n_ctx,
+                      threads=threads)
+
+
 class ProbeRunner:
     """One llama.cpp model, run over the same windows with and without probes."""
 
-    def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512):
+    def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
+                 threads: int | None = None):
         self.tokens, self.n_ctx = list(tokens), n_ctx
         self.windows = whole_windows(self.tokens, n_ctx)
         if not self.windows:
             raise ValueError("too few tokens to probe")
-        self.llm = open_llama(path, n_ctx=n_ctx, f32_kv=True, n_batch=n_ctx, logits_all=True)
+        self.llm = open_run(path, n_ctx, threads)
 
     def logprobs(self, probe: TensorProbe | PruneProbe | None = None) -> list[np.ndarray]:
         """Per window, log-probabilities (n_tokens x n_vocab) with `probe` applied."""

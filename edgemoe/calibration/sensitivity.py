@@ -2,8 +2,9 @@
 
 The planner's damage proxy (importance-weighted relative error) ranks types within a tensor
 well, but says nothing of how much an error in `output` hurts compared with the same error
-in `blk.3.attn_k`. Probes settle that in llama.cpp itself, on the GGUF calibration ran: one
-base pass gives reference log-probabilities, and each probe is one more pass in which the
+in `blk.3.attn_k`. Probes settle that in llama.cpp itself, on the GGUF calibration ran: the
+calibration run's first windows give reference log-probabilities (or, resumed from a
+checkpoint, one base pass), and each probe is one more pass in which the
 eval callback adds a tensor's (or a group's) error at a low-bit probe type to its products
 (`edgemoe.calibration.perturb`; no model file is written). Its KL divergence against the
 base, divided by the predicted damage of that choice, is the tensor's scale. One more probe
@@ -37,6 +38,7 @@ from ..damage import measure_damage
 from .nodes import HookError
 from .perturb import (
     SUPPORTED_KINDS,
+    BasePass,
     ProbeError,
     ProbeRunner,
     PruneProbe,
@@ -49,7 +51,11 @@ from .perturb import (
 log = logging.getLogger(__name__)
 
 PROBE_TYPE = "Q2_K"
-MIN_PROBE_SECONDS = 300.0  # the default budget: this, or calibration's own time if longer
+# the default budget: this share of the calibration run's time, at least MIN_PROBE_SECONDS
+# (calibration with probes then costs about 1.5 calibration runs)
+PROBE_SHARE = 0.5
+MIN_PROBE_SECONDS = 60.0
+MIN_PROBE_TOKENS = 512  # probes run on an eighth of the calibration tokens, at least this
 KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 
 
@@ -57,14 +63,15 @@ KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 class ProbeLog:
     """What the probes measured and what was carried, for the log and the summary."""
 
-    base_seconds: float = 0.0
+    base_seconds: float | None = None  # None: the reference is calibration's own run
     passes: list[tuple[str, float, float]] = field(default_factory=list)  # label, KLD, scale
     carried: dict[str, list[str]] = field(default_factory=dict)  # source -> tensors
     skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"sensitivity probes: base pass {self.base_seconds:.1f} s, "
-                 f"{len(self.passes)} probe passes"]
+        ref = ("reference from the calibration run" if self.base_seconds is None
+               else f"base pass {self.base_seconds:.1f} s")
+        lines = [f"sensitivity probes: {ref}, {len(self.passes)} probe passes"]
         lines += [f"  probed {label}: KLD {k:.5f}, scale {s:.3g}" for label, k, s in self.passes]
         for src, names in self.carried.items():
             lines.append(f"  carried {src} to {len(names)} tensors: {_short(names)}")
@@ -109,12 +116,25 @@ class _Clock:
         return time.monotonic() - self.t0 + n * self.guess() <= self.seconds
 
 
+def default_budget(calibration_seconds: float) -> float:
+    """Seconds of probes after a calibration run of `calibration_seconds`."""
+    return max(MIN_PROBE_SECONDS, PROBE_SHARE * calibration_seconds)
+
+
+def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
+    """Tokens each probe pass runs: an eighth of the calibration's, between
+    MIN_PROBE_TOKENS and `most`, in whole windows of `n_ctx` (one at least)."""
+    n = min(most, max(MIN_PROBE_TOKENS, calibration_tokens // 8))
+    return max(n_ctx, n // n_ctx * n_ctx)
+
+
 def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
                    gguf_path: str | Path, probe_type: str = PROBE_TYPE, n_ctx: int = 512,
                    seconds: float = MIN_PROBE_SECONDS, progress: bool = True,
-                   threads: int | None = None) -> CalibStats:
+                   threads: int | None = None, base: BasePass | None = None) -> CalibStats:
     """`stats` with `scales` (per tensor) and `prune_scale` measured by probes run on
-    `gguf_path` (the model calibration ran) within about `seconds`."""
+    `gguf_path` (the model calibration ran) within about `seconds`: on `tokens`, against a
+    base pass run first, or on the windows of `base` against its log-probabilities."""
     clock = _Clock(seconds)
     specs = [s for s in model.specs if s.quantizable]
     probe_plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
@@ -123,12 +143,17 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
                             progress=False).table(model.specs)
     predicted = {s.name: damage[s.name].get(types[s.name], 0.0) for s in specs}
     report = ProbeLog()
-    runner = ProbeRunner(gguf_path, tokens, n_ctx)
+    if base is not None:
+        tokens = base.tokens
+    runner = ProbeRunner(gguf_path, tokens, n_ctx, threads)
     pool = ThreadPoolExecutor(threads or default_threads())
     try:
-        start = time.monotonic()
-        ref = runner.logprobs()
-        clock.base = report.base_seconds = time.monotonic() - start
+        if base is not None:  # calibration's own run: its time is what a pass costs
+            ref, clock.base = base.logprobs, base.seconds
+        else:
+            start = time.monotonic()
+            ref = runner.logprobs()
+            clock.base = report.base_seconds = time.monotonic() - start
         errors = WeightErrors(model, stats, RunWeights(gguf_path), types, executor=pool)
 
         def probe(p) -> float:

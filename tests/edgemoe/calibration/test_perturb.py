@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 import memory_planner as mp
 from edgemoe import pipeline
 from edgemoe.calibration import perturb
-from edgemoe.calibration.collect import calibrate
+from edgemoe.calibration.collect import calibrate, collect
 from edgemoe.calibration.nodes import HookError
 from edgemoe.calibration.perturb import (
+    BasePass,
     ProbeError,
     ProbeRunner,
     PruneProbe,
@@ -22,7 +24,6 @@ from edgemoe.calibration.perturb import (
     kld,
 )
 from edgemoe.llamacpp import tokenize
-from edgemoe.runtime import textscore
 from memory_planner.joint import kept_by_saliency
 from tests.helpers import PROMPT
 
@@ -57,7 +58,11 @@ def setup(qwen3_dir, ggufs, tmp_path_factory):
 
 def _real_kld(model, stats, plan, tokens, ref, path) -> float:
     out = pipeline.export(model, plan, path, stats=stats, progress=False, search=0)
-    return kld(ref, textscore.logprobs(out, tokens, N_CTX))
+    runner = ProbeRunner(out, tokens, N_CTX)  # llama.cpp's settings of the probes' reference
+    try:
+        return kld(ref, runner.logprobs())
+    finally:
+        runner.close()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -105,3 +110,24 @@ def test_unsupported_kinds_are_refused(setup):
     *_, runner, ref, errors, _ = setup
     with pytest.raises(ProbeError, match="no probe"):
         TensorProbe(errors, ["blk.0.ffn_gate_shexp.weight"]).install(perturb.EvalHooks())
+
+
+def test_the_calibration_run_is_the_probes_reference(setup, ggufs):
+    """The probes' reference comes from calibration's own run: a probe pass without a probe
+    gives the same log-probabilities, to the bit, so a probe's KLD is the probe's alone."""
+    model, stats, tokens, runner, ref, errors, tmp = setup
+    a = model.adapter
+    base = BasePass(3 * N_CTX, N_CTX)
+    again = collect(ggufs["qwen3"], (tmp / "calib.txt").read_text(), model.specs, a.n_layer,
+                    a.n_expert, n_ctx=N_CTX, progress=False, on_window=base)
+    assert again.n_tokens > 3 * N_CTX and len(base.windows) == 3 and base.seconds > 0
+    assert all(len(w) == N_CTX for w in base.windows)
+    probes = ProbeRunner(ggufs["qwen3"], base.tokens, N_CTX)
+    try:
+        unprobed = probes.logprobs()
+    finally:
+        probes.close()
+    assert len(unprobed) == 3
+    for x, y in zip(base.logprobs, unprobed):
+        assert np.array_equal(x, y)
+    assert kld(base.logprobs, unprobed) == 0.0
