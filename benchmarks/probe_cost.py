@@ -11,6 +11,13 @@ The old probes are today's code at `--old-rev` (loaded from git); `--old-json` r
 result this script wrote before instead of running them again.
 
     PYTHONPATH=. nice python benchmarks/probe_cost.py --old-rev ce8ede7
+
+`--default` adds `calibrate`'s own probes (their reference taken from the calibration run,
+on its default tokens and time budget; timed with the run they follow):
+
+    PYTHONPATH=. nice python benchmarks/probe_cost.py --default --probe-seconds 1e9 \
+        --old-json benchmarks/results/probe_cost.json \
+        --out benchmarks/results/probe_cost_default.json
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ def main() -> None:
     ap.add_argument("--old-rev", default=None, help="git revision of the old probes")
     ap.add_argument("--old-json", default=None, help="old probes' result from an earlier run")
     ap.add_argument("--no-kld", action="store_true", help="time and scales only")
+    ap.add_argument("--default", action="store_true",
+                    help="also `calibrate` with its default probes (reference from the run, "
+                         "default tokens and budget), timed with the run")
     ap.add_argument("--stats", default=None, help="statistics from an earlier run")
     ap.add_argument("--workdir", default="/tmp/edgemoe-probe-cost")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/probe_cost.json"))
@@ -84,6 +94,14 @@ def main() -> None:
     probe_tokens = tokenize(model_dir, (model_dir / "calib.txt").read_text())[:args.probe_tokens]
 
     runs = {}
+    if args.default:  # what `edgemoe calibrate` does: probes after the run, its default budget
+        t = time.time()
+        new = calibrate(str(model_dir), text=str(model_dir / "calib.txt"), calib_model=str(f32),
+                        calib_type="F32", sensitivity=True, progress=False,
+                        output=str(work / "stats-probed.gguf"))
+        runs["calibrate's default"] = {"seconds": time.time() - t, "scales": new.scales,
+                                       "prune_scale": new.prune_scale,
+                                       "includes": "the calibration run"}
     for budget in args.probe_seconds:
         t = time.time()
         new = measure_scales(model, stats, probe_tokens, f32, n_ctx=args.ctx, seconds=budget,

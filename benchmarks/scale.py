@@ -14,7 +14,7 @@ not repeated once its runs took more than --stage-budget seconds in all.
 | calibrate | `calibrate` HF source (probes on) | `llama-imatrix` on the Q8_0 GGUF |
 | calibrate, no probes | `calibrate --no-sensitivity` | the same `llama-imatrix` run |
 | calibrate, GGUF source | `calibrate Q8_0.gguf` (probes on) | the same `llama-imatrix` run |
-| calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same `llama-imatrix` run |
+| calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same run |
 | plan | `plan --stats --no-prune` | (no such tool) |
 | export | `export --plan --stats` (search on) | `llama-quantize --imatrix --tensor-type` (BF16) |
 | export, search 0 | `export ... --search 0` | the same `llama-quantize` run |

@@ -16,21 +16,20 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
 - W, the work that scales the stage: parameters P for convert, export and quantize; for
   plan, the rows its damage measurement quantizes: 256 rows of every dense tensor and of 16
   experts of every expert tensor, times the row length (D below); tokens x
-  active parameters T*A for running the model (calibration windows, imatrix, validation),
-  with the same tokens as measured; for the probes (calibrate minus calibrate
-  --no-sensitivity): P x the number of probes, which follows the code's rule (one per
-  tensor up to 64 quantizable tensors, else one per tensor kind). An edgemoe calibration of
-  an HF source is its Q8_0 intermediate (the measured `export --type Q8_0`, scaled by P) +
-  the rest (scaled by T*A).
+  active parameters T*A for running the model (calibration windows with their probes,
+  imatrix, validation), with the same tokens as measured. The probes run for a share of the
+  calibration run's time (PROBE_SHARE, calibrate's default budget), so they scale with the
+  run. An edgemoe calibration of an HF source is its Q8_0 intermediate (the measured
+  `export --type Q8_0`, scaled by P) + the rest (scaled by T*A); a GGUF source runs as it is.
 - io: the source is read once; each model-sized file written is written once; a model run
   reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
   512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
-  memory: a 512-token batch routes to nearly every expert). Probes: each writes one
-  Q8_0-sized probe file and runs it over 2048 tokens.
+  memory: a 512-token batch routes to nearly every expert). The probes read for their share
+  of the run's time at the same rate (PROBE_SHARE x the run's reads).
 - disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
-  calibrate: its Q8_0 intermediate + the checkpoint of its sums (at most 4 GiB with the
-  default covariance budget); with probes also the probes' base and probe files (Q8_0-sized
-  each, on disk together with the intermediate). Other stages: measured peak x bytes ratio.
+  calibrate: the checkpoint of its sums (at most 4 GiB with the default covariance budget:
+  float64, and its next copy while saving), with an HF source also its Q8_0 intermediate.
+  Other stages: measured peak x bytes ratio.
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512, "probe_tokens": 2048}
+MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512}
+PROBE_SHARE = 0.5  # calibrate's default probe budget: half the calibration run's time
 PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
 Q8_BYTES_PER_PARAM = 34 / 32
 CAP = 128e9  # the output: a plan at the machine's memory
@@ -60,12 +60,10 @@ def deepseek_v3() -> dict:
     total = sum(n.values())
     routed = sum(n[s.name] for s in specs if s.n_experts)
     embd = sum(n[s.name] for s in specs if s.kind == "token_embd")
-    quantizable = [s for s in specs if s.quantizable]
-    probes = len(quantizable) if len(quantizable) <= 64 else len({s.kind for s in quantizable})
     return {"name": "DeepSeek-V3 (671B)", "params": total,
             "active": total - embd - routed * (1 - a.n_expert_used / a.n_expert),
             "source_bytes": total * 1.0,  # FP8 weights (block scales are 0.02%)
-            "q8_bytes": 713.29e9, "probes": probes, "tensors": len(specs),
+            "q8_bytes": 713.29e9, "tensors": len(specs),
             "damage_work": damage_work(specs)}
 
 
@@ -87,15 +85,12 @@ def qwen35_397b() -> dict:
     dense = L * (3 * d * sff + d * E + d) + full * attn + (L - full) * linear
     embd = out = c["vocab_size"] * d
     total = routed + dense + embd + out
-    kinds = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "attn_gate", "ssm_out",
-             "ssm_alpha", "ssm_beta", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-             "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output", "token_embd"}
     # per layer: gate/up/down experts (16 measured), shared gate/up/down, attention or linear
     # attention projections (4 of row 4096 + 1 of row 8192), counted as measure_damage would
     dmg = 256 * (L * (16 * (2 * d + ff) + 2 * d + sff + 4 * d + 2 * d) + 2 * d)
     return {"name": "Qwen3.5-397B-A17B", "params": total, "damage_work": dmg,
             "active": total - embd - routed * (1 - k / E), "source_bytes": 2.0 * total,
-            "q8_bytes": Q8_BYTES_PER_PARAM * total, "probes": len(kinds),
+            "q8_bytes": Q8_BYTES_PER_PARAM * total,
             "tensors": 2 + 60 * 14}
 
 
@@ -139,7 +134,6 @@ def extrapolate(entry: dict) -> dict:
             if r[side]}
     P, A, T = entry["params"], entry["active_params"], entry["tokens"]
     q8_m, src_m = entry["q8_bytes"], entry["checkpoint_bytes"]
-    probes_m = entry["quantizable"] if entry["quantizable"] <= 64 else None
     out = {"machine": MACHINE, "formula": __doc__, "targets": {}}
     for tgt in (deepseek_v3(), qwen35_397b()):
         p_r, ta_r = tgt["params"] / P, tgt["active"] / A
@@ -158,17 +152,13 @@ def extrapolate(entry: dict) -> dict:
             t = m["cpu_seconds"]
             if job in ("em_convert", "ll_convert"):
                 r = est(job, [(t, p_r)], src + q8)
-            elif job in ("em_calib_noprobes", "em_calib_gguf"):
-                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)], src + q8 + run_io)
-            elif job == "em_calib":
-                base = jobs.get("em_calib_noprobes")
-                if base is None or not probes_m:
-                    continue
-                t_probe = max(0.0, t - base["cpu_seconds"])
-                n_r = tgt["probes"] / probes_m
-                probe_io = tgt["probes"] * (q8 + q8 * _passes(q8, MACHINE["probe_tokens"]))
-                r = est(job, [(t_conv, p_r), (max(0.0, base["cpu_seconds"] - t_conv), ta_r),
-                              (t_probe, p_r * n_r)], src + q8 + run_io + probe_io)
+            elif job in ("em_calib_gguf", "em_calib_gguf_probes"):  # the GGUF as it is
+                probes = PROBE_SHARE if job == "em_calib_gguf_probes" else 0.0
+                r = est(job, [(t, ta_r)], run_io * (1 + probes))
+            elif job in ("em_calib_noprobes", "em_calib"):  # an HF source: its intermediate
+                probes = PROBE_SHARE if job == "em_calib" else 0.0
+                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
+                        src + q8 + run_io * (1 + probes))
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
             elif job == "em_plan":
@@ -187,14 +177,27 @@ def extrapolate(entry: dict) -> dict:
                 r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
                                    "em_convert": q8, "ll_convert": q8,
                                    "em_calib_noprobes": q8 + CHECKPOINT,
-                                   "em_calib_gguf": q8 + CHECKPOINT,
-                                   "em_calib": 3 * q8 + CHECKPOINT}.get(job, r["disk_bytes"])
+                                   "em_calib": q8 + CHECKPOINT,
+                                   "em_calib_gguf": CHECKPOINT,
+                                   "em_calib_gguf_probes": CHECKPOINT}.get(job, r["disk_bytes"])
                 rows[job] = r
-        em = [rows.get(j) for j in ("em_calib", "em_plan", "em_export")]
+        calib = "em_calib_gguf_probes" if "em_calib_gguf_probes" in rows else "em_calib"
+        probe_passes = None
+        if calib in rows:  # how many probe passes the default budget buys at the target
+            run = rows[calib]
+            n = min(2048, max(512, T // 16))  # calibrate's probe tokens (sensitivity.py)
+            run_compute = (run["compute_hours"] if calib == "em_calib_gguf_probes" else
+                           run["compute_hours"] - t_conv * p_r / 3600) / (1 + PROBE_SHARE)
+            per_pass = max(run_compute * n / T,
+                           q8 * _passes(q8, n) / MACHINE["disk_bps"] / 3600)
+            run_hours = max(run_compute, run_io / MACHINE["disk_bps"] / 3600)
+            probe_passes = int(PROBE_SHARE * run_hours / per_pass)
+        em = [rows.get(j) for j in (calib, "em_plan", "em_export")]
         ll = [rows.get(j) for j in ("ll_convert", "ll_imatrix", "ll_quantize")]
         out["targets"][tgt["name"]] = {
             "model": tgt, "ratios": {"P": p_r, "T*A": ta_r, "bytes": scale_b}, "rows": rows,
             "pipeline_edgemoe_hours": sum(r["hours"] for r in em) if all(em) else None,
+            "pipeline_calibration": calib, "probe_passes": probe_passes,
             "pipeline_llama_hours": sum(r["hours"] for r in ll) if all(ll) else None}
     return out
 
@@ -203,6 +206,7 @@ LABELS = {"em_convert": "edgemoe export --type Q8_0", "ll_convert": "convert_hf_
           "em_calib": "edgemoe calibrate (HF, probes)",
           "em_calib_noprobes": "edgemoe calibrate --no-sensitivity",
           "em_calib_gguf": "edgemoe calibrate (GGUF src, no probes)",
+          "em_calib_gguf_probes": "edgemoe calibrate (GGUF src, probes)",
           "ll_imatrix": "llama-imatrix", "em_plan": "edgemoe plan",
           "em_export": "edgemoe export (search)", "em_export_s0": "edgemoe export --search 0",
           "ll_quantize": "llama-quantize", "em_validate": "edgemoe validate",
@@ -216,7 +220,8 @@ def fmt_extrapolation(x: dict) -> str:
     for name, t in x["targets"].items():
         md = t["model"]
         lines.append(f"\n{name}: {md['params'] / 1e9:.1f}B parameters, {md['active'] / 1e9:.1f}B "
-                     f"active, Q8_0 {md['q8_bytes'] / 1e9:.0f} GB, {md['probes']} probes")
+                     f"active, Q8_0 {md['q8_bytes'] / 1e9:.0f} GB; the default probe "
+                     f"budget runs {t.get('probe_passes')} probe passes")
         lines.append(f"{'job':<42}{'hours':>8}{'compute h':>11}{'io h':>8}{'disk GB':>9}")
         for job, r in t["rows"].items():
             ge = ">=" if r.get("lower_bound") else ""
@@ -225,8 +230,9 @@ def fmt_extrapolation(x: dict) -> str:
                          f"{r['io_hours']:>8.2f}{r['disk_bytes'] / 1e9:>9.0f}")
         em, ll = t["pipeline_edgemoe_hours"], t["pipeline_llama_hours"]
         if em is not None:
-            ge = ">= " if t["rows"]["em_calib"].get("lower_bound") else ""
-            lines.append(f"pipeline edgemoe (calibrate with probes + plan + export): {ge}"
+            calib = t.get("pipeline_calibration", "em_calib")
+            ge = ">= " if t["rows"][calib].get("lower_bound") else ""
+            lines.append(f"pipeline edgemoe ({LABELS[calib]} + plan + export): {ge}"
                          f"{em:.1f} h")
         if ll is not None:
             lines.append(f"pipeline llama.cpp (convert + imatrix + quantize): {ll:.1f} h")

@@ -1,14 +1,14 @@
 """The `edgemoe` command. Each verb is a function whose keyword arguments are its flags.
 
-Planning and export: export, plan, calibrate, inspect. The file in llama.cpp: validate, run,
-chat, serve, calibrate-top-any. `main` turns library errors into messages and exit codes;
-`edgemoe.supervise`, the console entry point, runs `python -m edgemoe.cli` in a child.
+Planning and export: export, plan, calibrate, inspect, card (here). The file in llama.cpp:
+validate, run, chat, serve, calibrate-top-any (`edgemoe.runtime.verbs`). `main` turns
+library errors into messages and exit codes; `edgemoe.supervise`, the console entry point,
+runs `python -m edgemoe.cli` in a child.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -23,23 +23,12 @@ from memory_planner import MemoryPlan, parse_size
 from memory_planner import solve as mp_solve
 
 from . import pipeline
-from .llamacpp import tokenize
 from .planning.from_config import is_config_only
 from .planning.hub import fetch_config, looks_like_repo_id
 from .report import tables as report
 from .runtime import serve as serving
-from .runtime import topany_calibrate, topany_metadata
-from .runtime.model import load
-from .runtime.validate import (
-    DEFAULT_EVAL_CTX,
-    DEFAULT_MAX_TOKENS,
-    PROBE_DECODE,
-    PROBE_PROMPT,
-    format_report,
-    validation_report,
-)
-
-log = logging.getLogger("edgemoe")
+from .runtime.validate import DEFAULT_EVAL_CTX, DEFAULT_MAX_TOKENS
+from .runtime.verbs import calibrate_top_any, chat, run, serve, validate
 
 
 def _gpu_setup(gpu_memory, min_tps, cpu_bandwidth, gpu_bandwidth):
@@ -202,115 +191,6 @@ def card(file: str, validation: str | None = None, output_dir: str | None = None
         print(f"wrote {p}")
 
 
-def validate(file: str, reference: str | None = None, text: str | None = None,
-             top_any: str | None = None, json_path: str | None = None,
-             max_kld: float | None = None, memory: str | None = None,
-             ctx: int | None = None, kv_type: str | None = None,
-             eval_ctx: int = DEFAULT_EVAL_CTX, max_tokens: int = DEFAULT_MAX_TOKENS,
-             threads: int | None = None, n_prompt: int = PROBE_PROMPT,
-             n_decode: int = PROBE_DECODE, progress: bool = True) -> int:
-    """Measure FILE in llama.cpp (quality, speed, memory); exit code 1 when the memory cap
-    is exceeded or --max-kld is broken."""
-    r = validation_report(file, reference, text, top_any, max_kld, memory, ctx, kv_type,
-                          eval_ctx, max_tokens, threads, n_prompt, n_decode, progress)
-    print(format_report(r, max_kld))
-    if json_path:
-        Path(json_path).write_text(json.dumps(r, indent=1))
-    return r["exit_code"]
-
-
-def run(file: str, prompt: str, top_any: str | None = None, max_tokens: int = 256,
-        temperature: float = 0.8, ctx: int = 4096, threads: int | None = None,
-        seed: int | None = None, out=None) -> str:
-    """Complete PROMPT with FILE, streaming the text as it is generated."""
-    out = out or sys.stdout
-    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads,
-               **({"seed": seed} if seed is not None else {}))
-    pieces = []
-    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
-                                       stream=True):
-        piece = chunk["choices"][0]["text"]
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    _log_expert_use(llm)
-    return "".join(pieces)
-
-
-def chat(file: str, top_any: str | None = None, system: str | None = None,
-         max_tokens: int = 512, temperature: float = 0.7, ctx: int = 4096,
-         threads: int | None = None, inp=None, out=None) -> list[dict]:
-    """Chat with FILE in the terminal (its chat template); an empty line or EOF ends."""
-    inp, out = inp or sys.stdin, out or sys.stdout
-    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads)
-    messages = [{"role": "system", "content": system}] if system else []
-    while True:
-        out.write("> ")
-        out.flush()
-        line = inp.readline()
-        if not line or not line.strip():
-            break
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                                temperature=temperature, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content") or ""
-            reply.append(piece)
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    _log_expert_use(llm)
-    return messages
-
-
-def serve(file: str, host: str = serving.DEFAULT_HOST, port: int = serving.DEFAULT_PORT,
-          top_any: str | None = None, ctx: int = 4096, threads: int | None = None,
-          alias: str | None = None, api_key: str | None = None) -> None:
-    """Serve FILE over an OpenAI-compatible HTTP API (llama-cpp-python's server) with its
-    top-any thresholds active; experts per token in each response's usage and at /metrics."""
-    app = serving.create_app(file, top_any, ctx, threads, alias, api_key)
-    print(f"edgemoe: serving {file} ({serving.thresholds_summary(app)}) at "
-          f"http://{host}:{port}/v1; experts per token in each response's usage and at "
-          "/metrics", flush=True)
-    serving.run(app, host, port)
-
-
-def _log_expert_use(llm) -> None:
-    if llm.dropper is not None:
-        u = llm.expert_use
-        log.info("experts per token %.3f, %.1f%% of expert activations removed",
-                 u.experts_per_token, 100 * u.removed_share)
-
-
-def calibrate_top_any(file: str, text: str, share: float | None = None,
-                      max_ppl_increase: float | None = None, max_kld: float | None = None,
-                      method: str = "layer", output: str | None = None,
-                      json_path: str | None = None, eval_ctx: int = DEFAULT_EVAL_CTX,
-                      max_tokens: int = DEFAULT_MAX_TOKENS, threads: int | None = None,
-                      progress: bool = True) -> topany_calibrate.Calibration:
-    """Pick per-layer top-any thresholds for FILE on calibration TEXT and store them in the
-    GGUF (FILE itself unless --output is given)."""
-    tokens = tokenize(file, Path(text).read_text(encoding="utf-8", errors="replace"), max_tokens)
-    cal = topany_calibrate.calibrate(file, tokens, share=share,
-                                     max_ppl_increase=max_ppl_increase, max_kld=max_kld,
-                                     method=method, n_ctx=eval_ctx, threads=threads,
-                                     progress=progress)
-    rows = [[str(li), f"{cal.thresholds[int(li)]:.4f}", f"{100 * s:.1f}%"]
-            for li, s in cal.layer_shares.items()]
-    print(report.table(rows, ["layer", "tau", "removed"]))
-    print(f"\n{100 * cal.removed_share:.1f}% of expert activations removed on "
-          f"{cal.n_tokens} calibration tokens; perplexity {cal.ppl_base:.4f} -> {cal.ppl:.4f} "
-          f"({100 * cal.ppl_increase:+.2f}%), KLD {cal.kld_mean:.5f}")
-    dst = Path(output) if output else Path(file)
-    topany_metadata.write_top_any(file, dst, cal.thresholds, cal.to_dict())
-    print(f"wrote thresholds to {dst}")
-    if json_path:
-        cal.save(json_path)
-    return cal
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe",
@@ -390,8 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-seconds", type=float, default=None,
                    help="time for the sensitivity probes: every tensor alone if that fits, "
                         "else each tensor kind on a few layers, then single layers spread "
-                        "over depth; the rest carry their kind's scale (default: as long as "
-                        "the calibration run itself, at least 300 s)")
+                        "over depth; the rest carry their kind's scale (default: half the "
+                        "calibration run's time, at least 60 s; the reference is the run's own "
+                        "logits)")
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "

@@ -7,7 +7,7 @@ when calibration statistics are given, one number per dense tensor and one per e
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -66,21 +66,32 @@ def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
     return np.full(E, 1.0 / E)
 
 
+def measured_experts(n_expert: int, max_experts: int = 16) -> np.ndarray:
+    """The experts whose error `measure_damage` measures (evenly spaced); the others take
+    their mean."""
+    return np.unique(np.linspace(0, n_expert - 1, min(n_expert, max_experts)).round()
+                     .astype(int))
+
+
 def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
                    stats: CalibStats | None = None, max_rows: int = 256,
-                   max_experts: int = 16, progress: bool = True) -> Damage:
+                   max_experts: int = 16, progress: bool = True,
+                   only: Collection[str] | None = None) -> Damage:
     """Relative quantization error of every quantizable tensor at every candidate type.
 
     Measured with ggml itself on sampled rows. With calibration `stats` the error is
     importance-weighted per column (and the quantizer uses the same importance matrix, as
     llama.cpp does); each expert slice is measured with its own importance row and weighted
     by the expert's share of the layer. For models with many experts, `max_experts` evenly
-    spaced experts are measured and the others take their mean error.
+    spaced experts are measured and the others take their mean error. `only`: these
+    tensors' alone.
     """
     dense: dict[str, dict[str, float]] = {}
     per_expert: dict[str, dict[str, np.ndarray]] = {}
-    todo = [r for r in model.recipes if r.spec.quantizable]
-    # each type's error on a thread of its own: ggml quantizes and reads back without the GIL
+    todo = [r for r in model.recipes if r.spec.quantizable
+            and (only is None or r.spec.name in only)]
+    # each type's (and expert's) error on a thread of its own: ggml quantizes and reads back
+    # without the GIL
     with ThreadPoolExecutor(default_threads()) as pool:
         for r in tqdm(todo, desc="measuring quantization error", disable=not progress):
             _measure(model, r, ladder, stats, max_rows, max_experts, pool, dense, per_expert)
@@ -104,14 +115,17 @@ def _measure(model: Model, r, ladder: Sequence[str], stats: CalibStats | None, m
         dense[spec.name] = dict(zip(types, pool.map(one, types)))
         return
     E = spec.n_experts
-    picks = np.unique(np.linspace(0, E - 1, min(E, max_experts)).round().astype(int))
+    picks = measured_experts(E, max_experts)
     errs = {t: np.full(E, np.nan) for t in types}
+    jobs = {}  # every (expert, type) at once on the threads, each expert's rows read once
     for e in picks:
         data = r.load_expert(model.source, int(e))
+        data = data[sample_rows(len(data), max_rows)]  # the rows relative_error measures
         im = None if imatrix is None else imatrix[e]
-        one = functools.partial(_error, data, im, max_rows)
-        for t, err in zip(types, pool.map(one, types)):
-            errs[t][e] = err
+        for t in types:
+            jobs[e, t] = pool.submit(_error, data, im, max_rows, t)
+    for (e, t), job in jobs.items():
+        errs[t][e] = job.result()
     share = _expert_shares(stats, spec)
     per_expert[spec.name] = {
         t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()

@@ -114,7 +114,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     `max_disk` bytes (default: 90% of the free space there); `calib_model` runs a GGUF of
     the model you have instead. The text is `text` (default: the text shipped with
     edgemoe). With `sensitivity`, probes measure each tensor's KL divergence per unit of
-    predicted damage on the first whole windows of the text (an eighth of the calibration
+    predicted damage on the first whole windows of the text (a sixteenth of the calibration
     tokens, 512 to `probe_tokens`), inside llama.cpp's eval callback on the GGUF just run
     (edgemoe.calibration.sensitivity; no file written; the reference is this run's own
     logits), for `probe_seconds` (default: `sensitivity.default_budget`, half the

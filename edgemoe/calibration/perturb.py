@@ -146,11 +146,14 @@ class WeightErrors:
 
 
 class TensorProbe:
-    """Adds the quantization error of `names` to their products during a pass."""
+    """Adds the quantization error of `names` to their products during a pass; of a stacked
+    expert tensor, only the slots of the experts `experts[name]` lists (all without one)."""
 
-    def __init__(self, errors: WeightErrors, names: Iterable[str]):
+    def __init__(self, errors: WeightErrors, names: Iterable[str],
+                 experts: dict[str, np.ndarray] | None = None):
         self.errors = errors
         self.names = tuple(names)
+        self.subset = experts or {}
         self.applied: Counter[str] = Counter()
         self._pending: dict[int, np.ndarray] = {}  # attn_output: layer -> error of the product
 
@@ -207,7 +210,10 @@ class TensorProbe:
             xn = node.src(1)
             x = xn.read().reshape(n, -1, xn.ne[0])  # (n_tokens, 1 or k, n_in)
             y = node.read().reshape(n, k, n_out)
-            for e, d in self.errors.experts(name, np.unique(ids)).items():
+            hit = np.unique(ids)
+            if name in self.subset:
+                hit = np.intersect1d(hit, self.subset[name])
+            for e, d in self.errors.experts(name, hit).items():
                 t, j = np.nonzero(ids == e)
                 xs = x[t, j] if x.shape[1] > 1 else x[t, 0]
                 y[t, j] += xs @ d.T

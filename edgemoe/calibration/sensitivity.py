@@ -11,9 +11,11 @@ base, divided by the predicted damage of that choice, is the tensor's scale. One
 drops the least salient experts of every layer and gives the scale of pruning damage.
 
 The probes run within a time budget. When every tensor fits, each is probed alone. Otherwise
-each tensor kind is probed first, on a few layers spread over depth at once, then single
-tensors kind by kind, layers spread over depth, as long as the budget lasts; a tensor not
-probed alone carries its kind's scale. Scales are stored with the calibration statistics.
+each tensor kind is probed first (the kinds with most weights first), on a few layers spread
+over depth at once, then single tensors kind by kind, layers spread over depth, as long as
+the budget lasts; a tensor not probed alone carries its kind's scale. A stacked expert
+tensor is probed on the experts whose error `measure_damage` measures (16 at most), so its
+probe quantizes those alone. Scales are stored with the calibration statistics.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from memory_planner.joint import keep_grid, kept_by_saliency, pruning_damage
 from memory_planner.stats import CalibStats
 
 from .. import pipeline
-from ..damage import measure_damage
+from ..damage import measure_damage, measured_experts
 from .nodes import HookError
 from .perturb import (
     SUPPORTED_KINDS,
@@ -55,7 +57,7 @@ PROBE_TYPE = "Q2_K"
 # (calibration with probes then costs about 1.5 calibration runs)
 PROBE_SHARE = 0.5
 MIN_PROBE_SECONDS = 60.0
-MIN_PROBE_TOKENS = 512  # probes run on an eighth of the calibration tokens, at least this
+MIN_PROBE_TOKENS = 512  # probes run on a sixteenth of the calibration tokens, at least this
 KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 
 
@@ -122,9 +124,9 @@ def default_budget(calibration_seconds: float) -> float:
 
 
 def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
-    """Tokens each probe pass runs: an eighth of the calibration's, between
+    """Tokens each probe pass runs: a sixteenth of the calibration's, between
     MIN_PROBE_TOKENS and `most`, in whole windows of `n_ctx` (one at least)."""
-    n = min(most, max(MIN_PROBE_TOKENS, calibration_tokens // 8))
+    n = min(most, max(MIN_PROBE_TOKENS, calibration_tokens // 16))
     return max(n_ctx, n // n_ctx * n_ctx)
 
 
@@ -139,9 +141,23 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
     specs = [s for s in model.specs if s.quantizable]
     probe_plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
     types = {t.name: t.type for t in probe_plan.tensors}
-    damage = measure_damage(model, ladder=(probe_type,), stats=stats,
-                            progress=False).table(model.specs)
-    predicted = {s.name: damage[s.name].get(types[s.name], 0.0) for s in specs}
+    # an expert tensor is probed on the experts whose error measure_damage measures: the
+    # prediction is then measured, and the probe quantizes those experts only
+    subset = {s.name: measured_experts(s.n_experts) for s in specs if s.n_experts}
+    predicted: dict[str, float] = {}
+
+    def predict(names: list[str]) -> float:
+        """The predicted damage of the probe of `names`, measured when first asked."""
+        todo = [n for n in names if n not in predicted]
+        if todo:
+            d = measure_damage(model, ladder=(probe_type,), stats=stats, progress=False,
+                               only=set(todo))
+            for n in todo:
+                t = types[n]
+                predicted[n] = (float(d.per_expert[n][t][subset[n]].sum())
+                                if n in d.per_expert else d.dense[n].get(t, 0.0))
+        return sum(predicted[n] for n in names)
+
     report = ProbeLog()
     if base is not None:
         tokens = base.tokens
@@ -174,9 +190,9 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, k, pred)
 
         def one(label: str, names: list[str]) -> float | None:
-            pred = sum(predicted[n] for n in names)
+            pred = predict(names)
             try:
-                k = probe(TensorProbe(errors, names))
+                k = probe(TensorProbe(errors, names, subset))
             except (HookError, ProbeError) as e:  # a graph this module does not know
                 log.warning("probe %s failed (%s): its tensors carry other scales", label, e)
                 report.skipped += names
@@ -204,9 +220,13 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
                    progress: bool) -> dict[str, float]:
     """Per-tensor scales: every tensor alone if the budget allows, else kinds first."""
     by_kind: dict[str, list[str]] = defaultdict(list)
+    weights: dict[str, int] = defaultdict(int)
     for s in specs:
         by_kind[s.kind].append(s.name)
-    kinds = {k: _spread(v) for k, v in by_kind.items() if k in SUPPORTED_KINDS}
+        weights[s.kind] += s.n_elements
+    # the kinds holding most weights first (routed experts, in an MoE): the budget may end
+    kinds = {k: _spread(by_kind[k]) for k in sorted(by_kind, key=lambda k: -weights[k])
+             if k in SUPPORTED_KINDS}
     unsupported = [n for k, v in by_kind.items() if k not in SUPPORTED_KINDS for n in v]
     n_tensors = sum(len(v) for v in kinds.values())
     all_alone = clock.fits(n_tensors)

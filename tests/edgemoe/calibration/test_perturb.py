@@ -131,3 +131,20 @@ def test_the_calibration_run_is_the_probes_reference(setup, ggufs):
     for x, y in zip(base.logprobs, unprobed):
         assert np.array_equal(x, y)
     assert kld(base.logprobs, unprobed) == 0.0
+
+
+def test_an_expert_probe_perturbs_only_the_experts_asked(setup):
+    """Probes of big expert tensors quantize a subset of experts (those measure_damage
+    measures): only those slots are perturbed, and only their errors are computed."""
+    model, stats, tokens, runner, ref, errors, tmp = setup
+    name = "blk.1.ffn_up_exps.weight"
+    n_expert = model.adapter.n_expert
+    full = kld(ref, runner.logprobs(TensorProbe(errors, [name])))
+    every = kld(ref, runner.logprobs(TensorProbe(errors, [name], {name: np.arange(n_expert)})))
+    assert every == full > 0
+    none = TensorProbe(errors, [name], {name: np.array([], dtype=int)})
+    assert kld(ref, runner.logprobs(none)) == 0.0
+    fresh = WeightErrors(model, stats, errors.run, errors.types)
+    some = kld(ref, runner.logprobs(TensorProbe(fresh, [name], {name: np.array([0, 2])})))
+    assert 0 < some < full
+    assert {e for n, e in fresh._cache if n == name} <= {0, 2}
