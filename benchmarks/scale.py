@@ -12,6 +12,7 @@ not repeated once its runs took more than --stage-budget seconds in all.
 |---|---|---|
 | convert | `export --type Q8_0` | `convert_hf_to_gguf.py --outtype q8_0` |
 | calibrate | `calibrate` HF source (probes on) | `llama-imatrix` on the Q8_0 GGUF |
+| calibrate, disk capped | `calibrate --max-disk CAP` (the export's cap) | the same run |
 | calibrate, no probes | `calibrate --no-sensitivity` | the same `llama-imatrix` run |
 | calibrate, GGUF source | `calibrate Q8_0.gguf` (probes on) | the same `llama-imatrix` run |
 | calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same run |
@@ -64,6 +65,7 @@ GB = 1e9
 ROWS = [
     ("convert", "em_convert", "ll_convert"),
     ("calibrate", "em_calib", "ll_imatrix"),
+    ("calibrate, --max-disk = the cap", "em_calib_capped", "ll_imatrix"),
     ("calibrate, no probes", "em_calib_noprobes", "ll_imatrix"),
     ("calibrate, GGUF source", "em_calib_gguf_probes", "ll_imatrix"),
     ("calibrate, GGUF source, no probes", "em_calib_gguf", "ll_imatrix"),
@@ -73,7 +75,7 @@ ROWS = [
     ("validate", "em_validate", "ll_perplexity"),
 ]
 STAGES = {"convert": ("em_convert", "ll_convert"),
-          "calibrate": ("em_calib", "em_calib_noprobes", "em_calib_gguf_probes",
+          "calibrate": ("em_calib", "em_calib_capped", "em_calib_noprobes", "em_calib_gguf_probes",
                         "em_calib_gguf", "ll_imatrix"),
           "plan": ("em_plan",), "export": ("em_export", "em_export_s0", "ll_quantize"),
           "validate": ("em_validate", "ll_perplexity")}
@@ -162,6 +164,8 @@ def job_command(job: str, s: Setup, run: Path) -> tuple[list[str], list[Path]] |
         return converter_command(s.model, run / "out.gguf", "q8_0", pre="qwen2"), [s.model]
     if job == "em_calib":
         return [*EDGEMOE, "calibrate", model, *calib], [s.model]
+    if job == "em_calib_capped":  # the intermediate within the output's size
+        return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", s.cap], [s.model]
     if job == "em_calib_noprobes":
         return [*EDGEMOE, "calibrate", model, *calib, "--no-sensitivity"], [s.model]
     if job == "em_calib_gguf_probes":

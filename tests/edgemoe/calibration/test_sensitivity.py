@@ -123,3 +123,23 @@ def test_a_probe_that_fails_in_the_graph_leaves_its_tensors_to_the_median():
     scales = _probe_tensors(specs, one, _Passes(100), report, progress=False)
     assert scales == dict.fromkeys((s.name for s in specs), 2.0)
     assert "blk.0.attn_k.weight" in report.skipped
+
+
+def test_calibrate_probes_against_its_own_run(qwen3_dir, tmp_path, monkeypatch):
+    """`calibrate` with probes: the reference is the calibration run's own logits (no base
+    pass), on whole windows of the calibration text; every tensor gets a scale."""
+    from edgemoe.calibration import perturb
+
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 20)
+    passes = []
+    real = perturb.ProbeRunner.logprobs
+    monkeypatch.setattr(perturb.ProbeRunner, "logprobs",
+                        lambda self, probe=None: passes.append(probe) or real(self, probe))
+    stats = calibrate(str(qwen3_dir), text=str(text), n_ctx=128, calib_type="F32",
+                      sensitivity=True, probe_seconds=1e9, progress=False)
+    assert passes and None not in passes  # every pass a probe: no base pass
+    model = pipeline.open_model(qwen3_dir)
+    assert set(stats.scales) == {s.name for s in model.specs if s.quantizable}
+    assert all(v > 0 for v in stats.scales.values()) and stats.prune_scale > 0
+    assert len(passes) == len(stats.scales) + 1  # each tensor alone, and pruning
