@@ -156,20 +156,23 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
         pipeline.export(model, plan, work, progress=progress)  # itself resumable
-    # the probes' reference log-probabilities come from this run (no base pass of their own)
-    base = BasePass(probe_tokens, n_ctx) if sensitivity else None
+    base = None
+    if sensitivity:  # the probes' reference comes from this run: no base pass of their own
+        from .sensitivity import probe_token_count
+
+        n_calib = len(tokenize(model.source.path, body, max_tokens))
+        base = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
     started = time.monotonic()
     stats = collect(gguf_path, body, model.specs, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
                     threads=threads, source=record, on_window=base)
     if sensitivity:
-        from .sensitivity import default_budget, measure_scales, probe_token_count
+        from .sensitivity import default_budget, measure_scales
 
         seconds = probe_seconds or default_budget(time.monotonic() - started)
-        n = probe_token_count(stats.n_tokens, probe_tokens, n_ctx)
-        base.windows, base.logprobs = base.windows[:n // n_ctx], base.logprobs[:n // n_ctx]
-        tokens = base.tokens or tokenize(model.source.path, body)[:n]  # resumed: a base pass
+        # resumed from a checkpoint, the first windows were not run: a base pass then
+        tokens = base.tokens or tokenize(model.source.path, body)[:base.n_tokens]
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress, threads=threads,
                                base=base if base.windows else None)

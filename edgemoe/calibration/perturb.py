@@ -294,9 +294,9 @@ class PruneProbe:
 class BasePass:
     """The probes' reference, taken from calibration's own run of the GGUF: the
     log-probabilities of its first whole windows, up to `n_tokens` tokens
-    (`collect(on_window=...)`). llama.cpp runs the probes with the same settings (one
-    `open_llama` policy, `ProbeRunner`), so a pass without a probe gives these values again
-    and the probes need no base pass of their own."""
+    (`collect(on_window=...)`). The probes run llama.cpp with the same settings
+    (`open_run`), so a pass without a probe gives these values again and the probes need no
+    base pass of their own."""
 
     def __init__(self, n_tokens: int, n_ctx: int):
         self.n_tokens, self.n_ctx = n_tokens, n_ctx
