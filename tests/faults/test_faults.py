@@ -431,12 +431,18 @@ def slow_export(model: Path, out: Path) -> list:
             "--threads", "1", "-o", out]
 
 
+def _as_a_terminal() -> None:
+    """Ctrl-C's default, as a terminal's foreground job has it (a test run started in the
+    background by a non-interactive shell would pass SIGINT on ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """`edgemoe ARGS` in a session of its own, as a terminal runs a foreground job."""
     return subprocess.Popen([sys.executable, "-m", "edgemoe.supervise", *map(str, args)],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_a_terminal)
 
 
 def ctrl_c(p: subprocess.Popen) -> None:
