@@ -152,10 +152,11 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
         if todo:
             d = measure_damage(model, ladder=(probe_type,), stats=stats, progress=False,
                                only=set(todo))
-            for n in todo:
+            for n in todo:  # 0 where the probe type is not a candidate of the tensor
                 t = types[n]
-                predicted[n] = (float(d.per_expert[n][t][subset[n]].sum())
-                                if n in d.per_expert else d.dense[n].get(t, 0.0))
+                per = d.per_expert[n].get(t) if n in d.per_expert else None
+                predicted[n] = (float(per[subset[n]].sum()) if per is not None
+                                else d.dense.get(n, {}).get(t, 0.0))
         return sum(predicted[n] for n in names)
 
     report = ProbeLog()
