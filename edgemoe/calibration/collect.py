@@ -30,6 +30,7 @@ from memory_planner.stats import CalibSource, CalibStats
 
 from .. import pipeline
 from ..llamacpp import tokenize
+from ..runtime.textscore import whole_windows
 from . import checkpoint, intermediate
 from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_plan  # noqa: F401
 from .hooks import attach
@@ -67,8 +68,7 @@ def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_laye
     start = checkpoint.resume(col, checkpoint_path, fingerprint)
     llm = attach(open_run(gguf_path, n_ctx, threads), col.hooks())
     tokens = tokenize(llm, text, max_tokens)
-    windows = [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)]
-    windows = [w for w in windows if len(w) > 1]
+    windows = whole_windows(tokens, n_ctx)
     if not windows:
         raise ValueError("the calibration text is too short: no tokens to run")
     every = checkpoint.every()
