@@ -13,6 +13,7 @@ not repeated once its runs took more than --stage-budget seconds in all.
 | convert | `export --type Q8_0` | `convert_hf_to_gguf.py --outtype q8_0` |
 | calibrate | `calibrate` HF source (probes on) | `llama-imatrix` on the Q8_0 GGUF |
 | calibrate, disk capped | `calibrate --max-disk CAP` (the export's cap) | the same run |
+| calibrate, in segments | `calibrate --max-disk OUT` (the export's size) | the same run |
 | calibrate, no probes | `calibrate --no-sensitivity` | the same `llama-imatrix` run |
 | calibrate, GGUF source | `calibrate Q8_0.gguf` (probes on) | the same `llama-imatrix` run |
 | calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same run |
@@ -66,6 +67,7 @@ ROWS = [
     ("convert", "em_convert", "ll_convert"),
     ("calibrate", "em_calib", "ll_imatrix"),
     ("calibrate, --max-disk = the cap", "em_calib_capped", "ll_imatrix"),
+    ("calibrate, --max-disk = the output's size", "em_calib_segments", "ll_imatrix"),
     ("calibrate, no probes", "em_calib_noprobes", "ll_imatrix"),
     ("calibrate, GGUF source", "em_calib_gguf_probes", "ll_imatrix"),
     ("calibrate, GGUF source, no probes", "em_calib_gguf", "ll_imatrix"),
@@ -75,8 +77,8 @@ ROWS = [
     ("validate", "em_validate", "ll_perplexity"),
 ]
 STAGES = {"convert": ("em_convert", "ll_convert"),
-          "calibrate": ("em_calib", "em_calib_capped", "em_calib_noprobes", "em_calib_gguf_probes",
-                        "em_calib_gguf", "ll_imatrix"),
+          "calibrate": ("em_calib", "em_calib_capped", "em_calib_segments", "em_calib_noprobes",
+                        "em_calib_gguf_probes", "em_calib_gguf", "ll_imatrix"),
           "plan": ("em_plan",), "export": ("em_export", "em_export_s0", "ll_quantize"),
           "validate": ("em_validate", "ll_perplexity")}
 
@@ -107,6 +109,7 @@ class Setup:
         self.q8 = self._gguf("Q8_0")
         self.bf16 = self._gguf("BF16")
         self.cap = cap or self._default_cap()
+        self.out_bytes = self._output_bytes()
         self.stats: Path | None = None  # the stats file plan and export use
 
     def _gguf(self, type_name: str) -> Path:
@@ -129,6 +132,18 @@ class Setup:
         q3 = mp.uniform_plan(model.specs, "Q3_K", mp.Budget(2**62)).weight_bytes
         q4 = mp.uniform_plan(model.specs, "Q4_K", mp.Budget(2**62)).weight_bytes
         return str(int((q3 + q4) / 2 + budget.kv_bytes + budget.compute_bytes))
+
+    def _output_bytes(self) -> int:
+        """The size of the export at the cap: of a file an earlier export job left, else
+        the cap less KV and compute at ctx 4096 (what the plan fills with weights)."""
+        done = self.product("out-search0.gguf")
+        if done.is_file():
+            return done.stat().st_size
+        from edgemoe import pipeline
+
+        model = pipeline.open_model(self.model)
+        budget = pipeline.make_budget(model.adapter, 0, 4096)
+        return int(self.cap) - budget.kv_bytes - budget.compute_bytes
 
     def product(self, name: str) -> Path:
         return self.products / name
@@ -164,8 +179,10 @@ def job_command(job: str, s: Setup, run: Path) -> tuple[list[str], list[Path]] |
         return converter_command(s.model, run / "out.gguf", "q8_0", pre="qwen2"), [s.model]
     if job == "em_calib":
         return [*EDGEMOE, "calibrate", model, *calib], [s.model]
-    if job == "em_calib_capped":  # the intermediate within the output's size
+    if job == "em_calib_capped":  # the intermediate within the cap
         return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", s.cap], [s.model]
+    if job == "em_calib_segments":  # within the output's size: Q8_0 in layer segments
+        return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", str(s.out_bytes)], [s.model]
     if job == "em_calib_noprobes":
         return [*EDGEMOE, "calibrate", model, *calib, "--no-sensitivity"], [s.model]
     if job == "em_calib_gguf_probes":
@@ -394,7 +411,8 @@ def main() -> None:
     s = Setup(work, SIZES[args.size], args.chunks, args.ctx, args.cap)
     facts = model_facts(s)
     print(f"{args.size}: {facts['checkpoint_bytes'] / GB:.2f} GB BF16, {facts['params']:,} "
-          f"parameters ({facts['active_params']:,.0f} active), cap {int(s.cap) / GB:.2f} GB",
+          f"parameters ({facts['active_params']:,.0f} active), cap {int(s.cap) / GB:.2f} GB, "
+          f"output about {s.out_bytes / GB:.2f} GB",
           flush=True)
     jobs = args.jobs.split(",") if args.jobs else [
         j for st in args.stages.split(",") for j in STAGES[st]]

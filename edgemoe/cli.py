@@ -280,8 +280,10 @@ def _parser() -> argparse.ArgumentParser:
                         "those serving the most weights per byte first (default 1GiB)")
     c.add_argument("--max-disk", default=None,
                    help="disk an HF source's intermediate GGUF and the checkpoint may take: "
-                        "the most faithful that fits is run (Q8_0, then experts lower, ...; "
-                        "default 90%% of the free space beside the output)")
+                        "the most faithful type that fits is run (Q8_0, then experts lower, "
+                        "...), whole or a segment of layers at a time (no whole-model copy; "
+                        "also when the whole file exceeds 70%% of memory; default 90%% of the "
+                        "free space beside the output)")
     c.add_argument("--threads", type=int, default=None,
                    help="llama.cpp threads and workers adding up the statistics (default: "
                         "every core)")

@@ -239,6 +239,42 @@ def eval_logits(llm, tokens: Sequence[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
+def eval_embeddings(llm, x: np.ndarray) -> np.ndarray:
+    """Logits (n_tokens x n_vocab, float32) of one sequence whose input is `x` (n_tokens x
+    n_embd), the residual stream before the first block (llama.cpp's `llama_batch.embd`,
+    which replaces the token embeddings), from a fresh context, in one decode. The context
+    must compute every position's logits (`logits_all`) and take `n_tokens` in a batch."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaBatch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n > llm.n_batch:
+        raise ValueError(f"{n} positions do not fit a batch of {llm.n_batch}")
+    # M-RoPE models take 4 positions per embedding, section-major; text has the position in
+    # the first three and 0 in the last (llama.cpp's llm_graph_input_pos for tokens)
+    mrope = llama_cpp.llama_model_rope_type(llm.model) in (llama_cpp.LLAMA_ROPE_TYPE_MROPE,
+                                                           llama_cpp.LLAMA_ROPE_TYPE_IMROPE)
+    batch = LlamaBatch(n_tokens=4 * n if mrope else n, embd=d, n_seq_max=1, verbose=False)
+    try:
+        b = batch.batch
+        ctypes.memmove(b.embd, x.ctypes.data, x.nbytes)
+        for i in range(n):
+            b.n_seq_id[i], b.logits[i] = 1, True
+            b.seq_id[i][0] = 0
+            b.pos[i] = i
+            if mrope:
+                b.pos[n + i], b.pos[2 * n + i], b.pos[3 * n + i] = i, i, 0
+        b.n_tokens = n
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # as Llama.eval does before its first batch
+        llm._ctx.decode(batch)
+        ptr = llama_cpp.llama_get_logits(llm._ctx.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, llm.n_vocab())).copy()
+    finally:
+        batch.close()
+
+
 def model_weight_bytes(llm) -> int:
     """llama.cpp's own count of the model's weight bytes (llama_model_size)."""
     import llama_cpp

@@ -478,7 +478,8 @@ def qwen3_5_moe_text_config(vocab: int, **overrides) -> dict:
     return kw
 
 
-def build_qwen3_5_moe(out: Path, tok_dir: Path, dtype=None, mtp: bool = True) -> Path:
+def build_qwen3_5_moe(out: Path, tok_dir: Path, dtype=None, mtp: bool = True,
+                      **overrides) -> Path:
     """A checkpoint laid out like the Qwen3.5-MoE release: the vision-language wrapper
     (`Qwen3_5MoeForConditionalGeneration`, text settings in `text_config`, a one-block
     vision tower) and, with `mtp`, a multi-token-prediction block under `mtp.` as the
@@ -495,7 +496,7 @@ def build_qwen3_5_moe(out: Path, tok_dir: Path, dtype=None, mtp: bool = True) ->
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     text = qwen3_5_moe_text_config(len(tok), bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
+                                   eos_token_id=tok.eos_token_id, **overrides)
     # weights drawn on the text model (conftest's init reads its layers), the DeltaNet output
     # projections, which also write into the residual stream, scaled like o_proj
     torch.manual_seed(7)

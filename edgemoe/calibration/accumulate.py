@@ -341,25 +341,35 @@ class Collector:
     def on_moe_out(self, node: Node) -> None:
         self.lanes.submit(node.layer, self._energy, node.layer, node.matrix())
 
-    def hooks(self) -> EvalHooks:
-        """The handlers, by llama.cpp's node names for the model's architecture."""
+    def hooks(self, layers: range | None = None, output: bool = True) -> EvalHooks:
+        """The handlers, by llama.cpp's node names for the model's architecture. A layer
+        segment (`edgemoe.calibration.segments`) runs blocks `layers` only, and the output
+        head's input is counted in the segment that holds the real head (`output`)."""
         h = EvalHooks()
+
+        def present(name: str, routed: bool = False) -> bool:  # a node the run must compute
+            return any(lay is not None and (layers is None or lay in layers)
+                       and (not routed or any("_exps." in n for n in names))
+                       for (node, lay), names in self.readers.items() if node == name)
+
+        moe = present(self.nodes.ffn_input, routed=True)
         dense = {node for node, _ in self.readers} - {self.nodes.ffn_input, *_SPECIAL}
         for name in sorted(dense | set(self.nodes.dense)):
             # dense FFNs and shared experts exist in some layers of some models only
-            h.add(name, self.on_input, required=name in self.nodes.dense)
-        h.add("result_norm", self.on_result_norm)
+            h.add(name, self.on_input, required=name in self.nodes.dense and present(name))
+        if output:
+            h.add("result_norm", self.on_result_norm)
         h.add(self.nodes.ffn_input, self.on_ffn_norm)
-        h.add("ffn_moe_topk", self.on_topk)
-        h.add("ffn_moe_weights", self.on_weights)
+        h.add("ffn_moe_topk", self.on_topk, required=moe)
+        h.add("ffn_moe_weights", self.on_weights, required=moe)
         # present only where the architecture soft-maxes the top-k logits (gpt-oss),
         # renormalises or scales the weights
         for name in ("ffn_moe_weights_softmax", "ffn_moe_weights_norm",
                      "ffn_moe_weights_scaled"):
             h.add(name, self.on_weights, required=False)
-        h.add(self.nodes.name("ffn_moe_swiglu"), self.on_act)
-        h.add(self.nodes.name("ffn_moe_down"), self.on_down)
-        h.add("ffn_moe_out", self.on_moe_out)
+        h.add(self.nodes.name("ffn_moe_swiglu"), self.on_act, required=moe)
+        h.add(self.nodes.name("ffn_moe_down"), self.on_down, required=moe)
+        h.add("ffn_moe_out", self.on_moe_out, required=moe)
         return h
 
     # ---- results

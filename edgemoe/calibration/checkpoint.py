@@ -41,32 +41,35 @@ def resumable(checkpoint: Path, fingerprint: str) -> bool:
         return False
 
 
-def resume(collector, checkpoint: Path | None, fingerprint: str) -> int:
+def resume(collector, checkpoint: Path | None, fingerprint: str) -> tuple[int, int]:
     """Load `checkpoint` into `collector` (its `load_state`) if it is of this run; the
-    windows it covers (0: start over)."""
+    layer segment it stopped in and the windows it covers there ((0, 0): start over)."""
     if checkpoint is None or not checkpoint.is_file():
-        return 0
+        return 0, 0
     try:
         with np.load(checkpoint) as state:
             if str(state["fingerprint"]) != fingerprint:
                 log.warning("%s is from a calibration with other inputs: starting over",
                             checkpoint)
-                return 0
+                return 0, 0
             collector.load_state(state)
             done = int(state["windows_done"])
+            segment = int(state["segment"]) if "segment" in state.files else 0
     except (OSError, ValueError, KeyError) as e:
         log.warning("%s cannot be read (%s): starting over", checkpoint, e)
-        return 0
-    print(f"resuming calibration from {checkpoint.name}: {done} windows were run before",
-          flush=True)
-    return done
+        return 0, 0
+    where = f" of layer segment {segment + 1}" if segment else ""
+    print(f"resuming calibration from {checkpoint.name}: {done} windows{where} were run "
+          "before", flush=True)
+    return segment, done
 
 
 def save(state: dict[str, np.ndarray], checkpoint: Path, fingerprint: str,
-         windows_done: int) -> None:
-    """Write `state` (name -> array) with the run's fingerprint; atomic."""
+         windows_done: int, segment: int = 0) -> None:
+    """Write `state` (name -> array) with the run's fingerprint and position (`segment`: the
+    layer segment being run, 0 for a whole model); atomic."""
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, fingerprint=np.array(fingerprint), windows_done=np.array(windows_done),
-                 **state)
+                 segment=np.array(segment), **state)
     os.replace(tmp, checkpoint)  # a kill mid-save keeps the previous checkpoint

@@ -13,6 +13,7 @@ budget (`intermediate`); the statistics say which and how faithful it is.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -29,13 +30,14 @@ from export.imatrix import write_stats
 from memory_planner.stats import CalibSource, CalibStats
 
 from .. import pipeline
-from ..llamacpp import tokenize
+from ..llamacpp import eval_embeddings, tokenize
 from ..runtime.textscore import whole_windows
-from . import checkpoint, intermediate
+from . import checkpoint, intermediate, segments
 from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_plan  # noqa: F401
 from .hooks import attach
 from .nodes import graph_nodes
 from .perturb import BasePass, open_run
+from .segments import Segments
 
 log = logging.getLogger(__name__)
 
@@ -44,58 +46,103 @@ DEFAULT_COV_BUDGET = 1 << 30  # bytes of input covariances kept in a stats file
 FREE_DISK_SHARE = 0.9  # default --max-disk: this share of the free space beside the output
 
 
-def collect(gguf_path: str | Path, text: str, specs: list[mp.TensorSpec], n_layer: int,
+def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec], n_layer: int,
             n_expert: int, n_ctx: int = 512, max_tokens: int | None = None,
             progress: bool = True, dataset: str = "text",
             cov_blocks: dict[str, CovSpec] | None = None,
             checkpoint_path: Path | None = None, fingerprint: str = "",
             threads: int | None = None, source: CalibSource | None = None,
-            on_window=None) -> CalibStats:
+            on_window=None, segs: Segments | None = None) -> CalibStats:
     """Run `gguf_path` (a model with tensors `specs`) in llama.cpp over `text` in windows of
-    `n_ctx` tokens; statistics.
+    `n_ctx` tokens; statistics. With `segs` (and no `gguf_path`) the model runs a layer
+    segment at a time (`edgemoe.calibration.segments`), to the same statistics.
 
     `cov_blocks` (`cov_plan`) asks for those tensors' input covariances. With
     `checkpoint_path` the sums are saved there between windows (`checkpoint.every()`), and a
     checkpoint of the same `fingerprint` is resumed: the windows it covers are not run
     again, and the result is the same to the bit (the sums are float64, in window order,
     whatever `threads`, the workers for the sums and llama.cpp's threads).
-    `on_window(tokens, llm, seconds)` is called after each window llama.cpp ran (windows
-    a checkpoint covers are not run)."""
+    `on_window(tokens, logits, seconds)` is called after each window the model's head ran
+    (windows a checkpoint covers are not run); `logits` is valid during the call only."""
     threads = threads or os.cpu_count() or 1
-    arch = gguf.GGUFReader(gguf_path).get_field("general.architecture").contents()
+    arch = (segs.model.adapter.arch_name if segs is not None else
+            gguf.GGUFReader(gguf_path).get_field("general.architecture").contents())
     col = Collector(specs, n_layer, n_expert, cov_blocks, threads=threads,
                     nodes=graph_nodes(arch))  # which graph nodes feed which tensors
-    start = checkpoint.resume(col, checkpoint_path, fingerprint)
-    llm = attach(open_run(gguf_path, n_ctx, threads), col.hooks())
-    tokens = tokenize(llm, text, max_tokens)
-    windows = whole_windows(tokens, n_ctx)
-    if not windows:
-        raise ValueError("the calibration text is too short: no tokens to run")
+    first_segment, start = checkpoint.resume(col, checkpoint_path, fingerprint)
+    ranges = segs.ranges if segs is not None else [(0, n_layer)]
     every = checkpoint.every()
-    saved, saved_at = start, time.monotonic()
+    saved, saved_at = (first_segment, start), time.monotonic()
+    windows: list[list[int]] = []
     # numpy's BLAS on one thread in each worker: llama.cpp's threads hold the cores
     with threadpool_limits(1, user_api="blas"):
         try:
-            for i, w in enumerate(tqdm(windows[start:], desc="calibrating in llama.cpp",
-                                       initial=start, total=len(windows), disable=not progress),
-                                  start + 1):
-                started = time.monotonic()
-                llm.reset()
-                llm.eval(w)
-                if on_window is not None:
-                    on_window(w, llm, time.monotonic() - started)
-                if checkpoint_path is not None and time.monotonic() - saved_at >= every \
-                        and i < len(windows):
-                    checkpoint.save(col.state(), checkpoint_path, fingerprint, i)
-                    saved, saved_at = i, time.monotonic()
+            for k in range(first_segment, len(ranges)):
+                lo, hi = ranges[k]
+                last = k == len(ranges) - 1
+                hooks = col.hooks(range(lo, hi) if segs is not None else None, last)
+                hooks.layer_offset = lo
+                stream: dict[str, np.ndarray] = {}
+                if not last:  # the residual stream the next segment starts from
+                    hooks.add("l_out", functools.partial(_keep_stream, stream), layers=[hi - 1])
+                path = gguf_path if segs is None else segs.write(k)
+                llm = attach(open_run(path, n_ctx, threads), hooks)
+                if not windows:
+                    windows = whole_windows(tokenize(llm, text, max_tokens), n_ctx)
+                    if not windows:
+                        raise ValueError("the calibration text is too short: no tokens to run")
+                    rows = np.cumsum([0] + [len(w) for w in windows])
+                if k:
+                    inputs = segs.stream(k)
+                if not last:
+                    outputs = segs.stream(k, int(rows[-1]), write=True)
+                done = start if k == first_segment else 0
+                desc = "calibrating in llama.cpp"
+                if len(ranges) > 1:
+                    desc += f" (blocks {lo}-{hi - 1}, segment {k + 1} of {len(ranges)})"
+                for i, w in enumerate(tqdm(windows[done:], desc=desc, initial=done,
+                                           total=len(windows), disable=not progress), done + 1):
+                    began = time.monotonic()
+                    r = slice(int(rows[i - 1]), int(rows[i]))
+                    if k:
+                        logits = eval_embeddings(llm, inputs[r])
+                    else:
+                        llm.reset()
+                        llm.eval(w)
+                        logits = llm.scores[:len(w)]
+                    if not last:
+                        outputs[r] = stream.pop("x")
+                    elif on_window is not None:
+                        on_window(w, logits, time.monotonic() - began)
+                    if checkpoint_path is not None and time.monotonic() - saved_at >= every \
+                            and (i < len(windows) or not last):
+                        if not last:
+                            outputs.flush()
+                        checkpoint.save(col.state(), checkpoint_path, fingerprint, i, k)
+                        saved, saved_at = (k, i), time.monotonic()
+                llm.close()
+                del llm
+                if not last:  # the next segment starts from the stream: this file can go
+                    outputs.flush()
+                    del outputs
+                    if checkpoint_path is not None:
+                        checkpoint.save(col.state(), checkpoint_path, fingerprint, 0, k + 1)
+                        saved, saved_at = (k + 1, 0), time.monotonic()
+                    segs.remove(k)
         except KeyboardInterrupt as e:
             col.lanes.close()
-            if checkpoint_path is None or not saved:
+            if checkpoint_path is None or saved == (0, 0):
                 raise
-            raise type(e)(f"the sums of the first {saved} of {len(windows)} windows are kept in "
-                          f"{checkpoint_path}: run the same command again to resume") from None
-        del llm
+            where = f" (layer segment {saved[0] + 1} of {len(ranges)})" if len(ranges) > 1 \
+                else ""
+            raise type(e)(f"the sums of the first {saved[1]} of {len(windows)} windows"
+                          f"{where} are kept in {checkpoint_path}: run the same command again "
+                          "to resume") from None
         return col.stats((dataset,), source=source)
+
+
+def _keep_stream(stream: dict, node) -> None:
+    stream["x"] = node.matrix()
 
 
 def calibrate(source: str, text: str | None = None, output: str | None = None,
@@ -111,7 +158,10 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     A GGUF source runs in llama.cpp as it is. An HF source runs as an intermediate GGUF
     written beside the output: the most faithful of `intermediate.CANDIDATES` (or the
     uniform type `calib_type`) whose file, with the checkpoint of the sums, fits in
-    `max_disk` bytes (default: 90% of the free space there); `calib_model` runs a GGUF of
+    `max_disk` bytes (default: 90% of the free space there), whole or, where the whole file
+    does not fit (on disk, or in 70% of memory: llama.cpp would read a larger file again
+    for every window), a segment of layers at a time (`edgemoe.calibration.segments`: the
+    same statistics, one segment's file on disk at a time); `calib_model` runs a GGUF of
     the model you have instead. The text is `text` (default: the text shipped with
     edgemoe). With `sensitivity`, probes measure each tensor's KL divergence per unit of
     predicted damage on the first whole windows of the text (a sixteenth of the calibration
@@ -135,7 +185,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     ckpt = base.with_name(base.name + ".checkpoint.npz")
     nodes = graph_nodes(a.arch_name)
     blocks = cov_plan(model.specs, cov_budget, nodes)
-    work = None
+    work = segs = None
+    n_calib = None  # the text's tokens, when needed before the run
     if calib_model:
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
@@ -146,42 +197,60 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
             free = shutil.disk_usage(base.resolve().parent).free
             max_disk = int(FREE_DISK_SHARE * free)
         reserved = checkpoint_bytes(model.specs, blocks, nodes)
-        cand, plan = intermediate.choose(model, max_disk, reserved, forced=calib_type)
-        record = intermediate.record(cand, plan)
-        work = gguf_path = base.with_name(f"{base.name}.calib.gguf")
-    log.info("calibrating on %s (%s)", gguf_path, record.describe())
+        n_calib = len(tokenize(model.source.path, body, max_tokens))
+        cand, plan, ranges = segments.choose(model, max_disk, reserved, n_calib,
+                                             forced=calib_type)
+        record = intermediate.record(cand, plan, len(ranges))
+        if len(ranges) == 1:
+            work = gguf_path = base.with_name(f"{base.name}.calib.gguf")
+        else:  # no whole-model copy: a segment of layers at a time
+            segs = Segments(model, plan, ranges, base, threads, progress)
+            gguf_path = None
+    log.info("calibrating on %s (%s)", gguf_path or "layer segments", record.describe())
     fingerprint = checkpoint.fingerprint(
         model.source.files + ([calib_model] if calib_model else []), body, n_ctx=n_ctx,
         max_tokens=max_tokens, calib=record.types,
+        segments=None if segs is None else segs.ranges,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
         pipeline.export(model, plan, work, progress=progress)  # itself resumable
-    base = None
+    if segs is not None and not checkpoint.resumable(ckpt, fingerprint):
+        segs.remove()  # the work files of another run
+    ref = None
     if sensitivity:  # the probes' reference comes from this run: no base pass of their own
         from .sensitivity import probe_token_count
 
-        n_calib = len(tokenize(model.source.path, body, max_tokens))
-        base = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
+        if n_calib is None:
+            n_calib = len(tokenize(model.source.path, body, max_tokens))
+        ref = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
     started = time.monotonic()
     stats = collect(gguf_path, body, model.specs, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
-                    threads=threads, source=record, on_window=base)
+                    threads=threads, source=record, on_window=ref, segs=segs)
     if sensitivity:
         from .sensitivity import default_budget, measure_scales
 
         seconds = probe_seconds or default_budget(time.monotonic() - started)
         # resumed from a checkpoint, the first windows were not run: a base pass then
-        tokens = base.tokens or tokenize(model.source.path, body)[:base.n_tokens]
+        tokens = ref.tokens or tokenize(model.source.path, body)[:ref.n_tokens]
+        inputs, first_block = None, 0
+        if segs is not None:  # the last segment, on the stream entering it
+            last = len(segs) - 1
+            gguf_path, first_block = segs.gguf_path(last), segs.ranges[last][0]
+            inputs = segs.stream(last)
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress, threads=threads,
-                               base=base if base.windows else None)
+                               base=ref if ref.windows else None, inputs=inputs,
+                               first_block=first_block)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)
     ckpt.unlink(missing_ok=True)
     if work is not None:
         work.unlink(missing_ok=True)
+    if segs is not None:
+        segs.remove()
     return stats
 
 

@@ -60,7 +60,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 
-from .nodes import NAME_OFFSET, HookError, Node, ggml, split_name
+from .nodes import NAME_OFFSET, HookError, Node, ggml, shifted, split_name
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class EvalHooks:
         # (position of the first token, number of tokens) of the batch being decoded, when
         # the context is an `attach`ed one; in the last layer only output rows remain
         self.batch: tuple[int, int] | None = None
+        # the first block of the model run within the whole model (a layer segment): node
+        # names and layers are shifted by it, so handlers see the whole model's
+        self.layer_offset = 0
         ggml()  # fail now, not inside llama_decode, if the struct layout is wrong
         # keep the ctypes object referenced for the life of the hooks: llama.cpp holds its
         # address only
@@ -120,7 +123,7 @@ class EvalHooks:
 
     def _route(self, raw: bytes) -> tuple[int | None, list, bool, str] | None:
         """(layer, [(fn, when)], any when, name) of the handlers for a node name, or None."""
-        name = raw.decode(errors="replace")
+        name = shifted(raw.decode(errors="replace"), self.layer_offset)
         if self.record_names:
             self.names_seen.add(name)
         base, layer = split_name(name)
@@ -153,7 +156,7 @@ class EvalHooks:
             if ask:
                 return not conditional or any(w is None or w(layer) for _, w in entries)
             if not self.errors:
-                node = Node(t, name)
+                node = Node(t, name, self.layer_offset)
                 for fn, when in entries:
                     if when is None or when(layer):
                         fn(node)

@@ -2,10 +2,11 @@
 
 A GGUF source is run as it is (llama.cpp runs every type edgemoe reads a GGUF in: F32, F16,
 BF16, Q8_0): no file is written. An HF source is first exported to an intermediate GGUF,
-the most faithful of `CANDIDATES` whose file fits the disk budget; the statistics record
-which (`CalibSource`), with the fidelity class measured for it on the bundled model
-(BENCHMARKS.md, issue 11: importance-matrix cosine, expert frequency and saliency, and the
-KL divergence of the plans made from the statistics).
+the most faithful of `CANDIDATES` whose file fits the disk budget, whole or a segment of
+layers at a time (`segments.choose`); the statistics record which (`CalibSource`), with the
+fidelity class measured for it on the bundled model (BENCHMARKS.md, issue 11:
+importance-matrix cosine, expert frequency and saliency, and the KL divergence of the plans
+made from the statistics).
 """
 
 from __future__ import annotations
@@ -77,27 +78,12 @@ def file_bytes(model: pipeline.Model, plan: mp.MemoryPlan) -> int:
     return plan.weight_bytes + 64 * len(plan.tensors) + 2 * tok + FILE_SLACK
 
 
-def choose(model: pipeline.Model, max_disk: int, reserved: int = 0,
-           forced: str | None = None) -> tuple[Candidate, mp.MemoryPlan]:
-    """The first of `CANDIDATES` (or the uniform type `forced`) whose file fits in
-    `max_disk` - `reserved` bytes; DiskBudgetError with the sizes when none does."""
-    cands = [Candidate(forced.upper(), forced.upper(), _fidelity(forced))] if forced \
-        else list(CANDIDATES)
-    room = max_disk - reserved
-    sized = []
-    for c in cands:
-        plan = candidate_plan(model.specs, c)
-        size = file_bytes(model, plan)
-        if size <= room:
-            return c, plan
-        sized.append((size, c))
-    size, smallest = min(sized, key=lambda x: x[0])
-    raise DiskBudgetError(
-        f"--max-disk {mp.format_size(max_disk)} is too small to calibrate "
-        f"{model.source.path.name}: the smallest calibration model ({smallest.label}) takes "
-        f"{mp.format_size(size)}, and the checkpoint of the sums "
-        f"{mp.format_size(reserved)} (a smaller --cov-budget shrinks it); need at least "
-        f"{mp.format_size(size + reserved)}, or calibrate a GGUF of the model (no copy)")
+def candidates(forced: str | None = None) -> list[Candidate]:
+    """The intermediates to try, most faithful first: `CANDIDATES`, or the uniform type
+    `forced` alone."""
+    if forced:
+        return [Candidate(forced.upper(), forced.upper(), _fidelity(forced))]
+    return list(CANDIDATES)
 
 
 def _fidelity(type_name: str) -> str:
@@ -108,9 +94,11 @@ def _fidelity(type_name: str) -> str:
                 "unmeasured")
 
 
-def record(c: Candidate, plan: mp.MemoryPlan) -> CalibSource:
-    """The statistics' source, for a run of intermediate `c`."""
-    return CalibSource(c.label, plan.bits_per_weight, c.fidelity)
+def record(c: Candidate, plan: mp.MemoryPlan, n_segments: int = 1) -> CalibSource:
+    """The statistics' source, for a run of intermediate `c` (in `n_segments` layer
+    segments: the same statistics, `edgemoe.calibration.segments`)."""
+    label = c.label if n_segments == 1 else f"{c.label}, run in {n_segments} layer segments"
+    return CalibSource(label, plan.bits_per_weight, c.fidelity)
 
 
 def file_record(path: str | Path, is_source: bool = False) -> CalibSource:

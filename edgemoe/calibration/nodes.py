@@ -8,6 +8,7 @@ against the library before first use, so a changed layout fails loudly.
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass, field
 
 import gguf
@@ -91,13 +92,30 @@ def split_name(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+_WEIGHT_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def shifted(name: str, offset: int) -> str:
+    """`name` in a model whose blocks start at block `offset` of the whole model (a layer
+    segment, `edgemoe.calibration.segments`): `Qcur-0` -> `Qcur-40`, `blk.0.attn_q.weight`
+    -> `blk.40.attn_q.weight`; other names unchanged."""
+    if not offset:
+        return name
+    base, layer = split_name(name)
+    if layer is not None:
+        return f"{base}-{layer + offset}"
+    return _WEIGHT_LAYER.sub(lambda m: f"blk.{int(m[1]) + offset}.", name, count=1)
+
+
 class Node:
     """A graph node seen from a handler. Valid only during the handler call."""
 
-    def __init__(self, ptr: int, name: str | None = None):
+    def __init__(self, ptr: int, name: str | None = None, offset: int = 0):
         self.ptr = ptr
         self.t = t = GGMLTensor.from_address(ptr)
-        self.name = t.name.decode(errors="replace") if name is None else name
+        # names (and layers) are the whole model's: `offset` is the first block of a segment
+        self.offset = offset
+        self.name = shifted(t.name.decode(errors="replace"), offset) if name is None else name
         self.kind, self.layer = split_name(self.name)
         self.type = t.type
         self.ne = tuple(t.ne)  # element counts in ggml order (ne[0] is the row length)
@@ -125,7 +143,7 @@ class Node:
 
     def src(self, i: int) -> Node | None:
         p = self.t.src[i]
-        return Node(p) if p else None
+        return Node(p, offset=self.offset) if p else None
 
     def read_raw(self) -> np.ndarray:
         """The bytes the node spans, as uint8 (any type, quantized included)."""

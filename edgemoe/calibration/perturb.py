@@ -46,10 +46,10 @@ from export.quantize import dequantize, quantize_rows
 from memory_planner.names import parse_tensor_name
 from memory_planner.stats import CalibStats
 
-from ..llamacpp import eval_logits, open_llama
+from ..llamacpp import eval_embeddings, eval_logits, open_llama
 from ..runtime.textscore import log_softmax, whole_windows
 from .hooks import EvalHooks, attach
-from .nodes import HookError, Node
+from .nodes import HookError, Node, shifted
 
 _MATMUL = {"attn_q": "Qcur", "attn_k": "Kcur", "attn_v": "Vcur", "output": "result_output"}
 _EXPERTS = {"ffn_gate_exps": "ffn_moe_gate", "ffn_up_exps": "ffn_moe_up",
@@ -64,14 +64,16 @@ class ProbeError(RuntimeError):
 
 
 class RunWeights:
-    """The weights as the GGUF being run holds them, dequantized on demand."""
+    """The weights as the GGUF being run holds them, dequantized on demand; of a layer
+    segment whose first block is block `first_block` of the model, by the model's names."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, first_block: int = 0):
         self._tensors = {t.name: t for t in gguf.GGUFReader(path, "r").tensors}
+        self.first_block = first_block
 
     def load(self, name: str, expert: int | None = None,
              rows: np.ndarray | None = None) -> np.ndarray:
-        t = self._tensors[name]
+        t = self._tensors[shifted(name, -self.first_block)]
         data = t.data if expert is None else t.data[expert]
         if rows is not None:
             data = data[rows]
@@ -304,10 +306,10 @@ class BasePass:
         self.logprobs: list[np.ndarray] = []
         self.seconds = 0.0  # the run's time on these windows: what a probe pass costs
 
-    def __call__(self, window: Sequence[int], llm, seconds: float) -> None:
+    def __call__(self, window: Sequence[int], logits: np.ndarray, seconds: float) -> None:
         if len(window) == self.n_ctx and len(self.windows) * self.n_ctx < self.n_tokens:
             self.windows.append(list(window))
-            self.logprobs.append(log_softmax(np.array(llm.scores[:len(window)], np.float32)))
+            self.logprobs.append(log_softmax(np.array(logits[:len(window)], np.float32)))
             self.seconds += seconds
 
     @property
@@ -323,23 +325,34 @@ def open_run(path: str | Path, n_ctx: int, threads: int | None = None):
 
 
 class ProbeRunner:
-    """One llama.cpp model, run over the same windows with and without probes."""
+    """One llama.cpp model, run over the same windows with and without probes. A layer
+    segment whose first block is block `first_block` of the model runs on `inputs`, the
+    residual stream entering it at the windows' positions (n_tokens x n_embd)."""
 
     def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
-                 threads: int | None = None):
+                 threads: int | None = None, inputs: np.ndarray | None = None,
+                 first_block: int = 0):
         self.tokens, self.n_ctx = list(tokens), n_ctx
         self.windows = whole_windows(self.tokens, n_ctx)
         if not self.windows:
             raise ValueError("too few tokens to probe")
+        self.inputs, self.first_block = inputs, first_block
         self.llm = open_run(path, n_ctx, threads)
+
+    def _logits(self, i: int) -> np.ndarray:
+        if self.inputs is None:
+            return eval_logits(self.llm, self.windows[i])
+        start = i * self.n_ctx  # the windows are consecutive, of n_ctx tokens but the last
+        return eval_embeddings(self.llm, self.inputs[start:start + len(self.windows[i])])
 
     def logprobs(self, probe: TensorProbe | PruneProbe | None = None) -> list[np.ndarray]:
         """Per window, log-probabilities (n_tokens x n_vocab) with `probe` applied."""
         hooks = EvalHooks()
+        hooks.layer_offset = self.first_block
         if probe is not None:
             probe.install(hooks)
         attach(self.llm, hooks)
-        out = [log_softmax(eval_logits(self.llm, w)) for w in self.windows]
+        out = [log_softmax(self._logits(i)) for i in range(len(self.windows))]
         if probe is not None:
             probe.check()
         return out

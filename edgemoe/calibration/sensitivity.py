@@ -133,10 +133,15 @@ def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
 def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
                    gguf_path: str | Path, probe_type: str = PROBE_TYPE, n_ctx: int = 512,
                    seconds: float = MIN_PROBE_SECONDS, progress: bool = True,
-                   threads: int | None = None, base: BasePass | None = None) -> CalibStats:
+                   threads: int | None = None, base: BasePass | None = None,
+                   inputs: np.ndarray | None = None, first_block: int = 0) -> CalibStats:
     """`stats` with `scales` (per tensor) and `prune_scale` measured by probes run on
     `gguf_path` (the model calibration ran) within about `seconds`: on `tokens`, against a
-    base pass run first, or on the windows of `base` against its log-probabilities."""
+    base pass run first, or on the windows of `base` against its log-probabilities.
+
+    `gguf_path` may be the last layer segment of the model (`edgemoe.calibration.segments`),
+    from block `first_block` on, run on `inputs` (the residual stream entering it at the
+    tokens' positions): its tensors are probed and the others carry their kinds' scales."""
     clock = _Clock(seconds)
     specs = [s for s in model.specs if s.quantizable]
     probe_plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
@@ -162,7 +167,7 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
     report = ProbeLog()
     if base is not None:
         tokens = base.tokens
-    runner = ProbeRunner(gguf_path, tokens, n_ctx, threads)
+    runner = ProbeRunner(gguf_path, tokens, n_ctx, threads, inputs, first_block)
     pool = ThreadPoolExecutor(threads or default_threads())
     try:
         if base is not None:  # calibration's own run: its time is what a pass costs
@@ -171,7 +176,8 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             start = time.monotonic()
             ref = runner.logprobs()
             clock.base = report.base_seconds = time.monotonic() - start
-        errors = WeightErrors(model, stats, RunWeights(gguf_path), types, executor=pool)
+        errors = WeightErrors(model, stats, RunWeights(gguf_path, first_block), types,
+                              executor=pool)
 
         def probe(p) -> float:
             start = time.monotonic()
@@ -183,8 +189,11 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
         a = model.adapter
         if stats.has_expert_stats and a.n_expert > a.n_expert_used and clock.fits():
             n_keep = keep_grid(a.n_expert, a.n_expert_used, n_groups=a.n_expert_groups)[1]
-            kept = kept_by_saliency(stats, n_keep, a.n_expert_groups)
-            pred = sum(pruning_damage(stats, kept).values())
+            kept_all = kept_by_saliency(stats, n_keep, a.n_expert_groups)
+            kept = {layer: ids for layer, ids in kept_all.items()
+                    if layer >= first_block}  # the blocks in the file
+            pred = sum(v for layer, v in pruning_damage(stats, kept_all).items()
+                       if layer in kept)
             k = probe(PruneProbe(kept))
             prune_scale = k / pred if pred > 0 else None
             report.passes.append((f"pruning to {n_keep} experts", k, prune_scale or 0.0))
@@ -203,7 +212,10 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, k, pred, scale)
             return scale
 
-        scales = _probe_tensors(specs, one, clock, report, progress)
+        # a segment's file holds the embeddings, but runs on the stream: they are not used
+        in_file = {s.name for s in specs if (s.layer >= first_block if s.layer is not None
+                                             else s.kind != "token_embd" or not first_block)}
+        scales = _probe_tensors(specs, one, clock, report, progress, in_file)
     finally:
         runner.close()
         pool.shutdown()
@@ -218,16 +230,20 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
 
 
 def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: ProbeLog,
-                   progress: bool) -> dict[str, float]:
-    """Per-tensor scales: every tensor alone if the budget allows, else kinds first."""
+                   progress: bool, probeable: set[str] | None = None) -> dict[str, float]:
+    """Per-tensor scales: every `probeable` tensor (default: all) alone if the budget
+    allows, else kinds first; the others carry their kind's."""
+    if probeable is None:
+        probeable = {s.name for s in specs}
     by_kind: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, int] = defaultdict(int)
     for s in specs:
         by_kind[s.kind].append(s.name)
         weights[s.kind] += s.n_elements
     # the kinds holding most weights first (routed experts, in an MoE): the budget may end
-    kinds = {k: _spread(by_kind[k]) for k in sorted(by_kind, key=lambda k: -weights[k])
-             if k in SUPPORTED_KINDS}
+    kinds = {k: _spread([n for n in by_kind[k] if n in probeable])
+             for k in sorted(by_kind, key=lambda k: -weights[k])
+             if k in SUPPORTED_KINDS and any(n in probeable for n in by_kind[k])}
     unsupported = [n for k, v in by_kind.items() if k not in SUPPORTED_KINDS for n in v]
     n_tensors = sum(len(v) for v in kinds.values())
     all_alone = clock.fits(n_tensors)
@@ -259,13 +275,14 @@ def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: Probe
     bar.close()
 
     scales = dict(alone)
-    for kind, names in kinds.items():
+    for kind, probed in kinds.items():
+        names = by_kind[kind]
         rest = [n for n in names if n not in alone]
         if not rest:
             continue
         src, label = kind_scale.get(kind), f"{kind}'s kind probe"
         if src is None and len(rest) < len(names):
-            src = float(np.median([alone[n] for n in names if n in alone]))
+            src = float(np.median([alone[n] for n in probed if n in alone]))
             label = f"the median of {kind}'s probed layers"
         if src is None:
             report.skipped += [n for n in rest if n not in report.skipped]

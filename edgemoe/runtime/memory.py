@@ -64,17 +64,32 @@ def buffer_sums(ctx) -> dict[str, int]:
     return out
 
 
+HOST_BUFFERS = ("CPU", "CPU_Mapped")  # weight buffers that are not repacked copies
+
+
 def memory_breakdown(llm) -> dict[str, int]:
     """Bytes llama.cpp allocated for a context: model buffers, context (KV cache) and compute
-    buffers, summed over buffer types, plus the logits output buffer."""
+    buffers, summed over buffer types, plus the logits output buffer: "model" counts the
+    weights once, "repacked" the copies beside them.
+
+    Where llama.cpp repacks some weights for this CPU (CPU_REPACK: Q4_0, Q4_K, IQ4_NL... on
+    AVX2) and maps the file, the mapped buffer spans every tensor and the repacked ones are
+    copied into a buffer of their own: model buffers = weights + repacked. The mapped pages
+    of the repacked tensors are read once while loading and never again: the page cache's
+    to drop."""
     import llama_cpp
 
     out = buffer_sums(llm.ctx)
     weights = int(llama_cpp.llama_model_size(llm.model))
-    if not weights <= out["model"] < weights + (64 << 20) + weights // 8:
+    extra = sum(n for name, n in model_buffer_types(llm).items() if name not in HOST_BUFFERS)
+    # copies when the host buffers span every weight (a mapped file), else a part of them
+    repacked = extra if out["model"] - extra >= weights else 0
+    if not weights <= out["model"] - repacked < weights + (64 << 20) + weights // 8:
         raise RuntimeError(f"llama_get_memory_breakdown: model buffers {out['model']} bytes "
-                           f"for {weights} bytes of weights; layout changed?")
-    out["output"] = output_buffer_bytes(llm)
+                           f"({extra} in extra buffer types) for {weights} bytes of "
+                           "weights; layout changed?")
+    out.update(model=out["model"] - repacked, repacked=repacked,
+               output=output_buffer_bytes(llm))
     return out
 
 

@@ -99,7 +99,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
         "prompt_tokens": n_prompt, "prompt_tps": n_prompt / prompt_s,
         "decode_tokens": len(rest), "decode_tps": len(rest) / decode_s,
         "weight_bytes": int(llama_cpp.llama_model_size(llm.model)),
-        "model_buffer_bytes": mem["model"], "kv_bytes": mem["context"],
+        "model_buffer_bytes": mem["model"] + mem["repacked"], "kv_bytes": mem["context"],
         "compute_bytes": mem["compute"], "output_bytes": mem["output"],
         "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes(),
         "decode_experts_per_token": llm.expert_use.experts_per_token if llm.dropper else None,

@@ -9,6 +9,8 @@ config options llama.cpp cannot reproduce read the config itself.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -62,6 +64,14 @@ class Adapter:
     expert_ff_key: ClassVar[str] = "moe_intermediate_size"
     # candidate types beside the planner's ladder (gpt-oss: MXFP4, its experts' own type)
     extra_types: ClassVar[tuple[str, ...]] = ()
+    # hyperparameters holding one entry per block (`blocks` slices them)
+    per_block_fields: ClassVar[tuple[str, ...]] = ()
+    # llama.cpp derives a block's structure from its index modulo this (gpt-oss: window
+    # attention at even indices): a model of some blocks only starts at a multiple of it
+    block_period: ClassVar[int] = 1
+    # llama.cpp's graph runs on input embeddings (llama_batch.embd) instead of tokens: a
+    # model of later blocks can then run on the residual stream of earlier ones
+    takes_input_embeddings: ClassVar[bool] = True
 
     def __init__(self, config: dict):
         self.config = config
@@ -268,6 +278,22 @@ class Adapter:
     def moe_layers(self) -> list[int]:
         """Blocks with routed experts (all of them, unless the architecture has dense ones)."""
         return list(range(self.hp.n_layer))
+
+    def blocks(self, start: int, stop: int) -> Adapter:
+        """This adapter for a model of blocks [start, stop) only, renumbered from 0 (a
+        calibration segment, `edgemoe.calibration.segments`): per-block hyperparameters
+        sliced, leading dense blocks counted within the segment, no NextN blocks."""
+        hp = self.hp
+        if not 0 <= start < stop <= hp.n_layer or start % self.block_period:
+            raise ValueError(f"blocks [{start}, {stop}) of {hp.n_layer}: a segment starts at "
+                             f"a multiple of {self.block_period}")
+        changes = {"n_layer": stop - start, "n_nextn": 0}
+        changes.update({f: getattr(hp, f)[start:stop] for f in self.per_block_fields})
+        if hasattr(hp, "n_dense_lead"):
+            changes["n_dense_lead"] = min(max(hp.n_dense_lead - start, 0), stop - start)
+        seg = copy.copy(self)
+        seg.hp = dataclasses.replace(hp, **changes)
+        return seg
 
     def shipped_types(self) -> dict[str, str]:
         """Tensor kinds the checkpoint ships in a GGUF type, losslessly re-quantizable to it

@@ -44,6 +44,9 @@ class Glm4MoeAdapter(Adapter):
     arch = gguf.MODEL_ARCH.GLM4_MOE
     expert_row_kinds = ("ffn_gate_inp", "exp_probs_b")
     hp: GlmHParams
+    # llama.cpp's glm4moe graph aborts on input embeddings unless its rope is M-RoPE
+    # (src/models/glm4-moe.cpp: "This GGUF does not support multimodal")
+    takes_input_embeddings = False
 
     @classmethod
     def parse(cls, config: dict) -> GlmHParams:

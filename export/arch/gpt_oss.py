@@ -65,6 +65,8 @@ class GptOssAdapter(Adapter):
     expert_row_kinds = ("ffn_gate_inp", *_EXPERT_KIND.values())  # router + expert biases
     extra_types = ("MXFP4",)
     hp: GptOssHParams
+    per_block_fields = ("swa_layers",)
+    block_period = 2  # llama.cpp: window attention in even blocks
 
     @classmethod
     def parse(cls, config: dict) -> GptOssHParams:

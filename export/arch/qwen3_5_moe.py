@@ -85,6 +85,13 @@ class Qwen35MoeAdapter(Adapter):
     arch = gguf.MODEL_ARCH.QWEN35MOE
     ignored_tensors = Adapter.ignored_tensors + (r"^model\.visual\.", r"^(model\.)?mtp\.")
     hp: Qwen35HParams
+    per_block_fields = ("recurrent",)  # written as recurrent_layers, which llama.cpp reads
+
+    @property
+    def block_period(self) -> int:
+        # a model of some blocks needs attention and recurrent blocks both: llama.cpp's
+        # hybrid memory has no buffer for a kind without blocks (GGML_ASSERT(buffer))
+        return self.hp.full_attention_interval
 
     @classmethod
     def parse(cls, config: dict) -> Qwen35HParams:

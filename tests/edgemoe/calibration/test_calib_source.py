@@ -3,6 +3,7 @@ statistics say which, and they do not depend on the number of threads."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from edgemoe import pipeline
-from edgemoe.calibration import intermediate
+from edgemoe.calibration import intermediate, segments
 from edgemoe.calibration.collect import calibrate
+from edgemoe.llamacpp import tokenize
 from export.imatrix import read_stats
 from tests.helpers import PROMPT
 
@@ -92,16 +94,20 @@ def test_an_hf_source_within_a_disk_budget(qwen3_dir, tmp_path):
     from edgemoe.calibration.collect import checkpoint_bytes, cov_plan
 
     ckpt = checkpoint_bytes(model.specs, cov_plan(model.specs, cov))
-    # room for a little less than the Q8_0 copy: a smaller intermediate runs
-    budget = intermediate.file_bytes(model, q8) + ckpt - 1
+    # room for a little less than the Q8_0 copy, whole or in layer segments (test_segments):
+    # a smaller intermediate runs
+    stream = segments.stream_bytes(len(tokenize(qwen3_dir, PROMPT * 6)), model.adapter.hp.n_embd)
+    budget = min(intermediate.file_bytes(model, q8) + ckpt,
+                 segments.smallest_segment(model, q8) + ckpt + stream) - 1
     out = tmp_path / "o"
     out.mkdir()
     stats, peak = _peak_extra_disk(out, out / "s.gguf", lambda: calibrate(
         str(qwen3_dir), text=str(text), output=str(out / "s.gguf"), n_ctx=N_CTX,
         progress=False, max_disk=budget, cov_budget=cov))
     assert 0 < peak <= budget
-    assert stats.source.types != "Q8_0" and stats.source.bpw < q8.bits_per_weight
-    assert stats.source.types in {c.label for c in intermediate.CANDIDATES}
+    assert not stats.source.types.startswith("Q8_0") and stats.source.bpw < q8.bits_per_weight
+    assert re.sub(r", run in \d+ layer segments$", "", stats.source.types) in {
+        c.label for c in intermediate.CANDIDATES}
     assert [p.name for p in out.iterdir()] == ["s.gguf"]
     assert "fidelity" in read_stats(out / "s.gguf").source.describe()
 

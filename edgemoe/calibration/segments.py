@@ -1,0 +1,224 @@
+"""Calibration of an HF source in layer segments: no whole-model copy on disk.
+
+When the calibration GGUF of the whole model does not fit the disk budget, calibration runs
+the model a segment of consecutive blocks at a time. A segment's GGUF holds blocks
+[start, stop) renumbered from 0 (`Adapter.blocks`), with the token embeddings, output norm
+and head that llama.cpp needs to load any model, all at the calibration type (Q8_0 unless the
+budget is smaller than one block). The first segment runs on the text's tokens; each later
+one on the residual stream the one before it left, read at its last block's output (node
+`l_out`) and given to llama.cpp as input embeddings (`llama_batch.embd`, float32: the stream
+passes unchanged). Each block's statistics are those a whole-model run of the same file type
+measures (tests/edgemoe/calibration/test_segments.py), and the graph hooks see the whole
+model's layer numbers (`EvalHooks.layer_offset`).
+
+On disk at any time: one segment's GGUF (deleted once it has run) and two files of the
+residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
+records the segment and the windows run in it. The sensitivity probes run on the last
+segment, on its input read back from the stream file: its blocks are probed, and the other
+blocks carry the scales of their kinds.
+
+What it costs beyond a whole-model run of the same type: every segment computes the output
+head on every position (the last block keeps only the rows whose logits are asked for, and
+the stream needs them all), and writes the embeddings and head once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+import memory_planner as mp
+from export.arch.recipe import TensorRecipe
+from export.options import export_options
+from export.writer import write_gguf
+
+from .. import pipeline
+from . import intermediate
+from .nodes import shifted
+
+log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.7  # of the machine's memory, for the calibration GGUF in the page cache
+
+
+def stream_bytes(n_tokens: int, n_embd: int) -> int:
+    """Disk taken by the two residual-stream files of a run of `n_tokens` tokens."""
+    return 2 * (n_tokens * n_embd * 4 + 128)
+
+
+def _sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[int, int]]]:
+    """Bytes of a segment file beside its blocks (embeddings, output norm and head,
+    tokenizer), and (first block, bytes) of each `block_period` of blocks."""
+    a = model.adapter
+    per_block: dict[int, int] = defaultdict(int)
+    shared = []
+    types = plan.by_name()
+    for s in model.specs:
+        t = types[s.name]
+        if s.layer is None:
+            shared.append(t)
+        elif s.layer < a.n_layer:  # NextN blocks are not run
+            per_block[s.layer] += t.nbytes + 64
+    fixed = intermediate.file_bytes(model, replace(plan, tensors=tuple(shared)))
+    steps = [(lo, sum(per_block[i] for i in range(lo, min(lo + a.block_period, a.n_layer))))
+             for lo in range(0, a.n_layer, a.block_period)]
+    return fixed, steps
+
+
+def smallest_segment(model: pipeline.Model, plan: mp.MemoryPlan) -> int:
+    """Bytes of the largest file of a run one `block_period` of blocks at a time."""
+    fixed, steps = _sizes(model, plan)
+    return fixed + max(n for _, n in steps)
+
+
+def bounds(model: pipeline.Model, plan: mp.MemoryPlan, room: int) -> list[tuple[int, int]]:
+    """Segments of consecutive blocks, as few as fit: each segment's file (its blocks, the
+    embeddings, output norm and head, the tokenizer) at most `room` bytes, each starting at a
+    multiple of the adapter's `block_period`. ValueError when one period of blocks does not
+    fit."""
+    if smallest_segment(model, plan) > room:
+        raise ValueError(f"{mp.format_size(smallest_segment(model, plan))} for the smallest "
+                         f"segment, more than {mp.format_size(room)}")
+    fixed, steps = _sizes(model, plan)
+    out: list[tuple[int, int]] = []
+    start, size = 0, fixed
+    for lo, step in steps:
+        if size + step > room:
+            out.append((start, lo))
+            start, size = lo, fixed
+        size += step
+    out.append((start, model.adapter.n_layer))
+    return out
+
+
+def memory_room() -> int:
+    """Bytes of a calibration GGUF that stay in the page cache while llama.cpp runs it: a
+    larger file is read from disk again for every window (llama.cpp maps it), so it runs in
+    segments that fit (MEMORY_SHARE of the machine's memory)."""
+    return int(MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def choose(model: pipeline.Model, max_disk: int, reserved: int, n_tokens: int,
+           forced: str | None = None, max_memory: int | None = None
+           ) -> tuple[intermediate.Candidate, mp.MemoryPlan, list[tuple[int, int]]]:
+    """The calibration model of an HF source within `max_disk` bytes, `reserved` of them for
+    the checkpoint: the first of `intermediate.CANDIDATES` (or the uniform type `forced`)
+    whose whole file fits, or else which fits in layer segments (with the two stream files
+    of `n_tokens`): the most faithful type first, run whole or in segments. A file larger
+    than `max_memory` (default `memory_room()`) runs in segments too. Its plan and block
+    ranges; DiskBudgetError with the sizes when none fits."""
+    a = model.adapter
+    memory = memory_room() if max_memory is None else max_memory
+    stream = stream_bytes(n_tokens, a.hp.n_embd)
+    sized = []
+    for c in intermediate.candidates(forced):
+        plan = intermediate.candidate_plan(model.specs, c)
+        whole = intermediate.file_bytes(model, plan)
+        if whole + reserved <= max_disk and (whole <= memory or not a.takes_input_embeddings):
+            return c, plan, [(0, a.n_layer)]
+        if not a.takes_input_embeddings:
+            sized.append((whole, 0, c))
+            continue
+        smallest = smallest_segment(model, plan)
+        if smallest + reserved + stream <= max_disk:
+            return c, plan, bounds(model, plan, min(max_disk - reserved - stream,
+                                                    max(memory, smallest)))
+        sized.append((smallest, stream, c))
+    size, stream, c = min(sized, key=lambda x: x[0] + x[1])
+    how = (f"run {a.block_period} block(s) at a time" if stream else
+           f"whole (llama.cpp's {a.arch_name} graph takes no input embeddings, so it cannot "
+           "run in layer segments)")
+    raise intermediate.DiskBudgetError(
+        f"--max-disk {mp.format_size(max_disk)} is too small to calibrate "
+        f"{model.source.path.name}: the smallest calibration model ({c.label}), {how}, takes "
+        f"{mp.format_size(size)}, the residual stream {mp.format_size(stream)} and the "
+        f"checkpoint of the sums {mp.format_size(reserved)} (a smaller --cov-budget shrinks "
+        f"it); need at least {mp.format_size(size + stream + reserved)}, or calibrate a GGUF "
+        "of the model (no copy)")
+
+
+@dataclass
+class Segments:
+    """A segmented run: the model, its calibration types (`plan`, whole model), the block
+    ranges, and the work files beside `base` (the statistics' output path)."""
+
+    model: pipeline.Model
+    plan: mp.MemoryPlan
+    ranges: list[tuple[int, int]]
+    base: Path
+    threads: int | None = None
+    progress: bool = True
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def gguf_path(self, k: int) -> Path:
+        return self.base.with_name(f"{self.base.name}.calib-{k + 1}of{len(self)}.gguf")
+
+    def stream_path(self, k: int) -> Path:
+        """The residual stream at the start of segment k (k >= 1), which segment k - 1
+        writes."""
+        return self.base.with_name(f"{self.base.name}.stream-{k % 2}.npy")
+
+    def stream(self, k: int, n_tokens: int = 0, write: bool = False) -> np.ndarray:
+        """Segment k's input stream (read), or its output stream of `n_tokens` rows (write:
+        segment k + 1's input; kept if the file has that shape, a resumed run),
+        memory-mapped, n_tokens x n_embd float32."""
+        if not write:
+            return np.load(self.stream_path(k), mmap_mode="r")
+        path = self.stream_path(k + 1)
+        shape = (n_tokens, self.model.adapter.hp.n_embd)
+        if path.is_file() and np.load(path, mmap_mode="r").shape == shape:
+            return np.load(path, mmap_mode="r+")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    def write(self, k: int) -> Path:
+        """Segment k's GGUF (kept if already complete: a resumed run)."""
+        path = self.gguf_path(k)
+        if path.is_file():
+            return path
+        start, stop = self.ranges[k]
+        a, source = self.model.adapter.blocks(start, stop), self.model.source
+
+        def inside(s: mp.TensorSpec) -> bool:
+            return s.layer is None or start <= s.layer < stop
+
+        recipes = [_renamed(r, -start) for r in self.model.recipes if inside(r.spec)]
+        types = self.plan.by_name()
+        tensors = tuple(replace(types[s.name], name=shifted(s.name, -start))
+                        for s in self.model.specs if inside(s))
+        options = export_options(None, recipes, recipes, search=0, threads=self.threads,
+                                 progress=self.progress)
+
+        def metadata(w) -> None:
+            w.add_name(f"{source.name} blocks {start}-{stop - 1}")
+            a.add_metadata(w, None)
+            a.add_tokenizer(w, source)
+
+        log.info("writing layer segment %d of %d: blocks %d-%d", k + 1, len(self), start,
+                 stop - 1)
+        return write_gguf(path, arch_name=a.arch_name, recipes=recipes, source=source,
+                          plan=replace(self.plan, tensors=tensors), add_metadata=metadata,
+                          options=options)
+
+    def remove(self, k: int | None = None) -> None:
+        """Delete segment k's GGUF, or (None) every work file."""
+        if k is not None:
+            self.gguf_path(k).unlink(missing_ok=True)
+            return
+        for i in range(len(self)):
+            self.gguf_path(i).unlink(missing_ok=True)
+        for i in range(2):
+            self.stream_path(i).unlink(missing_ok=True)
+
+
+def _renamed(r: TensorRecipe, offset: int) -> TensorRecipe:
+    s = r.spec
+    if s.layer is None:
+        return r
+    return replace(r, spec=replace(s, name=shifted(s.name, offset), layer=s.layer + offset))
