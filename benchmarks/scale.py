@@ -233,6 +233,7 @@ def _extra_bufts() -> bool:
 def harvest(job: str, s: Setup, run: Path) -> None:
     """Keep what later jobs need from the first successful run of `job`."""
     keep = {"em_calib": ("stats.gguf", "stats.gguf"),
+            "em_calib_segments": ("stats.gguf", "stats.gguf"),
             "em_calib_gguf_probes": ("stats.gguf", "stats.gguf"),
             "em_calib_noprobes": ("stats.gguf", "stats-noprobes.gguf"),
             "em_plan": ("plan.json", "plan.json"), "em_export_s0": ("out.gguf", "out-search0.gguf")}
@@ -391,10 +392,13 @@ def main() -> None:
     ap.add_argument("--report", action="store_true",
                     help="only print (and store) the table and extrapolation of stored runs")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUFs")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the results file (another machine's runs go in a file of their own)")
     args = ap.parse_args()
+    results_path = args.results
 
     if args.report:  # the table and extrapolation again, from the stored runs
-        data = json.loads(RESULTS.read_text())
+        data = json.loads(results_path.read_text())
         entry = data["sizes"][args.size]
         if "damage_work" not in entry:
             from edgemoe import pipeline
@@ -403,7 +407,7 @@ def main() -> None:
         entry["rows"] = summarize(entry["jobs"])
         entry["extrapolation"] = extrapolate(entry)
         print(fmt_table(entry["rows"]) + "\n\n" + fmt_extrapolation(entry["extrapolation"]))
-        RESULTS.write_text(json.dumps(data, indent=1))
+        results_path.write_text(json.dumps(data, indent=1))
         return
     t0 = time.time()
     work = args.work / args.size
@@ -418,7 +422,7 @@ def main() -> None:
         j for st in args.stages.split(",") for j in STAGES[st]]
     results = run_jobs(s, jobs, args.runs, args.stage_budget, int(args.max_anon * GB),
                        t0 + args.time_limit)
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
+    data = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
     old = data["sizes"].get(args.size, {})
     if not args.fresh and old.get("shape") == facts["shape"] \
             and old.get("tokens") == facts["tokens"]:
@@ -438,8 +442,8 @@ def main() -> None:
     entry["extrapolation"] = extrapolate(entry)
     print("\n" + fmt_extrapolation(entry["extrapolation"]))
     data["sizes"][args.size] = entry
-    RESULTS.write_text(json.dumps(data, indent=1))
-    print(f"\nwrote {RESULTS} ({time.time() - t0:.0f} s in all)")
+    results_path.write_text(json.dumps(data, indent=1))
+    print(f"\nwrote {results_path} ({time.time() - t0:.0f} s in all)")
     if not args.keep:
         for p in (s.q8, s.bf16, *s.products.glob("*.gguf")):
             p.unlink(missing_ok=True)

@@ -20,15 +20,19 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
   imatrix, validation), with the same tokens as measured. The probes run for a share of the
   calibration run's time (PROBE_SHARE, calibrate's default budget), so they scale with the
   run. An edgemoe calibration of an HF source is its Q8_0 intermediate (the measured
-  `export --type Q8_0`, scaled by P) + the rest (scaled by T*A); a GGUF source runs as it is.
+  `export --type Q8_0`, scaled by P) + the rest (scaled by T*A); a GGUF source runs as it is;
+  in layer segments (`--max-disk` = the output's size) the same intermediate is written a
+  segment at a time.
 - io: the source is read once; each model-sized file written is written once; a model run
   reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
   512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
   memory: a 512-token batch routes to nearly every expert). The probes read for their share
-  of the run's time at the same rate (PROBE_SHARE x the run's reads).
+  of the run's time at the same rate (PROBE_SHARE x the run's reads). Layer segments fit the
+  page cache (calibrate sizes them so): each is written once and read once.
 - disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
   calibrate: the checkpoint of its sums (at most 4 GiB with the default covariance budget:
-  float64, and its next copy while saving), with an HF source also its Q8_0 intermediate.
+  float64, and its next copy while saving), with an HF source also its Q8_0 intermediate;
+  in layer segments at most the output's size (its --max-disk).
   Other stages: measured peak x bytes ratio.
 """
 
@@ -159,6 +163,8 @@ def extrapolate(entry: dict) -> dict:
                 probes = PROBE_SHARE if job == "em_calib" else 0.0
                 r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
                         src + q8 + run_io * (1 + probes))
+            elif job == "em_calib_segments":  # an HF source, a segment at a time
+                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)], src + 2 * q8)
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
             elif job == "em_plan":
@@ -177,7 +183,7 @@ def extrapolate(entry: dict) -> dict:
                 r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
                                    "em_convert": q8, "ll_convert": q8,
                                    "em_calib_noprobes": q8 + CHECKPOINT,
-                                   "em_calib": q8 + CHECKPOINT,
+                                   "em_calib": q8 + CHECKPOINT, "em_calib_segments": CAP,
                                    "em_calib_gguf": CHECKPOINT,
                                    "em_calib_gguf_probes": CHECKPOINT}.get(job, r["disk_bytes"])
                 rows[job] = r
@@ -193,11 +199,13 @@ def extrapolate(entry: dict) -> dict:
             run_hours = max(run_compute, run_io / MACHINE["disk_bps"] / 3600)
             probe_passes = int(PROBE_SHARE * run_hours / per_pass)
         em = [rows.get(j) for j in (calib, "em_plan", "em_export")]
+        hf = [rows.get(j) for j in ("em_calib_segments", "em_plan", "em_export")]
         ll = [rows.get(j) for j in ("ll_convert", "ll_imatrix", "ll_quantize")]
         out["targets"][tgt["name"]] = {
             "model": tgt, "ratios": {"P": p_r, "T*A": ta_r, "bytes": scale_b}, "rows": rows,
             "pipeline_edgemoe_hours": sum(r["hours"] for r in em) if all(em) else None,
             "pipeline_calibration": calib, "probe_passes": probe_passes,
+            "pipeline_hf_segments_hours": sum(r["hours"] for r in hf) if all(hf) else None,
             "pipeline_llama_hours": sum(r["hours"] for r in ll) if all(ll) else None}
     return out
 
@@ -207,6 +215,8 @@ LABELS = {"em_convert": "edgemoe export --type Q8_0", "ll_convert": "convert_hf_
           "em_calib_noprobes": "edgemoe calibrate --no-sensitivity",
           "em_calib_gguf": "edgemoe calibrate (GGUF src, no probes)",
           "em_calib_gguf_probes": "edgemoe calibrate (GGUF src, probes)",
+          "em_calib_segments": "edgemoe calibrate (HF, layer segments)",
+          "em_calib_capped": "edgemoe calibrate --max-disk CAP",
           "ll_imatrix": "llama-imatrix", "em_plan": "edgemoe plan",
           "em_export": "edgemoe export (search)", "em_export_s0": "edgemoe export --search 0",
           "ll_quantize": "llama-quantize", "em_validate": "edgemoe validate",
@@ -234,6 +244,10 @@ def fmt_extrapolation(x: dict) -> str:
             ge = ">= " if t["rows"][calib].get("lower_bound") else ""
             lines.append(f"pipeline edgemoe ({LABELS[calib]} + plan + export): {ge}"
                          f"{em:.1f} h")
+        hf = t.get("pipeline_hf_segments_hours")
+        if hf is not None:
+            lines.append(f"pipeline edgemoe from the HF source ({LABELS['em_calib_segments']}"
+                         f" + plan + export): {hf:.1f} h, disk source + {CAP / 1e9:.0f} GB")
         if ll is not None:
             lines.append(f"pipeline llama.cpp (convert + imatrix + quantize): {ll:.1f} h")
     return "\n".join(lines)
