@@ -87,8 +87,9 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                     hooks.add("l_out", functools.partial(_keep_stream, stream), layers=[hi - 1])
                 path = gguf_path if segs is None else segs.write(k)
                 llm = attach(open_run(path, n_ctx, threads), hooks)
-                if not windows:
-                    windows = whole_windows(tokenize(llm, text, max_tokens), n_ctx)
+                if not windows:  # (a segment between the first and last has no vocabulary)
+                    by = llm if segs is None else segs.model.source.path
+                    windows = whole_windows(tokenize(by, text, max_tokens), n_ctx)
                     if not windows:
                         raise ValueError("the calibration text is too short: no tokens to run")
                     rows = np.cumsum([0] + [len(w) for w in windows])
@@ -231,7 +232,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     if sensitivity:
         from .sensitivity import default_budget, measure_scales
 
-        seconds = probe_seconds or default_budget(time.monotonic() - started)
+        run = time.monotonic() - started - (segs.write_seconds if segs is not None else 0.0)
+        seconds = probe_seconds or default_budget(run)
         # resumed from a checkpoint, the first windows were not run: a base pass then
         tokens = ref.tokens or tokenize(model.source.path, body)[:ref.n_tokens]
         inputs, first_block = None, 0

@@ -17,15 +17,18 @@ records the segment and the windows run in it. The sensitivity probes run on the
 segment, on its input read back from the stream file: its blocks are probed, and the other
 blocks carry the scales of their kinds.
 
-What it costs beyond a whole-model run of the same type: every segment computes the output
-head on every position (the last block keeps only the rows whose logits are asked for, and
-the stream needs them all), and writes the embeddings and head once more.
+What it costs beyond a whole-model run of the same type: the first segment computes the
+output head on every position (its last block keeps only the rows whose logits are asked
+for, and the stream needs them all), and the last segment's file holds the embeddings and
+head once more. The segments between have no vocabulary (llama.cpp's type "none", one dummy
+token): their embeddings and head are one row, written and computed for nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -153,6 +156,7 @@ class Segments:
     base: Path
     threads: int | None = None
     progress: bool = True
+    write_seconds: float = 0.0  # spent writing segment files (not running them)
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -178,7 +182,9 @@ class Segments:
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
     def write(self, k: int) -> Path:
-        """Segment k's GGUF (kept if already complete: a resumed run)."""
+        """Segment k's GGUF (kept if already complete: a resumed run). A segment between the
+        first and the last has no vocabulary (`_vocabulary_free`): it runs neither the
+        embeddings nor the head."""
         path = self.gguf_path(k)
         if path.is_file():
             return path
@@ -188,23 +194,36 @@ class Segments:
         def inside(s: mp.TensorSpec) -> bool:
             return s.layer is None or start <= s.layer < stop
 
-        recipes = [_renamed(r, -start) for r in self.model.recipes if inside(r.spec)]
+        kept = [r for r in self.model.recipes if inside(r.spec)]
+        recipes = [_renamed(r, -start) for r in kept]
         types = self.plan.by_name()
-        tensors = tuple(replace(types[s.name], name=shifted(s.name, -start))
-                        for s in self.model.specs if inside(s))
+        tensors = [replace(types[r.spec.name], name=n.spec.name) for r, n in zip(kept, recipes)]
+        middle = 0 < k < len(self) - 1
+        if middle:
+            recipes, tensors = _vocabulary_free(recipes, tensors)
+            a.hp = replace(a.hp, n_vocab=1)
         options = export_options(None, recipes, recipes, search=0, threads=self.threads,
                                  progress=self.progress)
 
         def metadata(w) -> None:
             w.add_name(f"{source.name} blocks {start}-{stop - 1}")
             a.add_metadata(w, None)
-            a.add_tokenizer(w, source)
+            if not middle:
+                a.add_tokenizer(w, source)
+                return
+            # llama.cpp's vocabulary type "none" with one dummy token (src/llama-vocab.cpp)
+            w.add_tokenizer_model("none")
+            if not any(f"{a.arch_name}.vocab_size" in kv for kv in w.kv_data):
+                w.add_vocab_size(1)
 
         log.info("writing layer segment %d of %d: blocks %d-%d", k + 1, len(self), start,
                  stop - 1)
-        return write_gguf(path, arch_name=a.arch_name, recipes=recipes, source=source,
-                          plan=replace(self.plan, tensors=tensors), add_metadata=metadata,
-                          options=options)
+        began = time.monotonic()
+        write_gguf(path, arch_name=a.arch_name, recipes=recipes, source=source,
+                   plan=replace(self.plan, tensors=tuple(tensors)), add_metadata=metadata,
+                   options=options)
+        self.write_seconds += time.monotonic() - began
+        return path
 
     def remove(self, k: int | None = None) -> None:
         """Delete segment k's GGUF, or (None) every work file."""
@@ -215,6 +234,22 @@ class Segments:
             self.gguf_path(i).unlink(missing_ok=True)
         for i in range(2):
             self.stream_path(i).unlink(missing_ok=True)
+
+
+def _vocabulary_free(recipes: list[TensorRecipe], tensors: list[mp.TensorPlan]
+                     ) -> tuple[list[TensorRecipe], list[mp.TensorPlan]]:
+    """The embeddings and head cut to one row (F32), for a model of one dummy token: a
+    segment that runs on the residual stream and whose logits nobody reads."""
+    out_r, out_t = [], []
+    for r, t in zip(recipes, tensors):
+        if r.spec.kind in ("token_embd", "output"):
+            d = r.spec.shape[-1]
+            r = replace(r, spec=replace(r.spec, shape=(1, d), quantizable=False),
+                        rows=(0,), hf_shape=r.source_shape)
+            t = replace(t, type="F32", nbytes=4 * d, n_elements=d, asked_type=None)
+        out_r.append(r)
+        out_t.append(t)
+    return out_r, out_t
 
 
 def _renamed(r: TensorRecipe, offset: int) -> TensorRecipe:
