@@ -1,6 +1,6 @@
 """Calibration of an HF source in layer segments (edgemoe.calibration.segments): the same
-statistics as a run of the whole calibration GGUF, one segment's file on disk at a time,
-probes on the last segment, resumable between segments."""
+statistics, to the bit, as a run of the whole calibration GGUF, one segment's file on disk
+at a time, probes on the last segment, resumable between segments."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from edgemoe.calibration.nodes import graph_nodes
 from edgemoe.calibration.segments import Segments
 from tests import arch_fixtures
 from tests.conftest import build_qwen3_moe
-from tests.edgemoe.calibration.test_calib_source import _peak_extra_disk
+from tests.edgemoe.calibration.test_calib_source import _peak_extra_disk, _same
 from tests.helpers import PROMPT
 
 N_CTX = 64
@@ -45,22 +45,6 @@ def _collect(model, blocks, gguf_path=None, segs=None, **kw):
                    progress=False, cov_blocks=blocks, segs=segs, **kw)
 
 
-def _close(a, b) -> None:
-    assert a.n_tokens == b.n_tokens
-    assert set(a.in_sum2) == set(b.in_sum2) and set(a.in_cov) == set(b.in_cov)
-    for name in a.in_sum2:
-        np.testing.assert_allclose(a.in_sum2[name], b.in_sum2[name], rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
-        np.testing.assert_array_equal(a.counts[name], b.counts[name])
-    for name in a.in_cov:
-        np.testing.assert_allclose(a.in_cov[name], b.in_cov[name], rtol=1e-4, atol=1e-5,
-                                   err_msg=name)
-    assert set(a.experts) == set(b.experts)
-    for layer, e in a.experts.items():
-        np.testing.assert_array_equal(e.selected, b.experts[layer].selected)
-        np.testing.assert_allclose(e.saliency_sum, b.experts[layer].saliency_sum, rtol=1e-4)
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_segments_measure_what_the_whole_model_measures(arch, tmp_path, bpe_tokenizer_dir):
     src = _build(arch, tmp_path / "hf", bpe_tokenizer_dir)
@@ -77,7 +61,7 @@ def test_segments_measure_what_the_whole_model_measures(arch, tmp_path, bpe_toke
     seen = []
     stats = _collect(model, blocks, segs=segs,
                      on_window=lambda w, logits, s: seen.append(np.array(logits)))
-    _close(stats, reference)
+    _same(stats, reference)  # the same kernels on the same float32 stream: to the bit
     # the last segment's head gives the whole model's logits
     from edgemoe.llamacpp import eval_logits, open_llama
 
@@ -172,8 +156,6 @@ def test_a_segmented_run_resumes_between_and_within_segments(qwen3_dir, tmp_path
     assert not segs.gguf_path(0).exists() and segs.gguf_path(1).exists()
     monkeypatch.setattr(collect_module, "eval_embeddings", real)
     resumed = _collect(model, blocks, segs=segs, checkpoint_path=ckpt, fingerprint="x")
-    from tests.edgemoe.calibration.test_calib_source import _same
-
     _same(resumed, full)
 
 
