@@ -279,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
                         "shared by a layer's experts (gate/up, shared expert), as many as fit, "
                         "those serving the most weights per byte first (default 1GiB)")
     c.add_argument("--max-disk", default=None,
-                   help="disk an HF source's intermediate GGUF and the checkpoint may take: "
+                   help="disk the checkpoint of the sums and an HF source's intermediate GGUF "
+                        "may take (a GGUF source below the checkpoint's size runs without one): "
                         "the most faithful type that fits is run (Q8_0, then experts lower, "
                         "...), whole or a segment of layers at a time (no whole-model copy; "
                         "also when the whole file exceeds 70%% of memory; default 90%% of the "

@@ -163,17 +163,19 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     does not fit (on disk, or in 70% of memory: llama.cpp would read a larger file again
     for every window), a segment of layers at a time (`edgemoe.calibration.segments`: the
     same statistics, one segment's file on disk at a time); `calib_model` runs a GGUF of
-    the model you have instead. The text is `text` (default: the text shipped with
-    edgemoe). With `sensitivity`, probes measure each tensor's KL divergence per unit of
-    predicted damage on the first whole windows of the text (a sixteenth of the calibration
-    tokens, 512 to `probe_tokens`), inside llama.cpp's eval callback on the GGUF just run
-    (edgemoe.calibration.sensitivity; no file written; the reference is this run's own
-    logits), for `probe_seconds` (default: `sensitivity.default_budget`, half the
-    calibration run's time, at least a minute). Writes the statistics to `output` (a llama.cpp-
-    compatible GGUF imatrix) when given. The inputs' covariances (in blocks of 256 columns;
-    `cov_plan` says which) are kept too, within `cov_budget` bytes on disk (float64
-    accumulators take twice that in memory while calibrating): export's output-error search
-    uses them. `threads`: llama.cpp's threads
+    the model you have instead. The checkpoint of the sums (resume after an interruption) is
+    the only file a GGUF source adds; a `max_disk` below its size runs without one.
+
+    The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
+    measure each tensor's KL divergence per unit of predicted damage on the first whole
+    windows of the text (a sixteenth of the calibration tokens, 512 to `probe_tokens`),
+    inside llama.cpp's eval callback on the GGUF just run (edgemoe.calibration.sensitivity;
+    no file written; the reference is this run's own logits), for `probe_seconds` (default:
+    `sensitivity.default_budget`, half the calibration run's time, at least a minute).
+    Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
+    inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
+    within `cov_budget` bytes on disk (float64 accumulators take twice that in memory while
+    calibrating): export's output-error search uses them. `threads`: llama.cpp's threads
     and the workers adding up the sums (default: every core).
     """
     text_path = Path(text) if text else DEFAULT_TEXT
@@ -193,6 +195,12 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
         gguf_path = model.source.path
         record = intermediate.file_record(gguf_path, is_source=True)
+        reserved = checkpoint_bytes(model.specs, blocks, nodes)
+        if max_disk is not None and reserved > max_disk:  # no file at all, then
+            log.warning("--max-disk %s has no room for the checkpoint of the sums (%s): an "
+                        "interrupted calibration will start over", mp.format_size(max_disk),
+                        mp.format_size(reserved))
+            ckpt = None
     else:
         if max_disk is None:
             free = shutil.disk_usage(base.resolve().parent).free
@@ -248,7 +256,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)
-    ckpt.unlink(missing_ok=True)
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     if work is not None:
         work.unlink(missing_ok=True)
     if segs is not None:

@@ -85,6 +85,35 @@ def _peak_extra_disk(folder, output, fn):
     return result, peak[0]
 
 
+def test_a_gguf_source_within_no_disk_at_all(ggufs, tmp_path, monkeypatch):
+    """`--max-disk 0` for a GGUF source: no checkpoint either, nothing but the stats file
+    (written under a temporary name, then renamed) is ever written beside it; the checkpoint
+    is saved after every window otherwise."""
+    monkeypatch.setenv("EDGEMOE_CHECKPOINT_SECONDS", "0")
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 6)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def run(max_disk):
+        return _peak_extra_disk(out, out / "s.gguf", lambda: calibrate(
+            str(ggufs["qwen3"]), text=str(text), output=str(out / "s.gguf"), n_ctx=N_CTX,
+            progress=False, max_disk=max_disk))
+
+    saved, peak = run(None)
+    assert peak > (out / "s.gguf").stat().st_size  # the checkpoint, between windows
+    from edgemoe.calibration import checkpoint
+
+    def no_save(*args, **kwargs):
+        raise AssertionError("a checkpoint was saved within --max-disk 0")
+
+    monkeypatch.setattr(checkpoint, "save", no_save)
+    stats, peak = run(0)
+    assert peak <= (out / "s.gguf").stat().st_size
+    assert [p.name for p in out.iterdir()] == ["s.gguf"]
+    _same(stats, saved)
+
+
 def test_an_hf_source_within_a_disk_budget(qwen3_dir, tmp_path):
     model = pipeline.open_model(qwen3_dir)
     text = tmp_path / "calib.txt"
