@@ -54,7 +54,7 @@ def stream_bytes(n_tokens: int, n_embd: int) -> int:
     return 2 * (n_tokens * n_embd * 4 + 128)
 
 
-def _sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[int, int]]]:
+def sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[int, int]]]:
     """Bytes of a segment file beside its blocks (embeddings, output norm and head,
     tokenizer), and (first block, bytes) of each `block_period` of blocks."""
     a = model.adapter
@@ -75,7 +75,7 @@ def _sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[
 
 def smallest_segment(model: pipeline.Model, plan: mp.MemoryPlan) -> int:
     """Bytes of the largest file of a run one `block_period` of blocks at a time."""
-    fixed, steps = _sizes(model, plan)
+    fixed, steps = sizes(model, plan)
     return fixed + max(n for _, n in steps)
 
 
@@ -87,7 +87,7 @@ def bounds(model: pipeline.Model, plan: mp.MemoryPlan, room: int) -> list[tuple[
     if smallest_segment(model, plan) > room:
         raise ValueError(f"{mp.format_size(smallest_segment(model, plan))} for the smallest "
                          f"segment, more than {mp.format_size(room)}")
-    fixed, steps = _sizes(model, plan)
+    fixed, steps = sizes(model, plan)
     out: list[tuple[int, int]] = []
     start, size = 0, fixed
     for lo, step in steps:

@@ -1,0 +1,115 @@
+"""What calibrating in layer segments costs in quality (issue 11), on the bundled model.
+
+The statistics of a run in segments are those of the whole run to the bit
+(tests/edgemoe/calibration/test_segments.py); what differs is the probes: in segments they
+run on the last segment only, and the other blocks carry their kinds' scales. This
+calibrates the bundled model's HF checkpoint both ways (Q8_0; the segmented run within a
+--max-disk that holds two of its four blocks at a time, with the default probe budget),
+then plans and exports at the three caps of kld_vs_cap.py (2.5 / 3 / 4 bits per weight)
+with each, and measures the KL divergence against the F32 model in llama.cpp on 8192
+held-out tokens.
+
+    python benchmarks/segments_quality.py     # writes benchmarks/results/segments_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import memory_planner as mp
+from edgemoe import pipeline
+from edgemoe.calibration import segments
+from edgemoe.calibration.accumulate import checkpoint_bytes, cov_plan
+from edgemoe.calibration.collect import DEFAULT_COV_BUDGET, calibrate
+from edgemoe.calibration.intermediate import CANDIDATES, candidate_plan
+from edgemoe.calibration.nodes import graph_nodes
+from edgemoe.llamacpp import tokenize
+from edgemoe.report.tables import table
+from edgemoe.runtime import textscore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def two_blocks_budget(model: pipeline.Model, text: str) -> int:
+    """A --max-disk that holds the checkpoint, the stream and two blocks' segment."""
+    nodes = graph_nodes(model.adapter.arch_name)
+    plan = candidate_plan(model.specs, CANDIDATES[0])
+    fixed, steps = segments.sizes(model, plan)
+    n = len(tokenize(model.source.path, text))
+    return (checkpoint_bytes(model.specs, cov_plan(model.specs, DEFAULT_COV_BUDGET, nodes),
+                             nodes)
+            + segments.stream_bytes(n, model.adapter.hp.n_embd) + fixed
+            + max(a + b for (_, a), (_, b) in zip(steps, steps[1:])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models/stdlib-moe"))
+    ap.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 4.0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--workdir", default="/tmp/edgemoe-segq")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/segments_quality.json"))
+    args = ap.parse_args()
+    t0 = time.time()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model)
+    model = pipeline.open_model(model_dir)
+    calib_text = model_dir / "calib.txt"
+    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
+                                                 check_budget=False), work / "f32.gguf",
+                          progress=False)
+    tokens = tokenize(f32, (model_dir / "heldout.txt").read_text())[: args.tokens]
+    ref = textscore.logprobs(f32, tokens, args.ctx)
+
+    runs = {}
+    for label, max_disk in (("whole", None),
+                            ("segments", two_blocks_budget(model, calib_text.read_text()))):
+        started = time.time()
+        stats = calibrate(str(model_dir), text=str(calib_text), output=str(work / f"{label}.gguf"),
+                          sensitivity=True, progress=False, max_disk=max_disk)
+        runs[label] = {"stats": stats, "seconds": time.time() - started}
+        print(f"{label}: {stats.source.describe()}, {time.time() - started:.0f} s", flush=True)
+    a, b = runs["whole"]["stats"], runs["segments"]["stats"]
+    same = all(np.array_equal(a.in_sum2[n], b.in_sum2[n]) for n in a.in_sum2)
+    scale_ratio = [b.scales[n] / a.scales[n] for n in a.scales if a.scales[n] > 0]
+
+    n_params = sum(s.n_elements for s in model.specs)
+    overhead = pipeline.make_budget(model.adapter, 10**12, ctx=args.ctx).runtime_bytes
+    rows, results = [], []
+    for bpw in args.bpw:
+        budget = pipeline.make_budget(model.adapter, overhead + int(bpw * n_params / 8),
+                                      ctx=args.ctx)
+        got = {}
+        for label, run in runs.items():
+            plan, _ = pipeline.make_plan(model, budget, stats=run["stats"], progress=False)
+            out = pipeline.export(model, plan, work / f"{label}-{bpw}.gguf",
+                                  stats=run["stats"], progress=False)
+            q = textscore.compare(ref, textscore.logprobs(out, tokens, args.ctx), tokens,
+                                  args.ctx)
+            got[label] = {"kld": q.kld_mean, "weight_bytes": plan.weight_bytes,
+                          "n_experts_kept": plan.n_experts_kept}
+        results.append({"bpw": bpw, **got})
+        w, s = got["whole"]["kld"], got["segments"]["kld"]
+        rows.append([f"{bpw}", f"{w:.5f}", f"{s:.5f}", f"{s / w - 1:+.1%}"])
+    print(table(rows, ["bpw", "KLD, whole", "KLD, in segments", "difference"]))
+    print(f"statistics bit-equal: {same}; probe scales segments/whole: median "
+          f"{np.median(scale_ratio):.3f}, range {min(scale_ratio):.3f}-{max(scale_ratio):.3f}")
+    Path(args.out).write_text(json.dumps({
+        "model": str(model_dir), "tokens": len(tokens), "stats_bit_equal": same,
+        "calibration": {k: {"source": v["stats"].source.describe(), "seconds": v["seconds"]}
+                        for k, v in runs.items()},
+        "scale_ratio": {"median": float(np.median(scale_ratio)), "min": min(scale_ratio),
+                        "max": max(scale_ratio)},
+        "results": results, "seconds": time.time() - t0}, indent=1))
+    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
