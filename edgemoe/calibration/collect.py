@@ -159,12 +159,12 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     A GGUF source runs in llama.cpp as it is. An HF source runs as an intermediate GGUF
     written beside the output: the most faithful of `intermediate.CANDIDATES` (or the
     uniform type `calib_type`) whose file, with the checkpoint of the sums, fits in
-    `max_disk` bytes (default: 90% of the free space there), whole or, where the whole file
-    does not fit (on disk, or in 70% of memory: llama.cpp would read a larger file again
-    for every window), a segment of layers at a time (`edgemoe.calibration.segments`: the
-    same statistics, one segment's file on disk at a time); `calib_model` runs a GGUF of
-    the model you have instead. The checkpoint of the sums (resume after an interruption) is
-    the only file a GGUF source adds; a `max_disk` below its size runs without one.
+    `max_disk` bytes (default: 90% of the free space there), whole or, where no whole file
+    fits, a segment of layers at a time (`edgemoe.calibration.segments`: the same
+    statistics, one segment's file on disk at a time, probes on the last segment only);
+    `calib_model` runs a GGUF of the model you have instead. The checkpoint of the sums
+    (resume after an interruption) is the only file a GGUF source adds; a `max_disk` below
+    its size runs without one.
 
     The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
     measure each tensor's KL divergence per unit of predicted damage on the first whole

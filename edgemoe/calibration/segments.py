@@ -1,13 +1,13 @@
 """Calibration of an HF source in layer segments: no whole-model copy on disk.
 
-When the calibration GGUF of the whole model does not fit the disk budget, calibration runs
-the model a segment of consecutive blocks at a time. A segment's GGUF holds blocks
-[start, stop) renumbered from 0 (`Adapter.blocks`), with the token embeddings, output norm
-and head that llama.cpp needs to load any model, all at the calibration type (Q8_0 unless the
-budget is smaller than one block). The first segment runs on the text's tokens; each later
-one on the residual stream the one before it left, read at its last block's output (node
-`l_out`) and given to llama.cpp as input embeddings (`llama_batch.embd`, float32: the stream
-passes unchanged). Each block's statistics are those a whole-model run of the same file type
+When no calibration GGUF of the whole model fits the disk budget, calibration runs the
+model a segment of consecutive blocks at a time. A segment's GGUF holds blocks [start,
+stop) renumbered from 0 (`Adapter.blocks`), with the token embeddings, output norm and head
+that llama.cpp needs to load any model, all at the calibration type (Q8_0 unless the budget
+is smaller than one block). The first segment runs on the text's tokens; each later one on
+the residual stream the one before it left, read at its last block's output (node `l_out`)
+and given to llama.cpp as input embeddings (`llama_batch.embd`, float32: the stream passes
+unchanged). Each block's statistics are those a whole-model run of the same file type
 measures (tests/edgemoe/calibration/test_segments.py), and the graph hooks see the whole
 model's layer numbers (`EvalHooks.layer_offset`).
 
@@ -15,7 +15,9 @@ On disk at any time: one segment's GGUF (deleted once it has run) and two files 
 residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
 records the segment and the windows run in it. The sensitivity probes run on the last
 segment, on its input read back from the stream file: its blocks are probed, and the other
-blocks carry the scales of their kinds.
+blocks carry the scales of their kinds. That is the price of segments: on the bundled model
+the plans made so were 47-226% worse in KL divergence than with every block probed
+(`benchmarks/segments_quality.py`), so a whole intermediate of any type comes first.
 
 What it costs beyond a whole-model run of the same type: the first segment computes the
 output head on every position (its last block keeps only the rows whose logits are asked
@@ -27,7 +29,6 @@ token): their embeddings and head are one row, written and computed for nothing.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -46,7 +47,6 @@ from .nodes import shifted
 
 log = logging.getLogger(__name__)
 
-MEMORY_SHARE = 0.7  # of the machine's memory, for the calibration GGUF in the page cache
 
 
 def stream_bytes(n_tokens: int, n_embd: int) -> int:
@@ -99,41 +99,35 @@ def bounds(model: pipeline.Model, plan: mp.MemoryPlan, room: int) -> list[tuple[
     return out
 
 
-def memory_room() -> int:
-    """Bytes of a calibration GGUF that stay in the page cache while llama.cpp runs it: a
-    larger file is read from disk again for every window (llama.cpp maps it), so it runs in
-    segments that fit (MEMORY_SHARE of the machine's memory)."""
-    return int(MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def choose(model: pipeline.Model, max_disk: int, reserved: int, n_tokens: int,
-           forced: str | None = None, max_memory: int | None = None
+           forced: str | None = None
            ) -> tuple[intermediate.Candidate, mp.MemoryPlan, list[tuple[int, int]]]:
     """The calibration model of an HF source within `max_disk` bytes, `reserved` of them for
     the checkpoint: the first of `intermediate.CANDIDATES` (or the uniform type `forced`)
-    whose whole file fits, or else which fits in layer segments (with the two stream files
-    of `n_tokens`): the most faithful type first, run whole or in segments. A file larger
-    than `max_memory` (default `memory_room()`) runs in segments too. Its plan and block
-    ranges; DiskBudgetError with the sizes when none fits."""
+    whose whole file fits, else the first that fits in layer segments (with the two stream
+    files of `n_tokens`). Whole comes first at any type: in segments the probes reach the
+    last segment only, which costs more than a coarser intermediate (BENCHMARKS.md,
+    `segments_quality.py`). Its plan and block ranges; DiskBudgetError with the sizes when
+    none fits."""
     a = model.adapter
-    memory = memory_room() if max_memory is None else max_memory
     stream = stream_bytes(n_tokens, a.hp.n_embd)
+    plans = [(c, intermediate.candidate_plan(model.specs, c))
+             for c in intermediate.candidates(forced)]
     sized = []
-    for c in intermediate.candidates(forced):
-        plan = intermediate.candidate_plan(model.specs, c)
+    for c, plan in plans:
         whole = intermediate.file_bytes(model, plan)
-        if whole + reserved <= max_disk and (whole <= memory or not a.takes_input_embeddings):
+        if whole + reserved <= max_disk:
             return c, plan, [(0, a.n_layer)]
-        if not a.takes_input_embeddings:
-            sized.append((whole, 0, c))
-            continue
-        smallest = smallest_segment(model, plan)
-        if smallest + reserved + stream <= max_disk:
-            return c, plan, bounds(model, plan, min(max_disk - reserved - stream,
-                                                    max(memory, smallest)))
-        sized.append((smallest, stream, c))
+        sized.append((whole, 0, c))
+    if a.takes_input_embeddings:
+        for c, plan in plans:
+            smallest = smallest_segment(model, plan)
+            if smallest + reserved + stream <= max_disk:
+                return c, plan, bounds(model, plan, max_disk - reserved - stream)
+            sized.append((smallest, stream, c))
     size, stream, c = min(sized, key=lambda x: x[0] + x[1])
     how = (f"run {a.block_period} block(s) at a time" if stream else
+           "whole" if a.takes_input_embeddings else
            f"whole (llama.cpp's {a.arch_name} graph takes no input embeddings, so it cannot "
            "run in layer segments)")
     raise intermediate.DiskBudgetError(

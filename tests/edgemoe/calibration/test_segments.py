@@ -102,12 +102,13 @@ def test_calibrate_in_segments_within_the_disk_budget(qwen3_dir, tmp_path):
     budget = segments.smallest_segment(model, q8) + ckpt \
         + segments.stream_bytes(n_tokens, model.adapter.hp.n_embd)
     assert budget < intermediate.file_bytes(model, q8) + ckpt
-    cand, _, ranges = segments.choose(model, budget, ckpt, n_tokens)
-    assert cand == intermediate.CANDIDATES[0] and ranges == [(0, 1), (1, 2)]
-    # a whole file larger than the memory left for the page cache also runs in segments
-    room = intermediate.file_bytes(model, q8) - 1
-    assert segments.choose(model, 1 << 40, ckpt, n_tokens, max_memory=room)[2] == ranges
-    assert segments.choose(model, 1 << 40, ckpt, n_tokens, max_memory=room + 1)[2] == [(0, 2)]
+    cand, _, ranges = segments.choose(model, budget, ckpt, n_tokens, forced="Q8_0")
+    assert cand.label == "Q8_0" and ranges == [(0, 1), (1, 2)]
+    # a coarser whole intermediate comes before segments (the probes reach every block)
+    smallest = min(intermediate.file_bytes(model, intermediate.candidate_plan(model.specs, c))
+                   for c in intermediate.CANDIDATES)
+    cand, _, whole = segments.choose(model, smallest + ckpt, ckpt, n_tokens)
+    assert whole == [(0, 2)] and cand != intermediate.CANDIDATES[0]
 
     text = tmp_path / "calib.txt"
     text.write_text(TEXT)
@@ -116,7 +117,7 @@ def test_calibrate_in_segments_within_the_disk_budget(qwen3_dir, tmp_path):
     stats, peak = _peak_extra_disk(out, out / "s.gguf", lambda: calibrate(
         str(qwen3_dir), text=str(text), output=str(out / "s.gguf"), n_ctx=N_CTX,
         progress=False, max_disk=budget, cov_budget=cov, sensitivity=True,
-        probe_seconds=600))
+        probe_seconds=600, calib_type="Q8_0"))
     assert 0 < peak <= budget
     assert stats.source.types == "Q8_0, run in 2 layer segments"
     assert stats.source.fidelity == "near"
