@@ -13,7 +13,7 @@ not repeated once its runs took more than --stage-budget seconds in all.
 | convert | `export --type Q8_0` | `convert_hf_to_gguf.py --outtype q8_0` |
 | calibrate | `calibrate` HF source (probes on) | `llama-imatrix` on the Q8_0 GGUF |
 | calibrate, disk capped | `calibrate --max-disk CAP` (the export's cap) | the same run |
-| calibrate, in segments | `calibrate --max-disk OUT` (the export's size) | the same run |
+| calibrate, in segments | `calibrate --max-disk OUT --calib-type Q8_0` | the same run |
 | calibrate, no probes | `calibrate --no-sensitivity` | the same `llama-imatrix` run |
 | calibrate, GGUF source | `calibrate Q8_0.gguf` (probes on) | the same `llama-imatrix` run |
 | calibrate, GGUF, no probes | `calibrate Q8_0.gguf --no-sensitivity` | the same run |
@@ -182,7 +182,8 @@ def job_command(job: str, s: Setup, run: Path) -> tuple[list[str], list[Path]] |
     if job == "em_calib_capped":  # the intermediate within the cap
         return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", s.cap], [s.model]
     if job == "em_calib_segments":  # within the output's size: Q8_0 in layer segments
-        return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", str(s.out_bytes)], [s.model]
+        return [*EDGEMOE, "calibrate", model, *calib, "--max-disk", str(s.out_bytes),
+                "--calib-type", "Q8_0"], [s.model]
     if job == "em_calib_noprobes":
         return [*EDGEMOE, "calibrate", model, *calib, "--no-sensitivity"], [s.model]
     if job == "em_calib_gguf_probes":

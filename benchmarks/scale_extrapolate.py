@@ -27,8 +27,10 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
   reads its GGUF once if it fits in the page cache (RAM - 28 GB), else once per ubatch of
   512 tokens (llama.cpp streams every expert from disk for each batch of a model larger than
   memory: a 512-token batch routes to nearly every expert). The probes read for their share
-  of the run's time at the same rate (PROBE_SHARE x the run's reads). Layer segments fit the
-  page cache (calibrate sizes them so): each is written once and read once.
+  of the run's time at the same rate (PROBE_SHARE x the run's reads). Layer segments (each
+  at most the output's size, less the checkpoint) are read once if one fits the page cache,
+  else once per ubatch like a whole file: every block is in one segment, so that is the
+  Q8_0's bytes per pass.
 - disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
   calibrate: the checkpoint of its sums (at most 4 GiB with the default covariance budget:
   float64, and its next copy while saving), with an HF source also its Q8_0 intermediate;
@@ -164,7 +166,9 @@ def extrapolate(entry: dict) -> dict:
                 r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
                         src + q8 + run_io * (1 + probes))
             elif job == "em_calib_segments":  # an HF source, a segment at a time
-                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)], src + 2 * q8)
+                segment = min(q8, CAP - CHECKPOINT)
+                r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
+                        src + q8 + q8 * _passes(segment, T))
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
             elif job == "em_plan":

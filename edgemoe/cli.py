@@ -163,7 +163,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
               calib_model: str | None = None, ctx: int = 512,
               max_tokens: int | None = None, no_sensitivity: bool = False,
               cov_budget: str = "1GiB", max_disk: str | None = None,
-              threads: int | None = None, probe_seconds: float | None = None) -> None:
+              threads: int | None = None, probe_seconds: float | None = None,
+              calib_type: str | None = None) -> None:
     """Run SOURCE in llama.cpp on text; write expert usage and importance matrices."""
     from .calibration import collect as cal
 
@@ -172,7 +173,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
                           max_tokens=max_tokens, sensitivity=not no_sensitivity,
                           cov_budget=parse_size(cov_budget), threads=threads,
                           max_disk=parse_size(max_disk) if max_disk else None,
-                          probe_seconds=probe_seconds)
+                          probe_seconds=probe_seconds, calib_type=calib_type)
     print(cal.summary(stats))
     print(f"\nwrote {out} (a llama.cpp imatrix too: llama-quantize --imatrix {out})")
 
@@ -260,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-model", default=None,
                    help="run this GGUF of the model (an HF source is otherwise run as an "
                         "intermediate GGUF written beside the output; a GGUF source as it is)")
+    c.add_argument("--calib-type", default=None,
+                   help="an HF source's intermediate at this one type (Q8_0, Q4_K, ...), "
+                        "whole or in layer segments, instead of the most faithful that fits")
     c.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     c.add_argument("--no-sensitivity", action="store_true",
