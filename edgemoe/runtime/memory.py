@@ -72,11 +72,11 @@ def memory_breakdown(llm) -> dict[str, int]:
     buffers, summed over buffer types, plus the logits output buffer: "model" counts the
     weights once, "repacked" the copies beside them.
 
-    Where llama.cpp repacks some weights for this CPU (CPU_REPACK: Q4_0, Q4_K, IQ4_NL... on
-    AVX2) and maps the file, the mapped buffer spans every tensor and the repacked ones are
-    copied into a buffer of their own: model buffers = weights + repacked. The mapped pages
-    of the repacked tensors are read once while loading and never again: the page cache's
-    to drop."""
+    Where llama.cpp repacks some weights for this CPU (CPU_REPACK: Q4_K on an AMD EPYC
+    with AVX2, say) and maps the file, the mapped buffer spans every tensor and the
+    repacked ones are copied into a buffer of their own: model buffers = weights +
+    repacked. The mapped pages of the repacked tensors are read once while loading and
+    never again: the page cache's to drop."""
     import llama_cpp
 
     out = buffer_sums(llm.ctx)
