@@ -190,12 +190,12 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     blocks = cov_plan(model.specs, cov_budget, nodes)
     work = segs = None
     n_calib = None  # the text's tokens, when needed before the run
+    reserved = checkpoint_bytes(model.specs, blocks, nodes)  # the checkpoint of the sums
     if calib_model:
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
         gguf_path = model.source.path
         record = intermediate.file_record(gguf_path, is_source=True)
-        reserved = checkpoint_bytes(model.specs, blocks, nodes)
         if max_disk is not None and reserved > max_disk:  # no file at all, then
             log.warning("--max-disk %s has no room for the checkpoint of the sums (%s): an "
                         "interrupted calibration will start over", mp.format_size(max_disk),
@@ -205,7 +205,6 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         if max_disk is None:
             free = shutil.disk_usage(base.resolve().parent).free
             max_disk = int(FREE_DISK_SHARE * free)
-        reserved = checkpoint_bytes(model.specs, blocks, nodes)
         n_calib = len(tokenize(model.source.path, body, max_tokens))
         cand, plan, ranges = segments.choose(model, max_disk, reserved, n_calib,
                                              forced=calib_type)

@@ -48,7 +48,6 @@ from .nodes import shifted
 log = logging.getLogger(__name__)
 
 
-
 def stream_bytes(n_tokens: int, n_embd: int) -> int:
     """Disk taken by the two residual-stream files of a run of `n_tokens` tokens."""
     return 2 * (n_tokens * n_embd * 4 + 128)
@@ -84,10 +83,11 @@ def bounds(model: pipeline.Model, plan: mp.MemoryPlan, room: int) -> list[tuple[
     embeddings, output norm and head, the tokenizer) at most `room` bytes, each starting at a
     multiple of the adapter's `block_period`. ValueError when one period of blocks does not
     fit."""
-    if smallest_segment(model, plan) > room:
-        raise ValueError(f"{mp.format_size(smallest_segment(model, plan))} for the smallest "
-                         f"segment, more than {mp.format_size(room)}")
     fixed, steps = sizes(model, plan)
+    smallest = fixed + max(n for _, n in steps)
+    if smallest > room:
+        raise ValueError(f"{mp.format_size(smallest)} for the smallest segment, more than "
+                         f"{mp.format_size(room)}")
     out: list[tuple[int, int]] = []
     start, size = 0, fixed
     for lo, step in steps:
