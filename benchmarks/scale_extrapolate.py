@@ -30,7 +30,8 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
   of the run's time at the same rate (PROBE_SHARE x the run's reads). Layer segments (each
   at most the output's size, less the checkpoint) are read once if one fits the page cache,
   else once per ubatch like a whole file: every block is in one segment, so that is the
-  Q8_0's bytes per pass.
+  Q8_0's bytes per pass; the probes, which run with each segment, read at the same rate for
+  their share.
 - disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
   calibrate: the checkpoint of its sums (at most 4 GiB with the default covariance budget:
   float64, and its next copy while saving), with an HF source also its Q8_0 intermediate;
@@ -165,10 +166,11 @@ def extrapolate(entry: dict) -> dict:
                 probes = PROBE_SHARE if job == "em_calib" else 0.0
                 r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
                         src + q8 + run_io * (1 + probes))
-            elif job == "em_calib_segments":  # an HF source, a segment at a time
+            elif job == "em_calib_segments":  # an HF source, a segment at a time; the
+                # probes run each segment too, on its budget's share of the run's time
                 segment = min(q8, CAP - CHECKPOINT)
                 r = est(job, [(t_conv, p_r), (max(0.0, t - t_conv), ta_r)],
-                        src + q8 + q8 * _passes(segment, T))
+                        src + q8 + q8 * _passes(segment, T) * (1 + PROBE_SHARE))
             elif job == "ll_imatrix":
                 r = est(job, [(t, ta_r)], run_io)
             elif job == "em_plan":

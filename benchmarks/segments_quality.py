@@ -1,8 +1,9 @@
 """What calibrating in layer segments costs in quality (issue 11), on the bundled model.
 
 The statistics of a run in segments are those of the whole run to the bit
-(tests/edgemoe/calibration/test_segments.py); what differs is the probes: in segments they
-run on the last segment only, and the other blocks carry their kinds' scales. This
+(tests/edgemoe/calibration/test_segments.py), and so are the probes' scales where both runs
+probe the same tensors (`edgemoe.calibration.segment_probes`, test_segment_probes.py); what
+may differ is which probes fit the default budget, priced differently in segments. This
 calibrates the bundled model's HF checkpoint both ways (Q8_0; the segmented run two of its
 four blocks at a time, chosen here since the model is smaller than the residual stream of
 its text and no disk budget asks for segments; the default probe budget both times),

@@ -285,10 +285,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-disk", default=None,
                    help="disk the checkpoint of the sums and an HF source's intermediate GGUF "
                         "may take (a GGUF source below the checkpoint's size runs without one): "
-                        "the most faithful type whose whole file fits is run (Q8_0, then "
-                        "experts lower, ...), else a segment of layers at a time (no "
-                        "whole-model copy; probes on the last segment only; default 90%% of "
-                        "the free space beside the output)")
+                        "the most faithful type that fits is run (Q8_0, then experts "
+                        "lower, ...), as a whole file or else a segment of layers at a time "
+                        "(no whole-model copy, the same statistics and probes; default 90%% "
+                        "of the free space beside the output)")
     c.add_argument("--threads", type=int, default=None,
                    help="llama.cpp threads and workers adding up the statistics (default: "
                         "every core)")

@@ -391,10 +391,21 @@ class Collector:
                                   if k.startswith(f"{table}/")})
 
     def stats(self, datasets: tuple[str, ...], source=None) -> CalibStats:
-        # sums are accumulated in float64 and kept as the stats file stores them (float32),
-        # so that planning and quantizing from these stats or from the file are the same
+        """The statistics of the run; the workers end."""
         self.lanes.wait()
         self.lanes.close()
+        return self._stats(datasets, source)
+
+    def snapshot(self) -> CalibStats:
+        """The statistics so far, without covariances; the run goes on (a layer segment's
+        blocks have theirs complete once it ran every window)."""
+        self.lanes.wait()
+        return self._stats((), covariances=False)
+
+    def _stats(self, datasets: tuple[str, ...], source=None,
+               covariances: bool = True) -> CalibStats:
+        # sums are accumulated in float64 and kept as the stats file stores them (float32),
+        # so that planning and quantizing from these stats or from the file are the same
         f32 = np.float32
         experts = {
             layer: ExpertStats(self.selected[layer].astype(f32),
@@ -405,7 +416,7 @@ class Collector:
             for layer in range(len(self.selected)) if self.selected[layer].sum() > 0
         }
         sums = {k: v.astype(f32) for k, v in self.in_sum2.items()}
-        cov = {owner: v.astype(f32) for owner, v in self.cov.items()}
+        cov = {owner: v.astype(f32) for owner, v in self.cov.items()} if covariances else {}
         # tensors sharing an input share one array (a covariance is written once)
         in_cov = {n: cov[c.owner] for n, c in self.cov_blocks.items()
                   if c.owner in cov and self.sum_of.get(n) in sums}

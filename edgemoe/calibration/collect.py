@@ -37,7 +37,9 @@ from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_pla
 from .hooks import attach
 from .nodes import graph_nodes
 from .perturb import BasePass, open_run
+from .segment_probes import MAX_IN_FLIGHT, SegmentProbes, probe_bytes
 from .segments import Segments
+from .sensitivity import default_budget, measure_scales, probe_token_count
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
             cov_blocks: dict[str, CovSpec] | None = None,
             checkpoint_path: Path | None = None, fingerprint: str = "",
             threads: int | None = None, source: CalibSource | None = None,
-            on_window=None, segs: Segments | None = None) -> CalibStats:
+            on_window=None, segs: Segments | None = None, on_segment=None) -> CalibStats:
     """Run `gguf_path` (a model with tensors `specs`) in llama.cpp over `text` in windows of
     `n_ctx` tokens; statistics. With `segs` (and no `gguf_path`) the model runs a layer
     segment at a time (`edgemoe.calibration.segments`), to the same statistics.
@@ -63,7 +65,10 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
     again, and the result is the same to the bit (the sums are float64, in window order,
     whatever `threads`, the workers for the sums and llama.cpp's threads).
     `on_window(tokens, logits, seconds)` is called after each window the model's head ran
-    (windows a checkpoint covers are not run); `logits` is valid during the call only."""
+    (windows a checkpoint covers are not run); `logits` is valid during the call only.
+    `on_segment(k, llm, collector, windows, seconds_per_token)` after segment k's windows
+    (the whole model's, without `segs`), on its open model (`SegmentProbes`);
+    seconds_per_token is None when no window ran (all covered by the checkpoint)."""
     threads = threads or os.cpu_count() or 1
     arch = (segs.model.adapter.arch_name if segs is not None else
             gguf.GGUFReader(gguf_path).get_field("general.architecture").contents())
@@ -87,26 +92,25 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                     hooks.add("l_out", functools.partial(_keep_stream, stream), layers=[hi - 1])
                 path = gguf_path if segs is None else segs.write(k)
                 llm = attach(open_run(path, n_ctx, threads), hooks)
-                if not windows:  # (a segment between the first and last has no vocabulary)
+                if not windows:  # (a segment but the last has no vocabulary)
                     by = llm if segs is None else segs.model.source.path
                     windows = whole_windows(tokenize(by, text, max_tokens), n_ctx)
                     if not windows:
                         raise ValueError("the calibration text is too short: no tokens to run")
                     rows = np.cumsum([0] + [len(w) for w in windows])
-                if k:
-                    inputs = segs.stream(k)
                 if not last:
                     outputs = segs.stream(k, int(rows[-1]), write=True)
                 done = start if k == first_segment else 0
                 desc = "calibrating in llama.cpp"
                 if len(ranges) > 1:
                     desc += f" (blocks {lo}-{hi - 1}, segment {k + 1} of {len(ranges)})"
+                ran = [0.0, 0]  # seconds, tokens
                 for i, w in enumerate(tqdm(windows[done:], desc=desc, initial=done,
                                            total=len(windows), disable=not progress), done + 1):
                     began = time.monotonic()
                     r = slice(int(rows[i - 1]), int(rows[i]))
-                    if k:
-                        logits = eval_embeddings(llm, inputs[r])
+                    if segs is not None:  # on the stream (the first: embeddings)
+                        logits = eval_embeddings(llm, segs.inputs(k, w, r))
                     else:
                         llm.reset()
                         llm.eval(w)
@@ -115,16 +119,21 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                         outputs[r] = stream.pop("x")
                     elif on_window is not None:
                         on_window(w, logits, time.monotonic() - began)
+                    ran[0] += time.monotonic() - began
+                    ran[1] += len(w)
                     if checkpoint_path is not None and time.monotonic() - saved_at >= every \
                             and (i < len(windows) or not last):
                         if not last:
                             outputs.flush()
                         checkpoint.save(col.state(), checkpoint_path, fingerprint, i, k)
                         saved, saved_at = (k, i), time.monotonic()
+                if not last:
+                    outputs.flush()
+                if on_segment is not None:
+                    on_segment(k, llm, col, windows, ran[0] / ran[1] if ran[1] else None)
                 llm.close()
                 del llm
                 if not last:  # the next segment starts from the stream: this file can go
-                    outputs.flush()
                     del outputs
                     if checkpoint_path is not None:
                         checkpoint.save(col.state(), checkpoint_path, fingerprint, 0, k + 1)
@@ -160,11 +169,11 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     written beside the output: the most faithful of `intermediate.CANDIDATES` (or the
     uniform type `calib_type`) whose file, with the checkpoint of the sums, fits in
     `max_disk` bytes (default: 90% of the free space there), whole or, where no whole file
-    fits, a segment of layers at a time (`edgemoe.calibration.segments`: the same
-    statistics, one segment's file on disk at a time, probes on the last segment only);
-    `calib_model` runs a GGUF of the model you have instead. The checkpoint of the sums
-    (resume after an interruption) is the only file a GGUF source adds; a `max_disk` below
-    its size runs without one.
+    of that type fits, a segment of layers at a time (`edgemoe.calibration.segments`: the
+    same statistics and probe scales, one segment's file on disk at a time, the probes
+    running segment by segment with it, `segment_probes`); `calib_model` runs a GGUF of
+    the model you have instead. The checkpoint of the sums (resume after an interruption)
+    is the only file a GGUF source adds; a `max_disk` below its size runs without one.
 
     The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
     measure each tensor's KL divergence per unit of predicted damage on the first whole
@@ -206,14 +215,20 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
             free = shutil.disk_usage(base.resolve().parent).free
             max_disk = int(FREE_DISK_SHARE * free)
         n_calib = len(tokenize(model.source.path, body, max_tokens))
+        n_probe = probe_token_count(n_calib, probe_tokens, n_ctx)
+        probe_room = (MAX_IN_FLIGHT + 1) * probe_bytes(n_probe, a.hp.n_embd) \
+            if sensitivity else 0
         cand, plan, ranges = segments.choose(model, max_disk, reserved, n_calib,
-                                             forced=calib_type)
+                                             forced=calib_type, probe_room=probe_room)
         record = intermediate.record(cand, plan, len(ranges))
         if len(ranges) == 1:
             work = gguf_path = base.with_name(f"{base.name}.calib.gguf")
         else:  # no whole-model copy: a segment of layers at a time
             segs = Segments(model, plan, ranges, base, threads, progress)
             gguf_path = None
+            # what the probes' streams may take: all that the largest segment leaves
+            probe_room = max_disk - reserved - segments.stream_bytes(n_calib, a.hp.n_embd) \
+                - max(segments.segment_bytes(model, plan, ranges))
     log.info("calibrating on %s (%s)", gguf_path or "layer segments", record.describe())
     fingerprint = checkpoint.fingerprint(
         model.source.files + ([calib_model] if calib_model else []), body, n_ctx=n_ctx,
@@ -222,36 +237,33 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
         pipeline.export(model, plan, work, progress=progress)  # itself resumable
-    if segs is not None and not checkpoint.resumable(ckpt, fingerprint):
-        segs.remove()  # the work files of another run
-    ref = None
+    ref = probes = None
     if sensitivity:  # the probes' reference comes from this run: no base pass of their own
-        from .sensitivity import probe_token_count
-
         if n_calib is None:
             n_calib = len(tokenize(model.source.path, body, max_tokens))
         ref = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
+        if segs is not None:  # they run segment by segment with the calibration
+            probes = SegmentProbes(model, segs, ref, probe_room, fingerprint, probe_seconds,
+                                   threads, progress=progress)
+    if segs is not None and not checkpoint.resumable(ckpt, fingerprint):
+        segs.remove()  # the work files of another run
+        if probes is not None:
+            probes.remove()
     started = time.monotonic()
     stats = collect(gguf_path, body, model.specs, a.n_layer, a.n_expert, n_ctx=n_ctx,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
-                    threads=threads, source=record, on_window=ref, segs=segs)
-    if sensitivity:
-        from .sensitivity import default_budget, measure_scales
-
-        run = time.monotonic() - started - (segs.write_seconds if segs is not None else 0.0)
-        seconds = probe_seconds or default_budget(run)
+                    threads=threads, source=record, on_window=ref, segs=segs,
+                    on_segment=probes)
+    if probes is not None:
+        stats = probes.finish(stats)
+    elif sensitivity:
+        seconds = probe_seconds or default_budget(time.monotonic() - started)
         # resumed from a checkpoint, the first windows were not run: a base pass then
         tokens = ref.tokens or tokenize(model.source.path, body)[:ref.n_tokens]
-        inputs, first_block = None, 0
-        if segs is not None:  # the last segment, on the stream entering it
-            last = len(segs) - 1
-            gguf_path, first_block = segs.gguf_path(last), segs.ranges[last][0]
-            inputs = segs.stream(last)
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress, threads=threads,
-                               base=ref if ref.windows else None, inputs=inputs,
-                               first_block=first_block)
+                               base=ref if ref.windows else None)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)
@@ -261,6 +273,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         work.unlink(missing_ok=True)
     if segs is not None:
         segs.remove()
+    if probes is not None:
+        probes.remove()
     return stats
 
 

@@ -46,7 +46,7 @@ from export.quantize import dequantize, quantize_rows
 from memory_planner.names import parse_tensor_name
 from memory_planner.stats import CalibStats
 
-from ..llamacpp import eval_embeddings, eval_logits, open_llama
+from ..llamacpp import eval_logits, open_llama
 from ..runtime.textscore import log_softmax, whole_windows
 from .hooks import EvalHooks, attach
 from .nodes import HookError, Node, shifted
@@ -103,12 +103,15 @@ class WeightErrors:
         im = None if self.stats is None else self.stats.importance_for(self.recipes[name].spec)
         return im if im is None or expert is None else im[expert]
 
-    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """The error of some rows of a dense tensor (token_embd: the batch's tokens)."""
+    def probe_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows of a dense tensor at the probe type (token_embd: the batch's tokens)."""
         uniq, inv = np.unique(rows, return_inverse=True)
         w = self.recipes[name].load_rows(self.model.source, uniq)
-        d = self._probe_weights(w, name, self._imatrix(name, None), self.executor)
-        return (d - self.run.load(name, rows=uniq))[inv]
+        return self._probe_weights(w, name, self._imatrix(name, None), self.executor)[inv]
+
+    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The error of some rows of a dense tensor."""
+        return self.probe_rows(name, rows) - self.run.load(name, rows=rows)
 
     def _compute(self, name: str, expert: int | None, executor: Executor | None) -> np.ndarray:
         r = self.recipes[name]
@@ -157,13 +160,21 @@ class TensorProbe:
         self.names = tuple(names)
         self.subset = experts or {}
         self.applied: Counter[str] = Counter()
+        self.installed: set[str] = set()
         self._pending: dict[int, np.ndarray] = {}  # attn_output: layer -> error of the product
 
-    def install(self, hooks: EvalHooks) -> None:
+    def install(self, hooks: EvalHooks, blocks: range | None = None, head: bool = True) -> None:
+        """Its handlers, for the tensors of `blocks` only (a layer segment; None: all) and
+        the output head's if `head`."""
         for name in self.names:
             t = parse_tensor_name(name)
             kind, layer = t.kind, t.layer
+            where = 0 if kind == "token_embd" else layer  # (its hook is on block 0's norm)
+            elsewhere = blocks is not None and where not in blocks
+            if (not head) if kind == "output" else elsewhere:
+                continue
             layers = None if layer is None else [layer]
+            self.installed.add(name)
             if kind in _MATMUL:
                 hooks.add(_MATMUL[kind], self._matmul(name), layers=layers)
             elif kind in _EXPERTS:
@@ -178,8 +189,8 @@ class TensorProbe:
                                  f"tensors (supported: {', '.join(sorted(SUPPORTED_KINDS))})")
 
     def check(self) -> None:
-        """After a pass: every probed tensor was perturbed at least once."""
-        missing = [n for n in self.names if not self.applied[n]]
+        """After a pass: every tensor installed was perturbed at least once."""
+        missing = [n for n in self.names if n in self.installed and not self.applied[n]]
         if missing:
             raise ProbeError(f"the products of {', '.join(missing)} were never computed as "
                              "expected: llama.cpp's graph changed")
@@ -271,9 +282,14 @@ class PruneProbe:
     def __init__(self, kept: dict[int, Sequence[int]]):
         self.kept = {int(k): np.asarray(v, dtype=np.int64) for k, v in kept.items()}
         self.applied: Counter[int] = Counter()
+        self.installed: set[int] = set()
 
-    def install(self, hooks: EvalHooks) -> None:
-        hooks.add("ffn_moe_probs", self._on_probs, layers=list(self.kept))
+    def install(self, hooks: EvalHooks, blocks: range | None = None, head: bool = True) -> None:
+        """Its handlers, in the layers of `blocks` only (a layer segment; None: all)."""
+        layers = [x for x in self.kept if blocks is None or x in blocks]
+        if layers:
+            hooks.add("ffn_moe_probs", self._on_probs, layers=layers)
+            self.installed.update(layers)
 
     def _on_probs(self, node: Node) -> None:
         p = node.matrix()  # (n_tokens, n_expert)
@@ -288,7 +304,7 @@ class PruneProbe:
         self.applied[node.layer] += 1
 
     def check(self) -> None:
-        missing = sorted(set(self.kept) - set(self.applied))
+        missing = sorted(self.installed - set(self.applied))
         if missing:
             raise ProbeError(f"no router probabilities were seen in layers {missing}")
 
@@ -325,34 +341,23 @@ def open_run(path: str | Path, n_ctx: int, threads: int | None = None):
 
 
 class ProbeRunner:
-    """One llama.cpp model, run over the same windows with and without probes. A layer
-    segment whose first block is block `first_block` of the model runs on `inputs`, the
-    residual stream entering it at the windows' positions (n_tokens x n_embd)."""
+    """One llama.cpp model, run over the same windows with and without probes."""
 
     def __init__(self, path: str | Path, tokens: Sequence[int], n_ctx: int = 512,
-                 threads: int | None = None, inputs: np.ndarray | None = None,
-                 first_block: int = 0):
+                 threads: int | None = None):
         self.tokens, self.n_ctx = list(tokens), n_ctx
         self.windows = whole_windows(self.tokens, n_ctx)
         if not self.windows:
             raise ValueError("too few tokens to probe")
-        self.inputs, self.first_block = inputs, first_block
         self.llm = open_run(path, n_ctx, threads)
-
-    def _logits(self, i: int) -> np.ndarray:
-        if self.inputs is None:
-            return eval_logits(self.llm, self.windows[i])
-        start = i * self.n_ctx  # the windows are consecutive, of n_ctx tokens but the last
-        return eval_embeddings(self.llm, self.inputs[start:start + len(self.windows[i])])
 
     def logprobs(self, probe: TensorProbe | PruneProbe | None = None) -> list[np.ndarray]:
         """Per window, log-probabilities (n_tokens x n_vocab) with `probe` applied."""
         hooks = EvalHooks()
-        hooks.layer_offset = self.first_block
         if probe is not None:
             probe.install(hooks)
         attach(self.llm, hooks)
-        out = [log_softmax(self._logits(i)) for i in range(len(self.windows))]
+        out = [log_softmax(eval_logits(self.llm, w)) for w in self.windows]
         if probe is not None:
             probe.check()
         return out

@@ -13,11 +13,8 @@ model's layer numbers (`EvalHooks.layer_offset`).
 
 On disk at any time: one segment's GGUF (deleted once it has run) and two files of the
 residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
-records the segment and the windows run in it. The sensitivity probes run on the last
-segment, on its input read back from the stream file: its blocks are probed, and the other
-blocks carry the scales of their kinds. That is the price of segments: on the bundled model
-the plans made so were 47-226% worse in KL divergence than with every block probed
-(`benchmarks/segments_quality.py`), so a whole intermediate of any type comes first.
+records the segment and the windows run in it. The sensitivity probes run with the segments
+(`edgemoe.calibration.segment_probes`): every block is probed as in a whole run.
 
 What it costs beyond a whole-model run of the same type: the first segment computes the
 output head on every position (its last block keeps only the rows whose logits are asked
@@ -29,7 +26,6 @@ token): their embeddings and head are one row, written and computed for nothing.
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +35,7 @@ import numpy as np
 import memory_planner as mp
 from export.arch.recipe import TensorRecipe
 from export.options import export_options
+from export.quantize import dequantize, quantize_rows
 from export.writer import write_gguf
 
 from .. import pipeline
@@ -53,9 +50,11 @@ def stream_bytes(n_tokens: int, n_embd: int) -> int:
     return 2 * (n_tokens * n_embd * 4 + 128)
 
 
-def sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[int, int]]]:
-    """Bytes of a segment file beside its blocks (embeddings, output norm and head,
-    tokenizer), and (first block, bytes) of each `block_period` of blocks."""
+def sizes(model: pipeline.Model, plan: mp.MemoryPlan
+          ) -> tuple[int, int, list[tuple[int, int]]]:
+    """Bytes of the last segment's file beside its blocks (embeddings, output norm and head,
+    tokenizer), of another's (no vocabulary: one-row embeddings and head), and (first
+    block, bytes) of each `block_period` of blocks."""
     a = model.adapter
     per_block: dict[int, int] = defaultdict(int)
     shared = []
@@ -66,61 +65,73 @@ def sizes(model: pipeline.Model, plan: mp.MemoryPlan) -> tuple[int, list[tuple[i
             shared.append(t)
         elif s.layer < a.n_layer:  # NextN blocks are not run
             per_block[s.layer] += t.nbytes + 64
-    fixed = intermediate.file_bytes(model, replace(plan, tensors=tuple(shared)))
+    head = intermediate.file_bytes(model, replace(plan, tensors=tuple(shared)))
+    free = intermediate.FILE_SLACK + sum(
+        64 + (4 * a.hp.n_embd if t.name in ("token_embd.weight", "output.weight") else t.nbytes)
+        for t in shared)
     steps = [(lo, sum(per_block[i] for i in range(lo, min(lo + a.block_period, a.n_layer))))
              for lo in range(0, a.n_layer, a.block_period)]
-    return fixed, steps
+    return head, free, steps
 
 
 def smallest_segment(model: pipeline.Model, plan: mp.MemoryPlan) -> int:
     """Bytes of the largest file of a run one `block_period` of blocks at a time."""
-    fixed, steps = sizes(model, plan)
-    return fixed + max(n for _, n in steps)
+    head, free, steps = sizes(model, plan)
+    return max(head + steps[-1][1], free + max(n for _, n in steps))
+
+
+def segment_bytes(model: pipeline.Model, plan: mp.MemoryPlan,
+                  ranges: list[tuple[int, int]]) -> list[int]:
+    """Bytes of each segment's file, at most."""
+    head, free, steps = sizes(model, plan)
+    return [(head if k == len(ranges) - 1 else free)
+            + sum(n for first, n in steps if lo <= first < hi)
+            for k, (lo, hi) in enumerate(ranges)]
 
 
 def bounds(model: pipeline.Model, plan: mp.MemoryPlan, room: int) -> list[tuple[int, int]]:
-    """Segments of consecutive blocks, as few as fit: each segment's file (its blocks, the
-    embeddings, output norm and head, the tokenizer) at most `room` bytes, each starting at a
-    multiple of the adapter's `block_period`. ValueError when one period of blocks does not
-    fit."""
-    fixed, steps = sizes(model, plan)
-    smallest = fixed + max(n for _, n in steps)
+    """Segments of consecutive blocks, as few as fit: each segment's file at most `room`
+    bytes (its blocks, and the last segment's the embeddings, head and tokenizer), each
+    starting at a multiple of the adapter's `block_period`, filled from the last. ValueError
+    when one period of blocks does not fit."""
+    head, free, steps = sizes(model, plan)
+    smallest = max(head + steps[-1][1], free + max(n for _, n in steps))
     if smallest > room:
         raise ValueError(f"{mp.format_size(smallest)} for the smallest segment, more than "
                          f"{mp.format_size(room)}")
     out: list[tuple[int, int]] = []
-    start, size = 0, fixed
-    for lo, step in steps:
+    stop, size, first = model.adapter.n_layer, head, steps[-1][0]
+    for lo, step in reversed(steps):
         if size + step > room:
-            out.append((start, lo))
-            start, size = lo, fixed
+            out.append((first, stop))
+            stop, size = first, free
         size += step
-    out.append((start, model.adapter.n_layer))
-    return out
+        first = lo
+    out.append((0, stop))
+    return out[::-1]
 
 
 def choose(model: pipeline.Model, max_disk: int, reserved: int, n_tokens: int,
-           forced: str | None = None
+           forced: str | None = None, probe_room: int = 0
            ) -> tuple[intermediate.Candidate, mp.MemoryPlan, list[tuple[int, int]]]:
     """The calibration model of an HF source within `max_disk` bytes, `reserved` of them for
     the checkpoint: the first of `intermediate.CANDIDATES` (or the uniform type `forced`)
-    whose whole file fits, else the first that fits in layer segments (with the two stream
-    files of `n_tokens`). Whole comes first at any type: in segments the probes reach the
-    last segment only, which costs more than a coarser intermediate (BENCHMARKS.md,
-    `segments_quality.py`). Its plan and block ranges; DiskBudgetError with the sizes when
-    none fits."""
+    that fits, as a whole file or else in layer segments (with the two stream files of
+    `n_tokens` and `probe_room` for the probes' streams). The type comes first: segments
+    measure the statistics and the probes' scales of a whole run of their type to the bit
+    (test_segments.py, test_segment_probes.py; `benchmarks/segments_quality.py`: the same
+    KLD), so Q8_0 in segments is better than a coarser whole file. Its plan and block
+    ranges; DiskBudgetError with the sizes when none fits."""
     a = model.adapter
-    stream = stream_bytes(n_tokens, a.hp.n_embd)
-    plans = [(c, intermediate.candidate_plan(model.specs, c))
-             for c in intermediate.candidates(forced)]
+    stream = stream_bytes(n_tokens, a.hp.n_embd) + probe_room
     sized = []
-    for c, plan in plans:
+    for c in intermediate.candidates(forced):
+        plan = intermediate.candidate_plan(model.specs, c)
         whole = intermediate.file_bytes(model, plan)
         if whole + reserved <= max_disk:
             return c, plan, [(0, a.n_layer)]
         sized.append((whole, 0, c))
-    if a.takes_input_embeddings:
-        for c, plan in plans:
+        if a.takes_input_embeddings:
             smallest = smallest_segment(model, plan)
             if smallest + reserved + stream <= max_disk:
                 return c, plan, bounds(model, plan, max_disk - reserved - stream)
@@ -133,7 +144,7 @@ def choose(model: pipeline.Model, max_disk: int, reserved: int, n_tokens: int,
     raise intermediate.DiskBudgetError(
         f"--max-disk {mp.format_size(max_disk)} is too small to calibrate "
         f"{model.source.path.name}: the smallest calibration model ({c.label}), {how}, takes "
-        f"{mp.format_size(size)}, the residual stream {mp.format_size(stream)} and the "
+        f"{mp.format_size(size)}, the residual streams {mp.format_size(stream)} and the "
         f"checkpoint of the sums {mp.format_size(reserved)} (a smaller --cov-budget shrinks "
         f"it); need at least {mp.format_size(size + stream + reserved)}, or calibrate a GGUF "
         "of the model (no copy)")
@@ -150,7 +161,6 @@ class Segments:
     base: Path
     threads: int | None = None
     progress: bool = True
-    write_seconds: float = 0.0  # spent writing segment files (not running them)
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -175,9 +185,24 @@ class Segments:
             return np.load(path, mmap_mode="r+")
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
+    def inputs(self, k: int, tokens: list[int], rows: slice) -> np.ndarray:
+        """What segment k runs on for the calibration tokens `tokens` (at `rows` of the
+        text): the residual stream the segment before left, or for the first segment the
+        token embeddings as llama.cpp reads them from a file of the calibration type
+        (ggml's quantizer and dequantizer on the source's rows)."""
+        if k:
+            return self.stream(k)[rows]
+        r = next(r for r in self.model.recipes if r.spec.kind == "token_embd")
+        t = self.plan.by_name()[r.spec.name].type
+        uniq, inv = np.unique(np.asarray(tokens), return_inverse=True)
+        w = r.load_rows(self.model.source, uniq)
+        if t != "F32":
+            w = dequantize(quantize_rows(w, t), t, w.shape)
+        return np.asarray(w, np.float32)[inv]
+
     def write(self, k: int) -> Path:
-        """Segment k's GGUF (kept if already complete: a resumed run). A segment between the
-        first and the last has no vocabulary (`_vocabulary_free`): it runs neither the
+        """Segment k's GGUF (kept if already complete: a resumed run). A segment but the
+        last has no vocabulary (`_vocabulary_free`): it runs on `inputs`, and neither the
         embeddings nor the head."""
         path = self.gguf_path(k)
         if path.is_file():
@@ -192,8 +217,8 @@ class Segments:
         recipes = [_renamed(r, -start) for r in kept]
         types = self.plan.by_name()
         tensors = [replace(types[r.spec.name], name=n.spec.name) for r, n in zip(kept, recipes)]
-        middle = 0 < k < len(self) - 1
-        if middle:
+        free = k < len(self) - 1
+        if free:
             recipes, tensors = _vocabulary_free(recipes, tensors)
             a.hp = replace(a.hp, n_vocab=1)
         options = export_options(None, recipes, recipes, search=0, threads=self.threads,
@@ -202,7 +227,7 @@ class Segments:
         def metadata(w) -> None:
             w.add_name(f"{source.name} blocks {start}-{stop - 1}")
             a.add_metadata(w, None)
-            if not middle:
+            if not free:
                 a.add_tokenizer(w, source)
                 return
             # llama.cpp's vocabulary type "none" with one dummy token (src/llama-vocab.cpp)
@@ -212,11 +237,9 @@ class Segments:
 
         log.info("writing layer segment %d of %d: blocks %d-%d", k + 1, len(self), start,
                  stop - 1)
-        began = time.monotonic()
         write_gguf(path, arch_name=a.arch_name, recipes=recipes, source=source,
                    plan=replace(self.plan, tensors=tuple(tensors)), add_metadata=metadata,
                    options=options)
-        self.write_seconds += time.monotonic() - began
         return path
 
     def remove(self, k: int | None = None) -> None:

@@ -70,6 +70,34 @@ class ProbeLog:
     carried: dict[str, list[str]] = field(default_factory=dict)  # source -> tensors
     skipped: list[str] = field(default_factory=list)
 
+    def probed(self, label: str, kld_value: float, predicted: float) -> float:
+        """The scale of a probe that measured `kld_value` where `predicted` was predicted."""
+        scale = kld_value / predicted if predicted > 0 else 0.0
+        self.passes.append((label, kld_value, scale))
+        log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, kld_value, predicted,
+                 scale)
+        return scale
+
+    def pruned(self, n_keep: int, kld_value: float, predicted: float) -> float | None:
+        """The scale of pruning damage (None when no damage was predicted)."""
+        scale = kld_value / predicted if predicted > 0 else None
+        self.passes.append((f"pruning to {n_keep} experts", kld_value, scale or 0.0))
+        log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, kld_value,
+                 predicted)
+        return scale
+
+    def finish(self, stats: CalibStats, scales: dict[str, float], prune_scale: float | None,
+               progress: bool) -> CalibStats:
+        """`stats` with the scales, after logging what was measured and carried."""
+        log.info("%s", self.summary())
+        if progress:
+            tqdm.write(self.summary())
+        values = np.array(list(scales.values()))
+        if len(values):
+            log.info("sensitivity scales: min %.3g median %.3g max %.3g", values.min(),
+                     np.median(values), values.max())
+        return replace(stats, scales=scales, prune_scale=prune_scale)
+
     def summary(self) -> str:
         ref = ("reference from the calibration run" if self.base_seconds is None
                else f"base pass {self.base_seconds:.1f} s")
@@ -130,44 +158,58 @@ def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
     return max(n_ctx, n // n_ctx * n_ctx)
 
 
+class Predictions:
+    """The predicted damage of a probe: its tensors' importance-weighted error at the probe
+    type (`measure_damage`, on the experts a probe quantizes), measured when first asked."""
+
+    def __init__(self, model: pipeline.Model, stats: CalibStats, probe_type: str = PROBE_TYPE):
+        self.model, self.stats, self.probe_type = model, stats, probe_type
+        specs = [s for s in model.specs if s.quantizable]
+        plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
+        self.types = {t.name: t.type for t in plan.tensors}
+        # an expert tensor is probed on the experts whose error measure_damage measures: the
+        # prediction is then measured, and the probe quantizes those experts only
+        self.subset = {s.name: measured_experts(s.n_experts) for s in specs if s.n_experts}
+        self._known: dict[str, float] = {}
+
+    def __call__(self, names) -> float:
+        todo = [n for n in names if n not in self._known]
+        if todo:
+            d = measure_damage(self.model, ladder=(self.probe_type,), stats=self.stats,
+                               progress=False, only=set(todo))
+            for n in todo:  # 0 where the probe type is not a candidate of the tensor
+                t = self.types[n]
+                per = d.per_expert[n].get(t) if n in d.per_expert else None
+                self._known[n] = (float(per[self.subset[n]].sum()) if per is not None
+                                  else d.dense.get(n, {}).get(t, 0.0))
+        return sum(self._known[n] for n in names)
+
+
+def pruning_probe(model: pipeline.Model, stats: CalibStats
+                  ) -> tuple[int, dict[int, tuple[int, ...]]] | None:
+    """(experts kept per layer, the kept ids per layer) of the pruning probe: the first
+    keep count below all, the most salient; None when the model cannot be pruned."""
+    a = model.adapter
+    if not stats.has_expert_stats or a.n_expert <= a.n_expert_used:
+        return None
+    n_keep = keep_grid(a.n_expert, a.n_expert_used, n_groups=a.n_expert_groups)[1]
+    return n_keep, kept_by_saliency(stats, n_keep, a.n_expert_groups)
+
+
 def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
                    gguf_path: str | Path, probe_type: str = PROBE_TYPE, n_ctx: int = 512,
                    seconds: float = MIN_PROBE_SECONDS, progress: bool = True,
-                   threads: int | None = None, base: BasePass | None = None,
-                   inputs: np.ndarray | None = None, first_block: int = 0) -> CalibStats:
+                   threads: int | None = None, base: BasePass | None = None) -> CalibStats:
     """`stats` with `scales` (per tensor) and `prune_scale` measured by probes run on
     `gguf_path` (the model calibration ran) within about `seconds`: on `tokens`, against a
-    base pass run first, or on the windows of `base` against its log-probabilities.
-
-    `gguf_path` may be the last layer segment of the model (`edgemoe.calibration.segments`),
-    from block `first_block` on, run on `inputs` (the residual stream entering it at the
-    tokens' positions): its tensors are probed and the others carry their kinds' scales."""
+    base pass run first, or on the windows of `base` against its log-probabilities. (A run
+    in layer segments probes as it goes: `edgemoe.calibration.segment_probes`.)"""
     clock = _Clock(seconds)
-    specs = [s for s in model.specs if s.quantizable]
-    probe_plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
-    types = {t.name: t.type for t in probe_plan.tensors}
-    # an expert tensor is probed on the experts whose error measure_damage measures: the
-    # prediction is then measured, and the probe quantizes those experts only
-    subset = {s.name: measured_experts(s.n_experts) for s in specs if s.n_experts}
-    predicted: dict[str, float] = {}
-
-    def predict(names: list[str]) -> float:
-        """The predicted damage of the probe of `names`, measured when first asked."""
-        todo = [n for n in names if n not in predicted]
-        if todo:
-            d = measure_damage(model, ladder=(probe_type,), stats=stats, progress=False,
-                               only=set(todo))
-            for n in todo:  # 0 where the probe type is not a candidate of the tensor
-                t = types[n]
-                per = d.per_expert[n].get(t) if n in d.per_expert else None
-                predicted[n] = (float(per[subset[n]].sum()) if per is not None
-                                else d.dense.get(n, {}).get(t, 0.0))
-        return sum(predicted[n] for n in names)
-
+    predict = Predictions(model, stats, probe_type)
     report = ProbeLog()
     if base is not None:
         tokens = base.tokens
-    runner = ProbeRunner(gguf_path, tokens, n_ctx, threads, inputs, first_block)
+    runner = ProbeRunner(gguf_path, tokens, n_ctx, threads)
     pool = ThreadPoolExecutor(threads or default_threads())
     try:
         if base is not None:  # calibration's own run: its time is what a pass costs
@@ -176,7 +218,7 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             start = time.monotonic()
             ref = runner.logprobs()
             clock.base = report.base_seconds = time.monotonic() - start
-        errors = WeightErrors(model, stats, RunWeights(gguf_path, first_block), types,
+        errors = WeightErrors(model, stats, RunWeights(gguf_path), predict.types,
                               executor=pool)
 
         def probe(p) -> float:
@@ -186,112 +228,121 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             return value
 
         prune_scale = None
-        a = model.adapter
-        if stats.has_expert_stats and a.n_expert > a.n_expert_used and clock.fits():
-            n_keep = keep_grid(a.n_expert, a.n_expert_used, n_groups=a.n_expert_groups)[1]
-            kept_all = kept_by_saliency(stats, n_keep, a.n_expert_groups)
-            kept = {layer: ids for layer, ids in kept_all.items()
-                    if layer >= first_block}  # the blocks in the file
-            pred = sum(v for layer, v in pruning_damage(stats, kept_all).items()
-                       if layer in kept)
+        pruning = pruning_probe(model, stats)
+        if pruning is not None and clock.fits():
+            n_keep, kept = pruning
+            pred = sum(pruning_damage(stats, kept).values())
             k = probe(PruneProbe(kept))
-            prune_scale = k / pred if pred > 0 else None
-            report.passes.append((f"pruning to {n_keep} experts", k, prune_scale or 0.0))
-            log.info("pruning probe keep %d: KLD %.5f / predicted %.5f", n_keep, k, pred)
+            prune_scale = report.pruned(n_keep, k, pred)
 
         def one(label: str, names: list[str]) -> float | None:
-            pred = predict(names)
             try:
-                k = probe(TensorProbe(errors, names, subset))
+                k = probe(TensorProbe(errors, names, predict.subset))
             except (HookError, ProbeError) as e:  # a graph this module does not know
                 log.warning("probe %s failed (%s): its tensors carry other scales", label, e)
-                report.skipped += names
                 return None
-            scale = k / pred if pred > 0 else 0.0
-            report.passes.append((label, k, scale))
-            log.info("probe %s: KLD %.5f / predicted %.5f = %.3f", label, k, pred, scale)
-            return scale
+            return report.probed(label, k, predict(names))
 
-        # a segment's file holds the embeddings, but runs on the stream: they are not used
-        in_file = {s.name for s in specs if (s.layer >= first_block if s.layer is not None
-                                             else s.kind != "token_embd" or not first_block)}
-        scales = _probe_tensors(specs, one, clock, report, progress, in_file)
+        scales = _probe_tensors([s for s in model.specs if s.quantizable], one, clock, report,
+                                progress)
     finally:
         runner.close()
         pool.shutdown()
-    log.info("%s", report.summary())
-    if progress:
-        tqdm.write(report.summary())
-    values = np.array(list(scales.values()))
-    if len(values):
-        log.info("sensitivity scales: min %.3g median %.3g max %.3g", values.min(),
-                 np.median(values), values.max())
-    return replace(stats, scales=scales, prune_scale=prune_scale)
+    return report.finish(stats, scales, prune_scale, progress)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe pass: `names` perturbed at once; `kind` set on a kind's first probe."""
+
+    label: str
+    names: tuple[str, ...]
+    kind: str | None = None
+
+
+class Schedule:
+    """Which probes run, in order, and the scales their results give every tensor.
+
+    Every tensor alone when `fits` says all of them fit (`fits(list of name tuples)`: would
+    these probes fit in the budget left?); otherwise each tensor kind first (the kinds with
+    most weights first), on `KIND_LAYERS` layers spread over depth at once, then single
+    tensors kind by kind, layers spread over depth: each that `fits` allows. Iterating asks
+    `fits` before each probe, so a budget measured as probes run stays exact; where probes
+    cost alike, the first that does not fit ends the schedule. A tensor not
+    probed alone carries its kind's scale, or the median of its kind's probed layers."""
+
+    def __init__(self, specs: list[mp.TensorSpec], fits):
+        self.specs, self.fits = specs, fits
+        self.by_kind: dict[str, list[str]] = defaultdict(list)
+        weights: dict[str, int] = defaultdict(int)
+        for s in specs:
+            self.by_kind[s.kind].append(s.name)
+            weights[s.kind] += s.n_elements
+        # the kinds holding most weights first (routed experts, in an MoE): the budget may end
+        self.kinds = {k: _spread(self.by_kind[k])
+                      for k in sorted(self.by_kind, key=lambda k: -weights[k])
+                      if k in SUPPORTED_KINDS}
+        self.unsupported = [n for k, v in self.by_kind.items() if k not in SUPPORTED_KINDS
+                            for n in v]
+        n = sum(len(v) for v in self.kinds.values())
+        self.all_alone = fits([(name,) for v in self.kinds.values() for name in v])
+        self.total = n if self.all_alone else len(self.kinds) + n  # at most, for a progress bar
+
+    def __iter__(self):
+        kinds = self.kinds
+        if not self.all_alone:  # a first scale for every kind, from a few layers at once
+            for kind, names in kinds.items():
+                sample = tuple(sorted(names[:KIND_LAYERS]))  # names are in spread order
+                if self.fits([sample]):
+                    yield Probe(f"{kind} in {len(sample)} layers", sample, kind)
+        # then single tensors: kinds in turn, each kind's layers spread over depth; a kind of
+        # one tensor (output, token_embd) was probed alone by its kind probe
+        queue = [names[i] for i in range(max(map(len, kinds.values()), default=0))
+                 for names in kinds.values()
+                 if i < len(names) and (self.all_alone or len(names) > 1)]
+        for name in queue:
+            if self.fits([(name,)]):
+                yield Probe(name, (name,))
+
+    def scales(self, results: dict[Probe, float | None], report: ProbeLog) -> dict[str, float]:
+        """Per tensor, the scale its probe measured or the one it carries (`results`: the
+        scale of each probe run, None where it failed)."""
+        kind_scale = {p.kind: v for p, v in results.items() if p.kind and v is not None}
+        alone = {p.names[0]: v for p, v in results.items()
+                 if v is not None and (p.kind is None or len(self.kinds[p.kind]) == 1)}
+        report.skipped += [n for p, v in results.items() if v is None for n in p.names
+                           if n not in report.skipped]
+        scales = dict(alone)
+        for kind, probed in self.kinds.items():
+            rest = [n for n in self.by_kind[kind] if n not in alone]
+            if not rest:
+                continue
+            src, label = kind_scale.get(kind), f"{kind}'s kind probe"
+            if src is None and len(rest) < len(probed):
+                src = float(np.median([alone[n] for n in probed if n in alone]))
+                label = f"the median of {kind}'s probed layers"
+            if src is None:
+                report.skipped += [n for n in rest if n not in report.skipped]
+                continue
+            scales.update(dict.fromkeys(rest, src))
+            report.carried[label] = rest
+        missing = [s.name for s in self.specs if s.name not in scales]
+        if missing and scales:
+            scales.update(dict.fromkeys(missing, float(np.median(list(scales.values())))))
+            why = "out of time" if not self.unsupported else \
+                "no probe in the graph or out of time"
+            report.carried[f"the median of all probes ({why})"] = missing
+        return scales
 
 
 def _probe_tensors(specs: list[mp.TensorSpec], one, clock: _Clock, report: ProbeLog,
-                   progress: bool, probeable: set[str] | None = None) -> dict[str, float]:
-    """Per-tensor scales: every `probeable` tensor (default: all) alone if the budget
-    allows, else kinds first; the others carry their kind's."""
-    if probeable is None:
-        probeable = {s.name for s in specs}
-    by_kind: dict[str, list[str]] = defaultdict(list)
-    weights: dict[str, int] = defaultdict(int)
-    for s in specs:
-        by_kind[s.kind].append(s.name)
-        weights[s.kind] += s.n_elements
-    # the kinds holding most weights first (routed experts, in an MoE): the budget may end
-    kinds = {k: _spread([n for n in by_kind[k] if n in probeable])
-             for k in sorted(by_kind, key=lambda k: -weights[k])
-             if k in SUPPORTED_KINDS and any(n in probeable for n in by_kind[k])}
-    unsupported = [n for k, v in by_kind.items() if k not in SUPPORTED_KINDS for n in v]
-    n_tensors = sum(len(v) for v in kinds.values())
-    all_alone = clock.fits(n_tensors)
-    bar = tqdm(total=n_tensors if all_alone else len(kinds) + n_tensors,
-               desc="sensitivity probes", disable=not progress)
-    kind_scale: dict[str, float] = {}
-    if not all_alone:  # a first scale for every kind, from a few layers at once
-        for kind, names in kinds.items():
-            if not clock.fits():
-                break
-            sample = sorted(names[:KIND_LAYERS])  # names are in spread order
-            value = one(f"{kind} in {len(sample)} layers", sample)
-            if value is not None:
-                kind_scale[kind] = value
+                   progress: bool) -> dict[str, float]:
+    """Per-tensor scales from probes run now, as `Schedule` orders them, while `clock`
+    allows: `one(label, names)` runs one and gives its scale (None: it failed)."""
+    schedule = Schedule(specs, lambda probes: clock.fits(len(probes)))
+    results: dict[Probe, float | None] = {}
+    with tqdm(total=schedule.total, desc="sensitivity probes", disable=not progress) as bar:
+        for p in schedule:
+            results[p] = one(p.label, list(p.names))
             bar.update()
-    # then single tensors: kinds in turn, each kind's layers spread over depth
-    queue = [names[i] for i in range(max(map(len, kinds.values()), default=0))
-             for names in kinds.values() if i < len(names)]
-    # a kind of one tensor (output, token_embd) was probed alone by its kind probe
-    alone = {v[0]: kind_scale[k] for k, v in kinds.items() if len(v) == 1 and k in kind_scale}
-    queue = [n for n in queue if n not in alone]
-    for name in queue:
-        if not clock.fits():
-            break
-        value = one(name, [name])
-        if value is not None:
-            alone[name] = value
-        bar.update()
-    bar.close()
-
-    scales = dict(alone)
-    for kind, probed in kinds.items():
-        names = by_kind[kind]
-        rest = [n for n in names if n not in alone]
-        if not rest:
-            continue
-        src, label = kind_scale.get(kind), f"{kind}'s kind probe"
-        if src is None and len(rest) < len(names):
-            src = float(np.median([alone[n] for n in probed if n in alone]))
-            label = f"the median of {kind}'s probed layers"
-        if src is None:
-            report.skipped += [n for n in rest if n not in report.skipped]
-            continue
-        scales.update(dict.fromkeys(rest, src))
-        report.carried[label] = rest
-    missing = [s.name for s in specs if s.name not in scales]
-    if missing and scales:
-        scales.update(dict.fromkeys(missing, float(np.median(list(scales.values())))))
-        why = "out of time" if not unsupported else "no probe in the graph or out of time"
-        report.carried[f"the median of all probes ({why})"] = missing
-    return scales
+    return schedule.scales(results, report)
