@@ -7,10 +7,11 @@ run: when segment k has run its calibration windows (its GGUF still open in llam
 probe whose first perturbed block lies in segment k runs it on the probe windows' input
 stream with its handlers installed (`edgemoe.calibration.perturb`), and every probe already
 under way runs it on its own perturbed stream (with its handlers there too, if it has any:
-a kind's probe spans segments, the pruning probe every MoE block). In the last segment the
-probe's log-probabilities give its KL divergence against the calibration run's own, as a
-probe of the whole model does, to the bit (tests/edgemoe/calibration/test_segment_probes.py;
-a float16 stream moved scales by up to 6%).
+a kind's probe spans segments, the pruning probe every MoE block; token_embd's gives the
+first segment its rows at the probe type). In the last segment the probe's
+log-probabilities give its KL divergence against the calibration run's own, as a probe of
+the whole model does, to the bit (tests/edgemoe/calibration/test_segment_probes.py; a
+float16 stream moved scales by up to 6%).
 
 A probe under way keeps its stream on disk as its difference from the base stream, float32,
 one file per probe (`probe_bytes` each); `calibrate` leaves room for `MAX_IN_FLIGHT` of them
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 16  # probe streams calibrate leaves disk room for
 EMBEDDINGS = "token_embd.weight"
+OUT_OF_TIME = "out of time"  # a probe dropped before it started
+SEGMENT_CACHE = 1 << 27  # weight errors kept between probes (the sums are in memory too)
 PASS_COST = 1.25  # a probe's pass over a segment, in calibration passes (handlers, stream)
 
 
@@ -97,7 +100,11 @@ class SegmentProbes:
         self.threads, self.probe_type, self.progress = threads, probe_type, progress
         self.state_path = segs.base.with_name(f"{segs.base.name}.probes.json")
         self.flights: list[Flight] | None = None  # planned when the first segment has run
-        self.budget = self.spent = 0.0
+        self.budget = 0.0
+        # seconds a probe's pass over each segment was priced at; seconds spent, and what
+        # those passes were priced at (the ratio corrects the price of the passes to come)
+        self.pass_seconds: list[float] = []
+        self.spent = self.priced = 0.0
         specs = [s for s in model.specs if s.quantizable]
         self.schedule = Schedule(specs, lambda probes: False)  # for its kinds and scales
         self._load()
@@ -118,7 +125,8 @@ class SegmentProbes:
         segs, n = self.segs, len(self.segs)
         sizes = segment_bytes(self.model, segs.plan, segs.ranges)
         n_probe = self.ref.n_tokens
-        pass_seconds = [PASS_COST * per_token * n_probe * b / sizes[0] for b in sizes]
+        self.pass_seconds = pass_seconds = [PASS_COST * per_token * n_probe * b / sizes[0]
+                                            for b in sizes]
         self.budget = self.seconds or default_budget(per_token * n_calib * sum(sizes) / sizes[0])
         # stream files under way, beside the one being written
         cap = max(0, self.room // probe_bytes(n_probe, self.model.adapter.hp.n_embd) - 1)
@@ -146,9 +154,12 @@ class SegmentProbes:
                           lambda probes: fits_from([self._segment_of(p) for p in probes])):
             take(p.label, p.names, p.kind, self._segment_of(p.names))
         self.flights = flights
-        log.info("probes in segments: %d planned, about %.0f s of a %.0f s budget (%d under "
-                 "way at most, room for %d)", len(flights), planned["seconds"], self.budget,
-                 planned["moving"], cap)
+        msg = (f"sensitivity probes in segments: {len(flights)} planned, about "
+               f"{planned['seconds']:.0f} s of a {self.budget:.0f} s budget; "
+               f"{planned['moving']} start before the last segment (disk room for {cap})")
+        log.info("%s", msg)
+        if self.progress:
+            tqdm.write(msg)
 
     def _kept(self, stats: CalibStats, n_keep: int) -> dict[int, tuple[int, ...]]:
         return kept_by_saliency(stats, n_keep, self.model.adapter.n_expert_groups)
@@ -181,7 +192,7 @@ class SegmentProbes:
         pool = ThreadPoolExecutor(self.threads or default_threads())
         predict = Predictions(self.model, stats, self.probe_type)
         errors = WeightErrors(self.model, stats, RunWeights(self.segs.gguf_path(k), lo),
-                              predict.types, executor=pool)
+                              predict.types, executor=pool, cache_bytes=SEGMENT_CACHE)
         ref = self._reference(llm, k, windows) if last else None
         try:
             for f in tqdm(todo, desc=f"sensitivity probes (segment {k + 1} of {len(self.segs)})",
@@ -203,6 +214,27 @@ class SegmentProbes:
         finally:
             pool.shutdown()
         self.spent += time.monotonic() - began
+        self.priced += len(todo) * self.pass_seconds[k]
+        self._trim(k)
+        self._save()
+
+    def _trim(self, k: int) -> None:
+        """After segment k's probes: drop the probes not yet started, the last planned
+        first, while those under way and the rest would overrun the budget at the price
+        measured so far."""
+        ratio = self.spent / self.priced if self.priced else 1.0
+        alive = [f for f in self.flights if f.kld is None and f.failed is None]
+
+        def rest(f: Flight) -> float:
+            return ratio * sum(self.pass_seconds[max(f.start, k + 1):])
+
+        while self.spent + sum(map(rest, alive)) > self.budget:
+            f = next((f for f in reversed(alive) if f.start > k), None)
+            if f is None:  # those under way finish: their passes so far would be lost
+                break
+            f.failed = OUT_OF_TIME
+            alive.remove(f)
+            log.info("probe %s dropped: out of time", f.label)
 
     def ref_windows(self, windows: list[list[int]]) -> list[list[int]]:
         """The probe windows: the first calibration windows, whole and as many as the
@@ -285,6 +317,8 @@ class SegmentProbes:
         prune_scale = None
         results: dict[Probe, float | None] = {}
         for f in self.flights or []:
+            if f.failed == OUT_OF_TIME:  # never ran, as a probe that did not fit
+                continue
             if f.n_keep:
                 if f.kld is not None:
                     kept = self._kept(stats, f.n_keep)
@@ -295,7 +329,9 @@ class SegmentProbes:
             results[p] = None if f.kld is None else report.probed(f.label, f.kld,
                                                                   predict(f.names))
         scales = self.schedule.scales(results, report)
-        log.info("probes in segments took %.0f s (budget %.0f s)", self.spent, self.budget)
+        dropped = sum(f.failed == OUT_OF_TIME for f in self.flights or [])
+        log.info("probes in segments took %.0f s of a %.0f s budget (%d dropped before they "
+                 "started)", self.spent, self.budget, dropped)
         return report.finish(stats, scales, prune_scale, self.progress)
 
     def stream_path(self, i: int) -> Path:
@@ -303,6 +339,8 @@ class SegmentProbes:
 
     def _save(self) -> None:
         state = {"fingerprint": self.fingerprint, "budget": self.budget,
+                 "pass_seconds": self.pass_seconds, "spent": self.spent,
+                 "priced": self.priced,
                  "flights": [asdict(f) for f in self.flights or []]}
         tmp = self.state_path.with_suffix(".part")
         tmp.write_text(json.dumps(state))
@@ -314,7 +352,8 @@ class SegmentProbes:
         state = json.loads(self.state_path.read_text())
         if state.get("fingerprint") != self.fingerprint:
             return
-        self.budget = state["budget"]
+        self.budget, self.pass_seconds = state["budget"], state["pass_seconds"]
+        self.spent, self.priced = state["spent"], state["priced"]
         self.flights = [Flight(**{**f, "names": tuple(f["names"])}) for f in state["flights"]]
 
     def remove(self) -> None:

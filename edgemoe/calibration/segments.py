@@ -2,25 +2,23 @@
 
 When no calibration GGUF of the whole model fits the disk budget, calibration runs the
 model a segment of consecutive blocks at a time. A segment's GGUF holds blocks [start,
-stop) renumbered from 0 (`Adapter.blocks`), with the token embeddings, output norm and head
-that llama.cpp needs to load any model, all at the calibration type (Q8_0 unless the budget
-is smaller than one block). The first segment runs on the text's tokens; each later one on
-the residual stream the one before it left, read at its last block's output (node `l_out`)
-and given to llama.cpp as input embeddings (`llama_batch.embd`, float32: the stream passes
-unchanged). Each block's statistics are those a whole-model run of the same file type
-measures (tests/edgemoe/calibration/test_segments.py), and the graph hooks see the whole
-model's layer numbers (`EvalHooks.layer_offset`).
+stop) renumbered from 0 (`Adapter.blocks`), at the calibration type (Q8_0 unless the budget
+is smaller than one block). Every segment runs on llama.cpp's input embeddings
+(`llama_batch.embd`, float32: the stream passes unchanged): the first on the token
+embeddings as llama.cpp would read them from a file of that type (`Segments.inputs`: ggml's
+quantizer and dequantizer on the source's rows), each later one on the residual stream the
+one before it left, read at its last block's output (node `l_out`). So only the last
+segment has a vocabulary, an output head and a tokenizer; the others have llama.cpp's
+vocabulary type "none" with one dummy token (embeddings and head of one row, written and
+computed for nothing). Each block's statistics are those a whole-model run of the same file
+type measures, to the bit (tests/edgemoe/calibration/test_segments.py), and the graph hooks
+see the whole model's layer numbers (`EvalHooks.layer_offset`). Segments are filled from
+the last, which holds the head.
 
 On disk at any time: one segment's GGUF (deleted once it has run) and two files of the
 residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
 records the segment and the windows run in it. The sensitivity probes run with the segments
 (`edgemoe.calibration.segment_probes`): every block is probed as in a whole run.
-
-What it costs beyond a whole-model run of the same type: the first segment computes the
-output head on every position (its last block keeps only the rows whose logits are asked
-for, and the stream needs them all), and the last segment's file holds the embeddings and
-head once more. The segments between have no vocabulary (llama.cpp's type "none", one dummy
-token): their embeddings and head are one row, written and computed for nothing.
 """
 
 from __future__ import annotations

@@ -150,3 +150,26 @@ def test_probes_resume_where_they_were(four_blocks, tmp_path, monkeypatch):
                                 fingerprint="x"))
     assert resumed.scales == pytest.approx(full.scales, rel=1e-6)
     assert resumed.prune_scale == pytest.approx(full.prune_scale, rel=1e-6)
+
+
+def test_probes_not_started_are_dropped_when_passes_cost_more_than_priced(four_blocks,
+                                                                          tmp_path):
+    model, plan, _ = four_blocks
+    segs = Segments(model, plan, RANGES, tmp_path / "s.gguf", progress=False)
+    probes = sp.SegmentProbes(model, segs, BasePass(N_PROBE, N_CTX), room=1 << 30,
+                              fingerprint="x", progress=False)
+    probes.budget, probes.pass_seconds = 12.0, [1.0, 1.0, 1.0]
+    probes.flights = [sp.Flight(f"p{i}", (), None, start, start)
+                      for i, start in enumerate([0, 0, 1, 2, 2])]  # priced at 10 s in all
+    for f in probes.flights[:2]:  # the first segment's two passes took 3 s, priced at 2
+        f.at = 1
+    probes.spent, probes.priced = 3.0, 2.0
+    probes._trim(0)
+    # at 1.5x: 3 s spent + 6 s for the two under way + 3 + 1.5 + 1.5 for the rest = 15 s;
+    # the last planned go first until 12 s fit
+    assert [f.failed for f in probes.flights] == [None, None, None, sp.OUT_OF_TIME,
+                                                  sp.OUT_OF_TIME]
+    probes.spent = 20.0  # far over: what is under way still finishes
+    probes._trim(0)
+    assert [f.failed for f in probes.flights[:2]] == [None, None]
+    assert probes.flights[2].failed == sp.OUT_OF_TIME
