@@ -15,7 +15,8 @@ each tensor kind is probed first (the kinds with most weights first), on a few l
 over depth at once, then single tensors kind by kind, layers spread over depth, as long as
 the budget lasts; a tensor not probed alone carries its kind's scale. A stacked expert
 tensor is probed on the experts whose error `measure_damage` measures (16 at most), so its
-probe quantizes those alone. Scales are stored with the calibration statistics.
+probe quantizes those alone. Scales are stored with the calibration statistics. A run in
+layer segments probes in the same order as it goes (`edgemoe.calibration.segment_probes`).
 """
 
 from __future__ import annotations
