@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 16  # probe streams calibrate leaves disk room for
 EMBEDDINGS = "token_embd.weight"
 OUT_OF_TIME = "out of time"  # a probe dropped before it started
-SEGMENT_CACHE = 1 << 27  # weight errors kept between probes (the sums are in memory too)
 # a probe's pass over a segment, in calibration passes of as many tokens (its handlers, the
 # streams, the KLD): 1.25-1.9 measured on the 8gb benchmark's segments, the first and last
 # the dearest
@@ -195,7 +194,7 @@ class SegmentProbes:
         pool = ThreadPoolExecutor(self.threads or default_threads())
         predict = Predictions(self.model, stats, self.probe_type)
         errors = WeightErrors(self.model, stats, RunWeights(self.segs.gguf_path(k), lo),
-                              predict.types, executor=pool, cache_bytes=SEGMENT_CACHE)
+                              predict.types, executor=pool)
         ref = self._reference(llm, k, windows) if last else None
         try:
             for f in tqdm(todo, desc=f"sensitivity probes (segment {k + 1} of {len(self.segs)})",
