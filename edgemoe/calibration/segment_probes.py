@@ -67,6 +67,9 @@ OUT_OF_TIME = "out of time"  # a probe dropped before it started
 # streams, the KLD): 1.25-1.9 measured on the 8gb benchmark's segments, the first and last
 # the dearest
 PASS_COST = 2.0
+# weight errors kept between probes: half the whole run's (perturb.CACHE_BYTES), since the
+# calibration's float64 sums are in memory beside them (1.58 GB peak anonymous at 8gb)
+SEGMENT_CACHE = 1 << 27
 
 
 def probe_bytes(n_tokens: int, n_embd: int) -> int:
@@ -194,7 +197,8 @@ class SegmentProbes:
         pool = ThreadPoolExecutor(self.threads or default_threads())
         predict = Predictions(self.model, stats, self.probe_type)
         errors = WeightErrors(self.model, stats, RunWeights(self.segs.gguf_path(k), lo),
-                              predict.types, executor=pool)
+                              predict.types, executor=pool,
+                              cache_bytes=SEGMENT_CACHE)
         ref = self._reference(llm, k, windows) if last else None
         try:
             for f in tqdm(todo, desc=f"sensitivity probes (segment {k + 1} of {len(self.segs)})",
