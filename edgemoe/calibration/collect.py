@@ -226,8 +226,9 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         else:  # no whole-model copy: a segment of layers at a time
             segs = Segments(model, plan, ranges, base, threads, progress)
             gguf_path = None
-            # what the probes' streams may take: all that the largest segment leaves
-            probe_room = max_disk - reserved - segments.stream_bytes(n_calib, a.hp.n_embd) \
+            # what the probes' streams may take: all that the largest segment leaves (at
+            # least the `probe_room` choose kept)
+            stream_room = max_disk - reserved - segments.stream_bytes(n_calib, a.hp.n_embd) \
                 - max(segments.segment_bytes(model, plan, ranges))
     log.info("calibrating on %s (%s)", gguf_path or "layer segments", record.describe())
     fingerprint = checkpoint.fingerprint(
@@ -243,7 +244,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
             n_calib = len(tokenize(model.source.path, body, max_tokens))
         ref = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
         if segs is not None:  # they run segment by segment with the calibration
-            probes = SegmentProbes(model, segs, ref, probe_room, fingerprint, probe_seconds,
+            probes = SegmentProbes(model, segs, ref, stream_room, fingerprint, probe_seconds,
                                    threads, progress=progress)
     if segs is not None and not checkpoint.resumable(ckpt, fingerprint):
         segs.remove()  # the work files of another run

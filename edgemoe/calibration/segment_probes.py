@@ -283,7 +283,6 @@ class SegmentProbes:
                       layers=[hi - 1])
         attach(llm, hooks)
         n = sum(map(len, windows))
-        part = None
         if not last:
             part = self.stream_path(i).with_suffix(".part.npy")
             out = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32,
@@ -294,11 +293,12 @@ class SegmentProbes:
         total, start = 0.0, 0
         for j, w in enumerate(windows):
             rows = slice(start, start + len(w))
-            x = self.segs.inputs(k, w, rows)
-            if delta is not None:
-                x = x + delta[rows]
-            elif embeddings is not None:  # token_embd's probe: its rows at the probe type
+            if embeddings is not None:  # token_embd's probe: its rows at the probe type
                 x = embeddings.probe_rows(EMBEDDINGS, np.asarray(w))
+            else:
+                x = self.segs.inputs(k, w, rows)
+                if delta is not None:
+                    x = x + delta[rows]
             logits = eval_embeddings(llm, x)
             if last:
                 total += mean_kld([ref[j]], [log_softmax(logits)]) * len(w)
