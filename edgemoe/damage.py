@@ -23,6 +23,8 @@ from memory_planner.stats import CalibStats
 if TYPE_CHECKING:
     from .pipeline import Model
 
+SAMPLED_ROWS = 256  # rows of each tensor (of each measured expert) quantized
+
 
 @dataclass
 class Damage:
@@ -53,7 +55,7 @@ class Damage:
         )
 
 
-def _expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
+def expert_shares(stats: CalibStats | None, spec: mp.TensorSpec) -> np.ndarray:
     """Each expert's weight in the tensor's damage: its output-energy share when calibration
     measured it, its selection share from an imatrix's counts, else uniform."""
     E = spec.n_experts
@@ -74,7 +76,7 @@ def measured_experts(n_expert: int, max_experts: int = 16) -> np.ndarray:
 
 
 def measure_damage(model: Model, ladder: Sequence[str] = mp.DEFAULT_LADDER,
-                   stats: CalibStats | None = None, max_rows: int = 256,
+                   stats: CalibStats | None = None, max_rows: int = SAMPLED_ROWS,
                    max_experts: int = 16, progress: bool = True,
                    only: Collection[str] | None = None) -> Damage:
     """Relative quantization error of every quantizable tensor at every candidate type.
@@ -102,10 +104,8 @@ def _measure(model: Model, r, ladder: Sequence[str], stats: CalibStats | None, m
              max_experts: int, pool: ThreadPoolExecutor, dense: dict, per_expert: dict) -> None:
     """One tensor's errors at every candidate type, into `dense` or `per_expert`."""
     spec = r.spec
-    types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
     imatrix = importance(stats, spec)
-    if imatrix is None:  # ggml cannot make these types without an importance matrix
-        types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
+    types = measured_types(spec, ladder, imatrix is not None)
     if not spec.n_experts:
         # only the rows relative_error samples are read: a 129k-row token_embd stays
         # on disk
@@ -126,10 +126,19 @@ def _measure(model: Model, r, ladder: Sequence[str], stats: CalibStats | None, m
             jobs[e, t] = pool.submit(_error, data, im, max_rows, t)
     for (e, t), job in jobs.items():
         errs[t][e] = job.result()
-    share = _expert_shares(stats, spec)
+    share = expert_shares(stats, spec)
     per_expert[spec.name] = {
         t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
     }
+
+
+def measured_types(spec: mp.TensorSpec, ladder: Sequence[str], imatrix: bool) -> list[str]:
+    """The types of `ladder` whose error `measure_damage` measures for `spec` (with an
+    importance matrix or without)."""
+    types = [t for t, _ in mp.quant_types.candidate_types(spec, tuple(ladder)) if t != "F32"]
+    if not imatrix:  # ggml cannot make these types without an importance matrix
+        types = [t for t in types if t not in mp.quant_types.REQUIRES_IMATRIX]
+    return types
 
 
 def _error(data: np.ndarray, imatrix, max_rows: int, type_name: str) -> float:

@@ -267,10 +267,25 @@ def relative_error(data: np.ndarray, type_name: str, imatrix: np.ndarray | None 
         w = np.asarray(rows3[e][picked[experts == e] % n_rows], dtype=np.float32)
         im_e = None if im is None else im[e]
         raw = quantize_rows(w, type_name, im_e)
-        err = dequantize(raw, type_name, w.shape) - w
-        weight = np.ones(n_per_row) if im_e is None else im_e.astype(np.float64)
-        num += float(np.square(err, dtype=np.float64).sum(axis=0) @ weight)
-        den += float(np.square(w, dtype=np.float64).sum(axis=0) @ weight)
+        n, d = error_sums(w, dequantize(raw, type_name, w.shape), im_e)
+        num += n
+        den += d
+    return error_ratio(num, den)
+
+
+def error_sums(w: np.ndarray, q: np.ndarray, imatrix: np.ndarray | None
+               ) -> tuple[float, float]:
+    """(||Q(W) - W||^2, ||W||^2) of rows `w` read back as `q`, weighted per column by
+    `imatrix`: `relative_error`'s sums. ggml quantizes row by row, so the rows
+    `sample_rows` picks of a tensor quantized whole give the sums of quantizing them alone."""
+    weight = (np.ones(w.shape[-1]) if imatrix is None
+              else np.asarray(imatrix, np.float32).astype(np.float64))
+    num = float(np.square(q - w, dtype=np.float64).sum(axis=0) @ weight)
+    den = float(np.square(w, dtype=np.float64).sum(axis=0) @ weight)
+    return num, den
+
+
+def error_ratio(num: float, den: float) -> float:
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den

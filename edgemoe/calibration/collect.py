@@ -54,7 +54,8 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
             cov_blocks: dict[str, CovSpec] | None = None,
             checkpoint_path: Path | None = None, fingerprint: str = "",
             threads: int | None = None, source: CalibSource | None = None,
-            on_window=None, segs: Segments | None = None, on_segment=None) -> CalibStats:
+            on_window=None, segs: Segments | None = None, on_segment=None,
+            tokens: list[int] | None = None) -> CalibStats:
     """Run `gguf_path` (a model with tensors `specs`) in llama.cpp over `text` in windows of
     `n_ctx` tokens; statistics. With `segs` (and no `gguf_path`) the model runs a layer
     segment at a time (`edgemoe.calibration.segments`), to the same statistics.
@@ -68,7 +69,8 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
     (windows a checkpoint covers are not run); `logits` is valid during the call only.
     `on_segment(k, llm, collector, windows, seconds_per_token)` after segment k's windows
     (the whole model's, without `segs`), on its open model (`SegmentProbes`);
-    seconds_per_token is None when no window ran (all covered by the checkpoint)."""
+    seconds_per_token is None when no window ran (all covered by the checkpoint). `tokens`:
+    the text's, when the caller has them from the tokenizer this run would use."""
     threads = threads or os.cpu_count() or 1
     arch = (segs.model.adapter.arch_name if segs is not None else
             gguf.GGUFReader(gguf_path).get_field("general.architecture").contents())
@@ -94,7 +96,9 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                 llm = attach(open_run(path, n_ctx, threads), hooks)
                 if not windows:  # (a segment but the last has no vocabulary)
                     by = llm if segs is None else segs.model.source.path
-                    windows = whole_windows(tokenize(by, text, max_tokens), n_ctx)
+                    if tokens is None:
+                        tokens = tokenize(by, text, max_tokens)
+                    windows = whole_windows(tokens, n_ctx)
                     if not windows:
                         raise ValueError("the calibration text is too short: no tokens to run")
                     rows = np.cumsum([0] + [len(w) for w in windows])
@@ -180,7 +184,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     windows of the text (a sixteenth of the calibration tokens, 512 to `probe_tokens`),
     inside llama.cpp's eval callback on the GGUF just run (edgemoe.calibration.sensitivity;
     no file written; the reference is this run's own logits), for `probe_seconds` (default:
-    `sensitivity.default_budget`, half the calibration run's time, at least a minute).
+    `sensitivity.default_budget`, half the calibration run's time, at least 30 s).
     Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
     inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
     within `cov_budget` bytes on disk (float64 accumulators take twice that in memory while
@@ -198,7 +202,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     nodes = graph_nodes(a.arch_name)
     blocks = cov_plan(model.specs, cov_budget, nodes)
     work = segs = None
-    n_calib = None  # the text's tokens, when needed before the run
+    n_calib = tokens = None  # the text's tokens, when needed before the run
     reserved = checkpoint_bytes(model.specs, blocks, nodes)  # the checkpoint of the sums
     if calib_model:
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
@@ -214,7 +218,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         if max_disk is None:
             free = shutil.disk_usage(base.resolve().parent).free
             max_disk = int(FREE_DISK_SHARE * free)
-        n_calib = len(tokenize(model.source.path, body, max_tokens))
+        tokens = tokenize(model.source.path, body, max_tokens)
+        n_calib = len(tokens)
         n_probe = probe_token_count(n_calib, probe_tokens, n_ctx)
         probe_room = (MAX_IN_FLIGHT + 1) * probe_bytes(n_probe, a.hp.n_embd) \
             if sensitivity else 0
@@ -255,7 +260,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
                     threads=threads, source=record, on_window=ref, segs=segs,
-                    on_segment=probes)
+                    on_segment=probes, tokens=tokens if segs is not None else None)
     if probes is not None:
         stats = probes.finish(stats)
     elif sensitivity:

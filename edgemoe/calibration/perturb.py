@@ -42,10 +42,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from export.quantize import dequantize, quantize_rows
+from export.quantize import dequantize, error_ratio, error_sums, quantize_rows, sample_rows
 from memory_planner.names import parse_tensor_name
 from memory_planner.stats import CalibStats
 
+from ..damage import SAMPLED_ROWS
 from ..llamacpp import eval_logits, open_llama
 from ..runtime.textscore import log_softmax, whole_windows
 from .hooks import EvalHooks, attach
@@ -85,15 +86,22 @@ class RunWeights:
 
 class WeightErrors:
     """W_probe - W_run per tensor (per expert for stacked tensors), computed when first
-    needed and kept up to `cache_bytes` (oldest dropped first)."""
+    needed and kept up to `cache_bytes` (oldest dropped first).
+
+    `sampled`, when given, gets each slice's relative error at its probe type on the rows
+    `measure_damage` samples (`sample_rows(n, sampled_rows)`), by (name, expert): the
+    probe's predicted damage without quantizing those rows again (`Predictions`)."""
 
     def __init__(self, model, stats: CalibStats | None, run: RunWeights,
                  types: dict[str, str], executor: Executor | None = None,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES,
+                 sampled: dict[tuple[str, int | None], float] | None = None,
+                 sampled_rows: int = SAMPLED_ROWS):
         self.model, self.stats, self.run, self.types = model, stats, run, types
         self.recipes = {r.spec.name: r for r in model.recipes}
         self.executor = executor
         self.cache_bytes = cache_bytes
+        self.sampled, self.sampled_rows = sampled, sampled_rows
         self._cache: dict[tuple[str, int | None], np.ndarray] = {}
         self._cached = 0
 
@@ -120,7 +128,11 @@ class WeightErrors:
         r = self.recipes[name]
         src = self.model.source
         w = r.load(src) if expert is None else r.load_expert(src, expert)
-        d = self._probe_weights(w, name, self._imatrix(name, expert), executor)
+        im = self._imatrix(name, expert)
+        d = self._probe_weights(w, name, im, executor)
+        if self.sampled is not None:
+            rows = sample_rows(len(w), self.sampled_rows)
+            self.sampled[name, expert] = error_ratio(*error_sums(w[rows], d[rows], im))
         return d - self.run.load(name, expert)
 
     def _keep(self, key: tuple[str, int | None], d: np.ndarray) -> None:

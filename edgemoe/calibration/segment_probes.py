@@ -110,6 +110,8 @@ class SegmentProbes:
         # those passes were priced at (the ratio corrects the price of the passes to come)
         self.pass_seconds: list[float] = []
         self.spent = self.priced = 0.0
+        # the probed slices' errors on measure_damage's rows, for the predictions (`finish`)
+        self.sampled: dict[tuple[str, int | None], float] = {}
         specs = [s for s in model.specs if s.quantizable]
         self.schedule = Schedule(specs, lambda probes: False)  # for its kinds and scales
         self._load()
@@ -198,7 +200,7 @@ class SegmentProbes:
         predict = Predictions(self.model, stats, self.probe_type)
         errors = WeightErrors(self.model, stats, RunWeights(self.segs.gguf_path(k), lo),
                               predict.types, executor=pool,
-                              cache_bytes=SEGMENT_CACHE)
+                              cache_bytes=SEGMENT_CACHE, sampled=self.sampled)
         ref = self._reference(llm, k, windows) if last else None
         try:
             for f in tqdm(todo, desc=f"sensitivity probes (segment {k + 1} of {len(self.segs)})",
@@ -319,7 +321,7 @@ class SegmentProbes:
     def finish(self, stats: CalibStats) -> CalibStats:
         """`stats` with the scales the probes measured and carried."""
         report = ProbeLog()
-        predict = Predictions(self.model, stats, self.probe_type)
+        predict = Predictions(self.model, stats, self.probe_type, self.sampled)
         prune_scale = None
         results: dict[Probe, float | None] = {}
         for f in self.flights or []:

@@ -37,7 +37,7 @@ from memory_planner.joint import keep_grid, kept_by_saliency, pruning_damage
 from memory_planner.stats import CalibStats
 
 from .. import pipeline
-from ..damage import measure_damage, measured_experts
+from ..damage import expert_shares, measure_damage, measured_experts, measured_types
 from .nodes import HookError
 from .perturb import (
     SUPPORTED_KINDS,
@@ -55,9 +55,11 @@ log = logging.getLogger(__name__)
 
 PROBE_TYPE = "Q2_K"
 # the default budget: this share of the calibration run's time, at least MIN_PROBE_SECONDS
-# (calibration with probes then costs about 1.5 calibration runs)
+# (calibration with probes then costs about 1.5 calibration runs). The floor lets a small
+# model probe every tensor alone: the bundled model's 31 passes take about 15 s on 2 cores;
+# it was 60 s, 80% of the run at the 8gb benchmark on a fast machine
 PROBE_SHARE = 0.5
-MIN_PROBE_SECONDS = 60.0
+MIN_PROBE_SECONDS = 30.0
 MIN_PROBE_TOKENS = 512  # probes run on a sixteenth of the calibration tokens, at least this
 KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 
@@ -161,20 +163,27 @@ def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
 
 class Predictions:
     """The predicted damage of a probe: its tensors' importance-weighted error at the probe
-    type (`measure_damage`, on the experts a probe quantizes), measured when first asked."""
+    type (`measure_damage`'s, on the experts a probe quantizes), found when first asked.
 
-    def __init__(self, model: pipeline.Model, stats: CalibStats, probe_type: str = PROBE_TYPE):
+    `sampled` holds the errors a probe's `WeightErrors` found on the same rows as it
+    quantized the whole slices (by (name, expert)); a tensor all of whose slices are there
+    is not quantized again, the rest are measured by `measure_damage`."""
+
+    def __init__(self, model: pipeline.Model, stats: CalibStats, probe_type: str = PROBE_TYPE,
+                 sampled: dict[tuple[str, int | None], float] | None = None):
         self.model, self.stats, self.probe_type = model, stats, probe_type
-        specs = [s for s in model.specs if s.quantizable]
+        self.specs = {s.name: s for s in model.specs if s.quantizable}
         plan = mp.uniform_plan(model.specs, probe_type, mp.Budget(2**62), check_budget=False)
         self.types = {t.name: t.type for t in plan.tensors}
         # an expert tensor is probed on the experts whose error measure_damage measures: the
         # prediction is then measured, and the probe quantizes those experts only
-        self.subset = {s.name: measured_experts(s.n_experts) for s in specs if s.n_experts}
+        self.subset = {n: measured_experts(s.n_experts) for n, s in self.specs.items()
+                       if s.n_experts}
+        self.sampled = {} if sampled is None else sampled
         self._known: dict[str, float] = {}
 
     def __call__(self, names) -> float:
-        todo = [n for n in names if n not in self._known]
+        todo = [n for n in names if n not in self._known and not self._from_sampled(n)]
         if todo:
             d = measure_damage(self.model, ladder=(self.probe_type,), stats=self.stats,
                                progress=False, only=set(todo))
@@ -184,6 +193,23 @@ class Predictions:
                 self._known[n] = (float(per[self.subset[n]].sum()) if per is not None
                                   else d.dense.get(n, {}).get(t, 0.0))
         return sum(self._known[n] for n in names)
+
+    def _from_sampled(self, name: str) -> bool:
+        """Whether `name`'s prediction is known now from `sampled` (measure_damage's sums
+        on its rows: the same number)."""
+        spec, t = self.specs[name], self.types[name]
+        slices = [(name, int(e)) for e in self.subset[name]] if spec.n_experts else [(name, None)]
+        if any(s not in self.sampled for s in slices):
+            return False
+        imatrix = self.stats.importance_for(spec) is not None
+        if t not in measured_types(spec, (self.probe_type,), imatrix):
+            self._known[name] = 0.0
+        elif spec.n_experts:
+            share = expert_shares(self.stats, spec)[self.subset[name]]
+            self._known[name] = float((np.array([self.sampled[s] for s in slices]) * share).sum())
+        else:
+            self._known[name] = self.sampled[name, None]
+        return True
 
 
 def pruning_probe(model: pipeline.Model, stats: CalibStats
@@ -220,7 +246,7 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             ref = runner.logprobs()
             clock.base = report.base_seconds = time.monotonic() - start
         errors = WeightErrors(model, stats, RunWeights(gguf_path), predict.types,
-                              executor=pool)
+                              executor=pool, sampled=predict.sampled)
 
         def probe(p) -> float:
             start = time.monotonic()

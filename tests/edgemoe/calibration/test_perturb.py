@@ -10,7 +10,7 @@ import pytest
 
 import memory_planner as mp
 from edgemoe import pipeline
-from edgemoe.calibration import perturb
+from edgemoe.calibration import perturb, sensitivity
 from edgemoe.calibration.collect import calibrate, collect
 from edgemoe.calibration.nodes import HookError
 from edgemoe.calibration.perturb import (
@@ -23,6 +23,8 @@ from edgemoe.calibration.perturb import (
     WeightErrors,
     kld,
 )
+from edgemoe.calibration.sensitivity import Predictions
+from edgemoe.damage import SAMPLED_ROWS, expert_shares, measure_damage
 from edgemoe.llamacpp import tokenize
 from memory_planner.joint import kept_by_saliency
 from tests.helpers import PROMPT
@@ -148,3 +150,47 @@ def test_an_expert_probe_perturbs_only_the_experts_asked(setup):
     some = kld(ref, runner.logprobs(TensorProbe(fresh, [name], {name: np.array([0, 2])})))
     assert 0 < some < full
     assert {e for n, e in fresh._cache if n == name} <= {0, 2}
+
+
+def test_a_probes_weight_errors_give_measure_damages_predictions(setup):
+    """The errors a probe quantizes whole give, on the rows measure_damage samples, the
+    damage measure_damage measures (to the bit): predictions need no second quantization."""
+    model, stats, tokens, runner, ref, errors, tmp = setup
+    names = ["blk.1.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight", "blk.1.attn_q.weight",
+             "output.weight"]
+    for rows in (7, SAMPLED_ROWS):  # a sample of the rows, and (this model) all of them
+        sampled: dict = {}
+        fresh = WeightErrors(model, stats, errors.run, errors.types, sampled=sampled,
+                             sampled_rows=rows)
+        for n in names:
+            spec = next(s for s in model.specs if s.name == n)
+            if spec.n_experts:
+                fresh.experts(n, range(spec.n_experts))
+            else:
+                fresh.get(n)
+        d = measure_damage(model, ladder=("Q2_K",), stats=stats, max_rows=rows,
+                           progress=False, only=set(names))
+        for n in names:
+            t = errors.types[n]
+            if n in d.per_expert:
+                share = expert_shares(stats, next(s for s in model.specs if s.name == n))
+                got = np.array([sampled[n, e] for e in range(len(share))]) * share
+                assert np.array_equal(got, d.per_expert[n][t]), n
+            else:
+                assert sampled[n, None] == d.dense[n][t], n
+    measured = [Predictions(model, stats)([n]) for n in names]
+    predict = Predictions(model, stats)
+    fresh = WeightErrors(model, stats, errors.run, predict.types, sampled=predict.sampled)
+    for n in names:  # the slices a probe of n computes
+        if n in predict.subset:
+            fresh.experts(n, predict.subset[n])
+        else:
+            fresh.get(n)
+
+    def refuse(*a, **k):
+        raise AssertionError("quantized again")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sensitivity, "measure_damage", refuse)
+        assert [predict([n]) for n in names] == measured
+    assert min(measured) > 0
