@@ -327,13 +327,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="text tokens used at most (default %(default)s)")
     threads_flag(v)
 
+    def run_settings_flags(sp):
+        sp.add_argument("--ctx", type=int, default=None,
+                        help="context length (default: the one the file's plan was made for, "
+                             "else 4096)")
+        sp.add_argument("--kv-type", dest="kv_type", default=None,
+                        help="KV cache type (default: the plan's, else f16)")
+
     r = sub.add_parser("run", help=run.__doc__, description=run.__doc__)
     r.add_argument("file")
     r.add_argument("-p", "--prompt", required=True)
     top_any_flag(r)
     r.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=256)
     r.add_argument("--temperature", type=float, default=0.8)
-    r.add_argument("--ctx", type=int, default=4096)
+    run_settings_flags(r)
     r.add_argument("--seed", type=int, default=None)
     threads_flag(r)
 
@@ -343,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("-n", "--max-tokens", dest="max_tokens", type=int, default=512)
     ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--ctx", type=int, default=4096)
+    run_settings_flags(ch)
     threads_flag(ch)
 
     sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
@@ -352,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="address to listen on (default %(default)s: this machine only)")
     sv.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="default %(default)s")
     top_any_flag(sv)
-    sv.add_argument("--ctx", type=int, default=4096, help="context length (default 4096)")
+    run_settings_flags(sv)
     sv.add_argument("--alias", default=None, help="model id in /v1/models (default: file name)")
     sv.add_argument("--api-key", dest="api_key", default=None,
                     help="require this bearer key on every request")

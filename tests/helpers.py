@@ -77,12 +77,12 @@ def export_planned(model_dir, out, type_name=None, memory="10GB"):
 
 
 def export_uniform(model_dir, out: Path, type_name: str, cap: str = "10GB", ctx: int = 256,
-                   check_budget: bool = True) -> Path:
+                   check_budget: bool = True, kv_type: str = "f16") -> Path:
     """Export `model_dir` with every quantizable tensor `type_name`; returns the path."""
     import memory_planner as mp
     from edgemoe import pipeline
 
     model = pipeline.open_model(model_dir)
-    budget = pipeline.make_budget(model.adapter, cap, ctx=ctx)
+    budget = pipeline.make_budget(model.adapter, cap, ctx=ctx, kv_type=kv_type)
     plan = mp.uniform_plan(model.specs, type_name, budget, check_budget=check_budget)
     return pipeline.export(model, plan, out, progress=False)

@@ -18,9 +18,14 @@ threshold is above 0 it is built with an eval callback that applies them
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
+
+import memory_planner as mp
+from export.gguf_io import read_plan
 
 from ..calibration.hooks import EvalHooks, attach
 from ..llamacpp import open_llama
@@ -70,6 +75,46 @@ def _llama_class():
 
 
 _EdgeLlama = None
+DEFAULT_CTX = 4096  # a file without a plan, and no --ctx
+
+
+def kv_type_id(kv_type: str) -> int:
+    """ggml type of a KV cache type name (f16, q8_0, ...)."""
+    try:
+        return int(gguf.GGMLQuantizationType[mp.quant_types.KV_TYPES[kv_type.lower()]])
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {kv_type!r}: "
+                         f"{', '.join(mp.quant_types.KV_TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a file runs: context length, KV cache type, and the batch sizes and flash
+    attention its plan's compute buffers are for (None: llama-cpp-python's defaults)."""
+
+    ctx: int
+    kv_type: str
+    batches: dict | None = None  # n_batch, n_ubatch, flash_attn
+
+    def llama_kwargs(self) -> dict:
+        """`load`'s keyword arguments (`llama_cpp.Llama`'s) for these settings."""
+        t = kv_type_id(self.kv_type)
+        return {"n_ctx": self.ctx, "type_k": t, "type_v": t, **(self.batches or {})}
+
+
+def planned_settings(path: str | Path, ctx: int | None = None,
+                     kv_type: str | None = None) -> RunSettings:
+    """The settings that run `path` within the memory its plan was made for (edgemoe's
+    export stores the plan in the file): its context length and KV cache type unless `ctx`
+    or `kv_type` are given, its batch sizes and flash attention. A file without a plan runs
+    at `ctx` (default 4096) and `kv_type` (default f16)."""
+    plan = read_plan(path)
+    b = plan.budget if plan is not None else None
+    if b is None:
+        return RunSettings(ctx or DEFAULT_CTX, kv_type or "f16")
+    return RunSettings(ctx or b.ctx, kv_type or b.kv_type,
+                       {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch,
+                        "flash_attn": b.flash_attn})
 
 
 def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,

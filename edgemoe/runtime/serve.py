@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..calibration.hooks import EvalHooks
-from .model import load
+from .model import RunSettings, load, planned_settings
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless asked: the API has no key by default
 DEFAULT_PORT = 8080  # llama-server's
@@ -49,11 +49,13 @@ def _server_modules():
 
 
 def create_app(path: str | Path, top_any: str | float | Sequence[float] | None = None,
-               ctx: int = 4096, threads: int | None = None, alias: str | None = None,
-               api_key: str | None = None):
+               ctx: int | None = None, threads: int | None = None, alias: str | None = None,
+               api_key: str | None = None, run: RunSettings | None = None):
     """llama-cpp-python's FastAPI app serving `path` as edgemoe's runtime model, plus
     `GET /metrics`. `top_any` as in `load`; `alias` is the model id `/v1/models` lists
-    (default: the file name without .gguf); with `api_key`, requests need that bearer key."""
+    (default: the file name without .gguf); with `api_key`, requests need that bearer key.
+    `run`: context, KV cache and batches (default: `planned_settings(path, ctx)`, those
+    the file's plan was made for)."""
     server_app, server_model, settings, _ = _server_modules()
     from fastapi import Depends, FastAPI, Response
     from fastapi.middleware import Middleware
@@ -64,6 +66,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such file", str(path))
+    run = run or planned_settings(path, ctx)
 
     class EdgeLlamaProxy(server_model.LlamaProxy):
         """llama-cpp-python's model holder, opening its model with edgemoe's `load`."""
@@ -71,8 +74,8 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
         def load_llama_from_model_settings(self, model: settings.ModelSettings):
             # only fields given below are read: the others could come from the environment
             # (an EvalHooks makes load count expert use even without thresholds)
-            return load(model.model, top_any=top_any, n_ctx=model.n_ctx,
-                        threads=model.n_threads, hooks=EvalHooks())
+            return load(model.model, top_any=top_any, threads=model.n_threads,
+                        hooks=EvalHooks(), **run.llama_kwargs())
 
     # explicit values: these are pydantic BaseSettings, which would read HOST, API_KEY, SEED
     # ... from the environment for anything left out
@@ -83,7 +86,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
         interrupt_requests=False)
     threads = threads or os.cpu_count() or 1
     model = settings.ModelSettings(
-        model=str(path), model_alias=alias or path.name.removesuffix(".gguf"), n_ctx=ctx,
+        model=str(path), model_alias=alias or path.name.removesuffix(".gguf"), n_ctx=run.ctx,
         n_threads=threads, n_threads_batch=threads, verbose=False)
     proxy = EdgeLlamaProxy([model])
 

@@ -97,7 +97,7 @@ def simulate_allocation(adapter, *, ctx: int, kv_type: str = "f16", n_batch: int
     pinned llama.cpp cannot load the architecture or refuses the context."""
     import llama_cpp
 
-    from .validate import kv_type_id
+    from .model import kv_type_id
 
     t0 = time.perf_counter()
     n_batch = min(ctx, n_batch)

@@ -38,7 +38,7 @@ from ..llamacpp import tokenize
 from ..report.tables import table
 from . import textscore, topany, topany_metadata
 from .memory import memory_breakdown, peak_rss_bytes, rss_bytes
-from .model import load
+from .model import kv_type_id, load, planned_settings
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ DEFAULT_EVAL_CTX = 512
 DEFAULT_MAX_TOKENS = 8192
 PROBE_PROMPT = 256
 PROBE_DECODE = 32
-
-
-def kv_type_id(kv_type: str) -> int:
-    """ggml type of a KV cache type name (f16, q8_0, ...)."""
-    try:
-        return int(gguf.GGMLQuantizationType[mp.quant_types.KV_TYPES[kv_type.lower()]])
-    except KeyError:
-        raise ValueError(f"unknown KV cache type {kv_type!r}: "
-                         f"{', '.join(mp.quant_types.KV_TYPES)}") from None
 
 
 # -- speed and memory, in a child process -----------------------------------------------------
@@ -227,8 +218,8 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     budget = plan.budget if plan is not None else None
     cap = mp.parse_size(memory) if memory is not None else (budget.cap_bytes if budget else None)
     reserve = budget.reserve_bytes if budget else 0
-    ctx = ctx or (budget.ctx if budget else 4096)
-    kv_type = kv_type or (budget.kv_type if budget else "f16")
+    settings = planned_settings(path, ctx, kv_type)
+    ctx, kv_type = settings.ctx, settings.kv_type
     if max_kld is not None and reference is None:
         raise ValueError("--max-kld needs a --reference to measure KL divergence against")
 
@@ -253,11 +244,8 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
         report["quality"] = None
         prompt_tokens = None
     # the batch and flash-attention setting the plan's memory is for
-    context = None if budget is None else {"n_batch": budget.n_batch,
-                                           "n_ubatch": budget.n_ubatch,
-                                           "flash_attn": budget.flash_attn}
     sp = probe(path, top_any, ctx, kv_type, prompt_tokens, n_prompt, n_decode, threads,
-               context)
+               settings.batches)
     report["speed"] = {k: sp[k] for k in ("prompt_tokens", "prompt_tps", "decode_tokens",
                                           "decode_tps", "threads", "load_s",
                                           "decode_experts_per_token")}

@@ -12,7 +12,7 @@ from ..llamacpp import tokenize
 from ..report import tables as report
 from . import serve as serving
 from . import topany_calibrate, topany_metadata
-from .model import load
+from .model import load, planned_settings
 from .validate import (
     DEFAULT_EVAL_CTX,
     DEFAULT_MAX_TOKENS,
@@ -43,11 +43,14 @@ def validate(file: str, reference: str | None = None, text: str | None = None,
 
 
 def run(file: str, prompt: str, top_any: str | None = None, max_tokens: int = 256,
-        temperature: float = 0.8, ctx: int = 4096, threads: int | None = None,
-        seed: int | None = None, out=None) -> str:
-    """Complete PROMPT with FILE, streaming the text as it is generated."""
+        temperature: float = 0.8, ctx: int | None = None, threads: int | None = None,
+        seed: int | None = None, out=None, kv_type: str | None = None) -> str:
+    """Complete PROMPT with FILE, streaming the text as it is generated (at the context
+    length, KV cache type and batches its memory plan was made for, unless --ctx or
+    --kv-type say otherwise)."""
     out = out or sys.stdout
-    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads,
+    llm = load(file, top_any=top_any, threads=threads,
+               **planned_settings(file, ctx, kv_type).llama_kwargs(),
                **({"seed": seed} if seed is not None else {}))
     pieces = []
     for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
@@ -62,11 +65,14 @@ def run(file: str, prompt: str, top_any: str | None = None, max_tokens: int = 25
 
 
 def chat(file: str, top_any: str | None = None, system: str | None = None,
-         max_tokens: int = 512, temperature: float = 0.7, ctx: int = 4096,
-         threads: int | None = None, inp=None, out=None) -> list[dict]:
-    """Chat with FILE in the terminal (its chat template); an empty line or EOF ends."""
+         max_tokens: int = 512, temperature: float = 0.7, ctx: int | None = None,
+         threads: int | None = None, inp=None, out=None,
+         kv_type: str | None = None) -> list[dict]:
+    """Chat with FILE in the terminal (its chat template; context and KV cache as its plan
+    has them, as `run`); an empty line or EOF ends."""
     inp, out = inp or sys.stdin, out or sys.stdout
-    llm = load(file, top_any=top_any, n_ctx=ctx, threads=threads)
+    llm = load(file, top_any=top_any, threads=threads,
+               **planned_settings(file, ctx, kv_type).llama_kwargs())
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         out.write("> ")
@@ -89,11 +95,14 @@ def chat(file: str, top_any: str | None = None, system: str | None = None,
 
 
 def serve(file: str, host: str = serving.DEFAULT_HOST, port: int = serving.DEFAULT_PORT,
-          top_any: str | None = None, ctx: int = 4096, threads: int | None = None,
-          alias: str | None = None, api_key: str | None = None) -> None:
+          top_any: str | None = None, ctx: int | None = None, threads: int | None = None,
+          alias: str | None = None, api_key: str | None = None,
+          kv_type: str | None = None) -> None:
     """Serve FILE over an OpenAI-compatible HTTP API (llama-cpp-python's server) with its
-    top-any thresholds active; experts per token in each response's usage and at /metrics."""
-    app = serving.create_app(file, top_any, ctx, threads, alias, api_key)
+    top-any thresholds active (context and KV cache as its plan has them, as `run`);
+    experts per token in each response's usage and at /metrics."""
+    app = serving.create_app(file, top_any, threads=threads, alias=alias, api_key=api_key,
+                             run=planned_settings(file, ctx, kv_type))
     print(f"edgemoe: serving {file} ({serving.thresholds_summary(app)}) at "
           f"http://{host}:{port}/v1; experts per token in each response's usage and at "
           "/metrics", flush=True)
