@@ -19,7 +19,8 @@ within `--max-disk`. Which probes run is decided when the first segment has run,
 `sensitivity.Schedule` (the order a whole run probes in), each probe priced at the passes of
 the segments it runs through (the first segment's time per token, scaled by each segment's
 bytes) against the budget. The plan and each probe's progress are saved beside the
-checkpoint, so a resumed run goes on where the probes were.
+checkpoint, so a resumed run goes on where the probes were (the same run, asked for the
+same probes: another `--probe-seconds` plans anew).
 """
 
 from __future__ import annotations
@@ -101,7 +102,10 @@ class SegmentProbes:
                  fingerprint: str, seconds: float | None = None, threads: int | None = None,
                  probe_type: str = PROBE_TYPE, progress: bool = True):
         self.model, self.segs, self.ref = model, segs, ref
-        self.room, self.fingerprint, self.seconds = room, fingerprint, seconds
+        self.room, self.seconds = room, seconds
+        # the saved plan is this run's when the run and what the probes were asked are the same
+        self.fingerprint = (f"{fingerprint}; probes: {seconds} s, {ref.n_tokens} tokens, "
+                            f"{probe_type}")
         self.threads, self.probe_type, self.progress = threads, probe_type, progress
         self.state_path = segs.base.with_name(f"{segs.base.name}.probes.json")
         self.flights: list[Flight] | None = None  # planned when the first segment has run

@@ -141,6 +141,9 @@ def test_probes_resume_where_they_were(four_blocks, tmp_path, monkeypatch):
     assert probes.state_path.is_file()
     monkeypatch.setattr(sp.SegmentProbes, "_run", real)
     ref = BasePass(N_PROBE, N_CTX)
+    # another budget asked: the saved plan is not this run's
+    assert sp.SegmentProbes(model, segs, ref, room=1 << 30, fingerprint="x", seconds=5e8,
+                            progress=False).flights is None
     again = sp.SegmentProbes(model, segs, ref, room=1 << 30, fingerprint="x", seconds=1e9,
                              progress=False)
     assert again.flights is not None  # the plan, and where each probe was, read back
