@@ -362,7 +362,8 @@ class SegmentProbes:
         if not self.state_path.is_file():
             return
         state = json.loads(self.state_path.read_text())
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") != self.fingerprint:  # another run's: its streams go
+            self.remove()
             return
         self.budget, self.pass_seconds = state["budget"], state["pass_seconds"]
         self.spent, self.priced = state["spent"], state["priced"]

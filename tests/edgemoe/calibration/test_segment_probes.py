@@ -141,9 +141,6 @@ def test_probes_resume_where_they_were(four_blocks, tmp_path, monkeypatch):
     assert probes.state_path.is_file()
     monkeypatch.setattr(sp.SegmentProbes, "_run", real)
     ref = BasePass(N_PROBE, N_CTX)
-    # another budget asked: the saved plan is not this run's
-    assert sp.SegmentProbes(model, segs, ref, room=1 << 30, fingerprint="x", seconds=5e8,
-                            progress=False).flights is None
     again = sp.SegmentProbes(model, segs, ref, room=1 << 30, fingerprint="x", seconds=1e9,
                              progress=False)
     assert again.flights is not None  # the plan, and where each probe was, read back
@@ -153,6 +150,12 @@ def test_probes_resume_where_they_were(four_blocks, tmp_path, monkeypatch):
                                 fingerprint="x"))
     assert resumed.scales == pytest.approx(full.scales, rel=1e-6)
     assert resumed.prune_scale == pytest.approx(full.prune_scale, rel=1e-6)
+    # another budget asked: the saved plan is not this run's, and its files go
+    assert again.state_path.is_file()
+    other = sp.SegmentProbes(model, segs, ref, room=1 << 30, fingerprint="x", seconds=5e8,
+                             progress=False)
+    assert other.flights is None and not other.state_path.is_file()
+    assert not list((tmp_path / "b").glob("*.probe-*.npy"))
 
 
 def test_probes_not_started_are_dropped_when_passes_cost_more_than_priced(four_blocks,
