@@ -102,13 +102,14 @@ class RunSettings:
         return {"n_ctx": self.ctx, "type_k": t, "type_v": t, **(self.batches or {})}
 
 
-def planned_settings(path: str | Path, ctx: int | None = None,
-                     kv_type: str | None = None) -> RunSettings:
+def planned_settings(path: str | Path, ctx: int | None = None, kv_type: str | None = None,
+                     plan: mp.MemoryPlan | None = None) -> RunSettings:
     """The settings that run `path` within the memory its plan was made for (edgemoe's
-    export stores the plan in the file): its context length and KV cache type unless `ctx`
-    or `kv_type` are given, its batch sizes and flash attention. A file without a plan runs
-    at `ctx` (default 4096) and `kv_type` (default f16)."""
-    plan = read_plan(path)
+    export stores the plan in the file; `plan`: that plan, already read): its context
+    length and KV cache type unless `ctx` or `kv_type` are given, its batch sizes and flash
+    attention. A file without a plan runs at `ctx` (default 4096) and `kv_type` (default
+    f16)."""
+    plan = plan or read_plan(path)
     b = plan.budget if plan is not None else None
     if b is None:
         return RunSettings(ctx or DEFAULT_CTX, kv_type or "f16")

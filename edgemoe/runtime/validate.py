@@ -218,7 +218,7 @@ def validation_report(file: str, reference: str | None = None, text: str | None 
     budget = plan.budget if plan is not None else None
     cap = mp.parse_size(memory) if memory is not None else (budget.cap_bytes if budget else None)
     reserve = budget.reserve_bytes if budget else 0
-    settings = planned_settings(path, ctx, kv_type)
+    settings = planned_settings(path, ctx, kv_type, plan)
     ctx, kv_type = settings.ctx, settings.kv_type
     if max_kld is not None and reference is None:
         raise ValueError("--max-kld needs a --reference to measure KL divergence against")
