@@ -65,11 +65,22 @@ def resume(collector, checkpoint: Path | None, fingerprint: str) -> tuple[int, i
 
 
 def save(state: dict[str, np.ndarray], checkpoint: Path, fingerprint: str,
-         windows_done: int, segment: int = 0) -> None:
+         windows_done: int, segment: int = 0) -> bool:
     """Write `state` (name -> array) with the run's fingerprint and position (`segment`: the
-    layer segment being run, 0 for a whole model); atomic."""
+    layer segment being run, 0 for a whole model); atomic. False, with a warning, when it
+    cannot be written (a full disk): the previous checkpoint is removed as well (the run
+    has moved past it: a segmented run has replaced the stream it would resume from), and
+    the run goes on without one."""
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, fingerprint=np.array(fingerprint), windows_done=np.array(windows_done),
-                 segment=np.array(segment), **state)
-    os.replace(tmp, checkpoint)  # a kill mid-save keeps the previous checkpoint
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.array(fingerprint), windows_done=np.array(windows_done),
+                     segment=np.array(segment), **state)
+        os.replace(tmp, checkpoint)  # a kill mid-save keeps the previous checkpoint
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)
+        log.warning("the checkpoint of the sums cannot be written to %s (%s): calibration goes "
+                    "on without one, and an interruption will start it over", checkpoint, e)
+        return False
+    return True

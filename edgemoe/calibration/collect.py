@@ -129,8 +129,10 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                             and (i < len(windows) or not last):
                         if not last:
                             outputs.flush()
-                        checkpoint.save(col.state(), checkpoint_path, fingerprint, i, k)
-                        saved, saved_at = (k, i), time.monotonic()
+                        if checkpoint.save(col.state(), checkpoint_path, fingerprint, i, k):
+                            saved, saved_at = (k, i), time.monotonic()
+                        else:
+                            checkpoint_path, saved = None, (0, 0)
                 if not last:
                     outputs.flush()
                 if on_segment is not None:
@@ -140,8 +142,10 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                 if not last:  # the next segment starts from the stream: this file can go
                     del outputs
                     if checkpoint_path is not None:
-                        checkpoint.save(col.state(), checkpoint_path, fingerprint, 0, k + 1)
-                        saved, saved_at = (k + 1, 0), time.monotonic()
+                        if checkpoint.save(col.state(), checkpoint_path, fingerprint, 0, k + 1):
+                            saved, saved_at = (k + 1, 0), time.monotonic()
+                        else:
+                            checkpoint_path, saved = None, (0, 0)
                     segs.remove(k)
         except KeyboardInterrupt as e:
             col.lanes.close()
@@ -177,7 +181,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     same statistics and probe scales, one segment's file on disk at a time, the probes
     running segment by segment with it, `segment_probes`); `calib_model` runs a GGUF of
     the model you have instead. The checkpoint of the sums (resume after an interruption)
-    is the only file a GGUF source adds; a `max_disk` below its size runs without one.
+    is the only file a GGUF source adds; where `max_disk` (default: 90% of the free space
+    there) has no room for it, or writing it fails, calibration runs on without one.
 
     The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
     measure each tensor's KL divergence per unit of predicted damage on the first whole
@@ -209,10 +214,13 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
         gguf_path = model.source.path
         record = intermediate.file_record(gguf_path, is_source=True)
-        if max_disk is not None and reserved > max_disk:  # no file at all, then
-            log.warning("--max-disk %s has no room for the checkpoint of the sums (%s): an "
-                        "interrupted calibration will start over", mp.format_size(max_disk),
-                        mp.format_size(reserved))
+        room = max_disk if max_disk is not None else \
+            int(FREE_DISK_SHARE * shutil.disk_usage(base.resolve().parent).free)
+        if reserved > room:  # no file at all, then
+            log.warning("%s %s has no room for the checkpoint of the sums (%s): an "
+                        "interrupted calibration will start over",
+                        "--max-disk" if max_disk is not None else "the free disk space",
+                        mp.format_size(room), mp.format_size(reserved))
             ckpt = None
     else:
         if max_disk is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +113,28 @@ def test_a_gguf_source_within_no_disk_at_all(ggufs, tmp_path, monkeypatch):
     assert peak <= (out / "s.gguf").stat().st_size
     assert [p.name for p in out.iterdir()] == ["s.gguf"]
     _same(stats, saved)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full to fill the disk")
+def test_a_full_disk_at_the_checkpoint_does_not_end_calibration(ggufs, tmp_path, monkeypatch,
+                                                                  caplog):
+    """The checkpoint cannot be written (its file is /dev/full, which fails every write
+    with ENOSPC): calibration warns and runs on without one, to the same statistics."""
+    monkeypatch.setenv("EDGEMOE_CHECKPOINT_SECONDS", "0")  # a save after the first window
+    text = tmp_path / "calib.txt"
+    text.write_text(PROMPT * 6)
+    given = calibrate(str(ggufs["qwen3"]), text=str(text), n_ctx=N_CTX, progress=False,
+                      max_disk=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s.gguf.checkpoint.npz.tmp").symlink_to("/dev/full")
+    with caplog.at_level("WARNING"):
+        stats = calibrate(str(ggufs["qwen3"]), text=str(text), output=str(out / "s.gguf"),
+                          n_ctx=N_CTX, progress=False)
+    assert "checkpoint of the sums cannot be written" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert [p.name for p in out.iterdir()] == ["s.gguf"]
+    _same(stats, given)
 
 
 def test_an_hf_source_within_a_disk_budget(qwen3_dir, tmp_path):
