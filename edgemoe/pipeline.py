@@ -22,17 +22,17 @@ from export.split import SplitSpec
 from export.writer import write_gguf
 from memory_planner.joint import keep_grid, solve_joint
 from memory_planner.stats import CalibStats
+from memory_planner.types import (  # noqa: F401 (the CLI's defaults)
+    DEFAULT_CTX,
+    DEFAULT_KV_TYPE,
+    DEFAULT_N_BATCH,
+    DEFAULT_N_UBATCH,
+)
 
 from .damage import measure_damage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CTX = 4096
-DEFAULT_KV_TYPE = "f16"
-# llama-cpp-python's defaults, which edgemoe's runtime uses; the printed llama-server
-# command passes them explicitly (llama-server's own are -b 2048 -fa auto -np 4)
-DEFAULT_N_BATCH = 512
-DEFAULT_N_UBATCH = 512
 
 
 @dataclass

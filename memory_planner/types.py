@@ -15,6 +15,14 @@ from typing import Any, TypeVar
 
 PLAN_FORMAT = "edgemoe.plan/1"
 
+# what a budget is for unless the user says otherwise: the context and KV cache type, and
+# llama-cpp-python's batch sizes, which edgemoe's runtime uses (the printed llama-server
+# command passes them explicitly: llama-server's own are -b 2048 -fa auto -np 4)
+DEFAULT_CTX = 4096
+DEFAULT_KV_TYPE = "f16"
+DEFAULT_N_BATCH = 512
+DEFAULT_N_UBATCH = 512
+
 R = TypeVar("R", bound="_FlatRecord")
 
 
@@ -69,12 +77,12 @@ class Budget(_FlatRecord):
     kv_bytes: int = 0  # KV cache (or recurrent state) for `ctx` tokens at `kv_type`
     compute_bytes: int = 0  # compute buffers of the runtime
     reserve_bytes: int = 0  # user-asked headroom (OS, other programs)
-    ctx: int = 4096
-    kv_type: str = "f16"
+    ctx: int = DEFAULT_CTX
+    kv_type: str = DEFAULT_KV_TYPE
     output_bytes: int = 0  # the logits buffer
     # the context these buffers are for: tokens per batch / micro-batch, flash attention
-    n_batch: int = 512
-    n_ubatch: int = 512
+    n_batch: int = DEFAULT_N_BATCH
+    n_ubatch: int = DEFAULT_N_UBATCH
     flash_attn: bool = False
     # where kv/compute/output come from: "llama.cpp" (its own allocation, simulated without
     # weights) or "formula" (an estimate; the reason llama.cpp was not asked follows)

@@ -26,6 +26,7 @@ import numpy as np
 
 import memory_planner as mp
 from export.gguf_io import read_plan
+from memory_planner.types import DEFAULT_CTX, DEFAULT_KV_TYPE
 
 from ..calibration.hooks import EvalHooks, attach
 from ..llamacpp import open_llama
@@ -75,7 +76,6 @@ def _llama_class():
 
 
 _EdgeLlama = None
-DEFAULT_CTX = 4096  # a file without a plan, and no --ctx
 
 
 def kv_type_id(kv_type: str) -> int:
@@ -107,19 +107,19 @@ def planned_settings(path: str | Path, ctx: int | None = None, kv_type: str | No
     """The settings that run `path` within the memory its plan was made for (edgemoe's
     export stores the plan in the file; `plan`: that plan, already read): its context
     length and KV cache type unless `ctx` or `kv_type` are given, its batch sizes and flash
-    attention. A file without a plan runs at `ctx` (default 4096) and `kv_type` (default
-    f16)."""
+    attention. A file without a plan runs at `ctx` (default `DEFAULT_CTX`) and `kv_type`
+    (default f16)."""
     plan = plan or read_plan(path)
     b = plan.budget if plan is not None else None
     if b is None:
-        return RunSettings(ctx or DEFAULT_CTX, kv_type or "f16")
+        return RunSettings(ctx or DEFAULT_CTX, kv_type or DEFAULT_KV_TYPE)
     return RunSettings(ctx or b.ctx, kv_type or b.kv_type,
                        {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch,
                         "flash_attn": b.flash_attn})
 
 
 def load(path: str | Path, top_any: str | float | Sequence[float] | None = None,
-         n_ctx: int = 4096, threads: int | None = None, hooks: EvalHooks | None = None,
+         n_ctx: int = DEFAULT_CTX, threads: int | None = None, hooks: EvalHooks | None = None,
          skip_dropped: bool = True, **kwargs):
     """Open a GGUF on the CPU as an `EdgeLlama` (a `llama_cpp.Llama`).
 

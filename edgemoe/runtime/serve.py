@@ -49,13 +49,13 @@ def _server_modules():
 
 
 def create_app(path: str | Path, top_any: str | float | Sequence[float] | None = None,
-               ctx: int | None = None, threads: int | None = None, alias: str | None = None,
+               threads: int | None = None, alias: str | None = None,
                api_key: str | None = None, run: RunSettings | None = None):
     """llama-cpp-python's FastAPI app serving `path` as edgemoe's runtime model, plus
     `GET /metrics`. `top_any` as in `load`; `alias` is the model id `/v1/models` lists
     (default: the file name without .gguf); with `api_key`, requests need that bearer key.
-    `run`: context, KV cache and batches (default: `planned_settings(path, ctx)`, those
-    the file's plan was made for)."""
+    `run`: context, KV cache and batches (default: `planned_settings(path)`, those the
+    file's plan was made for)."""
     server_app, server_model, settings, _ = _server_modules()
     from fastapi import Depends, FastAPI, Response
     from fastapi.middleware import Middleware
@@ -66,7 +66,7 @@ def create_app(path: str | Path, top_any: str | float | Sequence[float] | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such file", str(path))
-    run = run or planned_settings(path, ctx)
+    run = run or planned_settings(path)
 
     class EdgeLlamaProxy(server_model.LlamaProxy):
         """llama-cpp-python's model holder, opening its model with edgemoe's `load`."""

@@ -33,6 +33,7 @@ import numpy as np
 import memory_planner as mp
 from export.gguf_io import read_plan
 from memory_planner import format_size
+from memory_planner.types import DEFAULT_CTX, DEFAULT_KV_TYPE
 
 from ..llamacpp import tokenize
 from ..report.tables import table
@@ -50,10 +51,10 @@ PROBE_DECODE = 32
 
 # -- speed and memory, in a child process -----------------------------------------------------
 
-def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
-                    tokens: Sequence[int] | None = None, n_prompt: int = PROBE_PROMPT,
-                    n_decode: int = PROBE_DECODE, threads: int | None = None,
-                    context: dict | None = None) -> dict:
+def measure_runtime(path: str | Path, top_any=None, ctx: int = DEFAULT_CTX,
+                    kv_type: str = DEFAULT_KV_TYPE, tokens: Sequence[int] | None = None,
+                    n_prompt: int = PROBE_PROMPT, n_decode: int = PROBE_DECODE,
+                    threads: int | None = None, context: dict | None = None) -> dict:
     """Load `path` as `edgemoe run` does and time a prompt and a decode; memory numbers.
     `context`: n_batch, n_ubatch, flash_attn as the plan's budget has them.
 
@@ -100,7 +101,7 @@ def measure_runtime(path: str | Path, top_any=None, ctx: int = 4096, kv_type: st
     return out
 
 
-def probe(path: str | Path, top_any=None, ctx: int = 4096, kv_type: str = "f16",
+def probe(path: str | Path, top_any=None, ctx: int = DEFAULT_CTX, kv_type: str = DEFAULT_KV_TYPE,
           tokens: Sequence[int] | None = None, n_prompt: int = PROBE_PROMPT,
           n_decode: int = PROBE_DECODE, threads: int | None = None,
           context: dict | None = None) -> dict:
