@@ -40,6 +40,21 @@ def blk_spec(i: int, kind: str, shape: tuple[int, ...], quantizable: bool = True
                       quantizable=quantizable)
 
 
+def expert_specs(i: int, n_expert: int, expert_ff: int, d: int) -> list[TensorSpec]:
+    """Block i's stacked routed experts: gate, up (n_expert, expert_ff, d) and down."""
+    E, ff = n_expert, expert_ff
+    return [blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
+            blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
+            blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E)]
+
+
+def shared_expert_specs(i: int, shared_ff: int, d: int) -> list[TensorSpec]:
+    """Block i's shared expert: gate, up (shared_ff, d) and down."""
+    return [blk_spec(i, "ffn_gate_shexp", (shared_ff, d)),
+            blk_spec(i, "ffn_up_shexp", (shared_ff, d)),
+            blk_spec(i, "ffn_down_shexp", (d, shared_ff))]
+
+
 def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder each head's rows from [first half | second half] (HF's rotate-half rope) to
     interleaved pairs (llama.cpp's normal rope), as llama.cpp's converter does."""
@@ -147,10 +162,16 @@ class Adapter:
                     ("ffn_gate_exps", (ff, d)), ("ffn_up_exps", (ff, d)), ("ffn_down_exps", (d, ff))
                 )
             ]
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (hp.n_vocab, d), "output"))
+        specs += self.head_specs()
         return specs
+
+    def head_specs(self) -> list[TensorSpec]:
+        """The output norm and, unless the embeddings are tied, the output head."""
+        hp = self.hp
+        out = [TensorSpec("output_norm.weight", (hp.n_embd,), "output_norm", quantizable=False)]
+        if not hp.tied_embeddings:
+            out.append(TensorSpec("output.weight", (hp.n_vocab, hp.n_embd), "output"))
+        return out
 
     def layer_tensors(self, i: int, d: int, hd: int, ff: int, n_expert: int):
         """(kind, shape, quantizable) of the non-expert tensors of block i."""
@@ -174,7 +195,11 @@ class Adapter:
         return any(re.match(p, hf_name) for p in self.ignored_tensors)
 
     def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
-        """The GGUF name of a (non-expert) HF tensor; subclasses add spellings gguf-py lacks."""
+        """The GGUF name of a (non-expert) HF tensor; subclasses add spellings gguf-py lacks.
+        The routers' correction bias (DeepSeek-V3, GLM-4.x, MiniMax-M2) gguf-py knows as
+        "...e_score_correction" + ".bias"."""
+        if hf_name.endswith(".e_score_correction_bias"):
+            hf_name = hf_name.removesuffix("_bias") + ".bias"
         return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def derived_recipe(self, spec: TensorSpec, direct: dict[str, str]) -> TensorRecipe | None:
@@ -348,14 +373,16 @@ class Adapter:
         """Hyperparameter keys llama.cpp reads for this architecture."""
         raise NotImplementedError
 
-    def add_common_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
+    def add_common_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None,
+                            n_blocks: int | None = None) -> None:
         """The keys every MoE architecture here writes alike: sizes, heads, rope base, norm
-        epsilon, and the expert counts (after pruning)."""
+        epsilon, and the expert counts (after pruning). `n_blocks`: the block count, when
+        the file has blocks beyond the trunk's `n_layer` (NextN)."""
         hp = self.hp
         E = n_experts_kept or hp.n_expert
         w.add_context_length(hp.context_length)
         w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)
+        w.add_block_count(n_blocks or hp.n_layer)
         w.add_head_count(hp.n_head)
         w.add_head_count_kv(hp.n_head_kv)
         w.add_rope_freq_base(hp.rope_theta)

@@ -30,7 +30,15 @@ import numpy as np
 
 from memory_planner.types import TensorSpec
 
-from .base import Adapter, TensorRecipe, UnsupportedModelError, _rope_permute, blk_spec
+from .base import (
+    Adapter,
+    TensorRecipe,
+    UnsupportedModelError,
+    _rope_permute,
+    blk_spec,
+    expert_specs,
+    shared_expert_specs,
+)
 from .hparams import HParams, config_value, hparams_from_config, rope_scaling, rope_type
 
 log = logging.getLogger(__name__)
@@ -77,7 +85,9 @@ class DeepseekHParams(HParams):
         return self.topk_method == "noaux_tc"
 
 
-def _yarn(config: dict) -> Yarn | None:
+def yarn_scaling(config: dict) -> Yarn | None:
+    """The config's YaRN rope scaling (None when its rope type is not yarn); DeepSeek's and
+    gpt-oss's adapters read it alike."""
     if rope_type(config) != "yarn":
         return None
     p = rope_scaling(config)
@@ -128,7 +138,7 @@ class DeepseekV3Adapter(Adapter):
             routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(get("norm_topk_prob", False)),
             rope_interleaved=bool(get("rope_interleave", True)),
-            yarn=_yarn(config),
+            yarn=yarn_scaling(config),
         )
 
     def check_supported(self) -> None:
@@ -170,9 +180,7 @@ class DeepseekV3Adapter(Adapter):
         for i in range(hp.n_layer):
             specs += self._attention(i)
             specs += self._dense_ffn(i) if i < hp.n_dense_lead else self._moe_ffn(i, E)
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (V, d), "output"))
+        specs += self.head_specs()
         return specs
 
     def _attention(self, i: int) -> list[TensorSpec]:
@@ -218,17 +226,9 @@ class DeepseekV3Adapter(Adapter):
         ]
         if self.hp.has_correction_bias:
             out.append(blk_spec(i, "exp_probs_b", (E,), quantizable=False, suffix="bias"))
-        out += [
-            blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
-            blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
-            blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E),
-        ]
+        out += expert_specs(i, E, ff, d)
         if sh:
-            out += [
-                blk_spec(i, "ffn_gate_shexp", (sh, d)),
-                blk_spec(i, "ffn_up_shexp", (sh, d)),
-                blk_spec(i, "ffn_down_shexp", (d, sh)),
-            ]
+            out += shared_expert_specs(i, sh, d)
         return out
 
     def nextn_blocks(self, n_experts_kept: int) -> int:
@@ -242,12 +242,6 @@ class DeepseekV3Adapter(Adapter):
         """Also the multi-token-prediction block(s): layers from num_hidden_layers on."""
         m = re.match(r"model\.layers\.(\d+)\.", hf_name)
         return super().ignores(hf_name) or (m is not None and int(m.group(1)) >= self.hp.n_layer)
-
-    def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
-        # gguf-py knows the correction bias as "...gate.e_score_correction" + ".bias"
-        if hf_name.endswith(".gate.e_score_correction_bias"):
-            hf_name = hf_name.removesuffix("_bias") + ".bias"
-        return super().gguf_name(tmap, hf_name)
 
     def transform_for(self, gguf_name: str):
         if self.hp.rope_interleaved:

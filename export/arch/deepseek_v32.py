@@ -77,9 +77,7 @@ class DeepseekV32Adapter(DeepseekV3Adapter):
                     blk_spec(i, "nextn.shared_head_head", (V, d)),
                     blk_spec(i, "nextn.shared_head_norm", (d,), quantizable=False),
                 ]
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (V, d), "output"))
+        specs += self.head_specs()
         return specs
 
     def _indexer(self, i: int) -> list[TensorSpec]:

@@ -24,7 +24,7 @@ import gguf
 
 from memory_planner.types import TensorSpec
 
-from .base import Adapter, UnsupportedModelError, blk_spec
+from .base import Adapter, UnsupportedModelError, blk_spec, expert_specs, shared_expert_specs
 from .hparams import HParams, config_value, hparams_from_config, rope_scaling
 
 
@@ -106,9 +106,7 @@ class Glm4MoeAdapter(Adapter):
                     blk_spec(i, "nextn.hnorm", (d,), quantizable=False),
                     blk_spec(i, "nextn.shared_head_norm", (d,), quantizable=False),
                 ]
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (V, d), "output"))
+        specs += self.head_specs()
         return specs
 
     def _attention(self, i: int) -> list[TensorSpec]:
@@ -138,23 +136,13 @@ class Glm4MoeAdapter(Adapter):
         return [
             blk_spec(i, "ffn_gate_inp", (E, d), quantizable=False),  # router: F32, as llama.cpp
             blk_spec(i, "exp_probs_b", (E,), quantizable=False, suffix="bias"),
-            blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
-            blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
-            blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E),
-            blk_spec(i, "ffn_gate_shexp", (sh, d)),
-            blk_spec(i, "ffn_up_shexp", (sh, d)),
-            blk_spec(i, "ffn_down_shexp", (d, sh)),
+            *expert_specs(i, E, ff, d),
+            *shared_expert_specs(i, sh, d),
         ]
 
     def moe_layers(self) -> list[int]:
         """The trunk's MoE blocks (pruning leaves the NextN block out of the file)."""
         return list(range(self.hp.n_dense_lead, self.hp.n_layer))
-
-    def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
-        # gguf-py knows the correction bias as "...gate.e_score_correction" + ".bias"
-        if hf_name.endswith(".gate.e_score_correction_bias"):
-            hf_name = hf_name.removesuffix("_bias") + ".bias"
-        return super().gguf_name(tmap, hf_name)
 
     # ---- metadata
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
@@ -162,16 +150,9 @@ class Glm4MoeAdapter(Adapter):
         hp = self.hp
         E = n_experts_kept or hp.n_expert
         nextn = hp.n_nextn if E == hp.n_expert else 0
-        w.add_context_length(hp.context_length)
-        w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer + nextn)  # the trunk and the NextN blocks
+        # the trunk and the NextN blocks
+        self.add_common_metadata(w, n_experts_kept, n_blocks=hp.n_layer + nextn)
         w.add_feed_forward_length(hp.dense_ff)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        w.add_rope_freq_base(hp.rope_theta)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
-        w.add_expert_count(E)
-        w.add_expert_used_count(min(hp.n_expert_used, E))
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
         w.add_rope_dimension_count(hp.rope_dim)

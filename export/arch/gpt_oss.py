@@ -32,7 +32,7 @@ from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
 from .base import Adapter, TensorRecipe, UnsupportedModelError, blk_spec
-from .deepseek2 import Yarn, _yarn
+from .deepseek2 import Yarn, yarn_scaling
 from .hparams import HParams, config_value, hparams_from_config
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class GptOssAdapter(Adapter):
             **common, qkv_bias=True,
             n_swa=int(config_value(config, "sliding_window")),
             swa_layers=tuple(t == "sliding_attention" for t in types),
-            yarn=_yarn(config),
+            yarn=yarn_scaling(config),
         )
 
     def check_supported(self) -> None:

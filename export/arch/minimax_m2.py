@@ -64,12 +64,6 @@ class MiniMaxM2Adapter(Adapter):
                                     suffix="bias"))
         return out
 
-    def gguf_name(self, tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
-        # gguf-py knows the bias as "...block_sparse_moe.e_score_correction" + ".bias"
-        if hf_name.endswith(".e_score_correction_bias"):
-            hf_name = hf_name.removesuffix("_bias") + ".bias"
-        return super().gguf_name(tmap, hf_name)
-
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:
         """The keys llama.cpp's converter writes for MiniMaxM2ForCausalLM."""
         hp = self.hp

@@ -14,7 +14,7 @@ import gguf
 
 from memory_planner.types import TensorSpec
 
-from .base import Adapter, UnsupportedModelError, blk_spec
+from .base import Adapter, UnsupportedModelError, blk_spec, expert_specs, shared_expert_specs
 from .hparams import HParams, config_value
 
 
@@ -63,18 +63,12 @@ class Qwen2MoeAdapter(Adapter):
                 blk_spec(i, "attn_output", (d, qd)),
                 blk_spec(i, "ffn_norm", (d,), quantizable=False),
                 blk_spec(i, "ffn_gate_inp", (E, d), quantizable=False),
-                blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
-                blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
-                blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E),
+                *expert_specs(i, E, ff, d),
                 # HF's (1, hidden) gate stays 2-D, as llama.cpp's converter writes it
                 blk_spec(i, "ffn_gate_inp_shexp", (1, d), quantizable=False),
-                blk_spec(i, "ffn_gate_shexp", (sh, d)),
-                blk_spec(i, "ffn_up_shexp", (sh, d)),
-                blk_spec(i, "ffn_down_shexp", (d, sh)),
+                *shared_expert_specs(i, sh, d),
             ]
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (hp.n_vocab, d), "output"))
+        specs += self.head_specs()
         return specs
 
     def add_metadata(self, w: gguf.GGUFWriter, n_experts_kept: int | None = None) -> None:

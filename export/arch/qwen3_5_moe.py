@@ -32,7 +32,7 @@ import numpy as np
 from memory_planner.quant_types import kv_bytes_per_element
 from memory_planner.types import TensorSpec
 
-from .base import Adapter, UnsupportedModelError, blk_spec
+from .base import Adapter, UnsupportedModelError, blk_spec, expert_specs, shared_expert_specs
 from .hparams import HParams, config_value, hparams_from_config, rope_scaling
 
 # the HF default interleaved-MRoPE sections, which llama.cpp's converter writes when the
@@ -151,18 +151,12 @@ class Qwen35MoeAdapter(Adapter):
             specs += [
                 blk_spec(i, "post_attention_norm", (d,), quantizable=False),
                 blk_spec(i, "ffn_gate_inp", (E, d), quantizable=False),
-                blk_spec(i, "ffn_gate_exps", (E, ff, d), n_experts=E),
-                blk_spec(i, "ffn_up_exps", (E, ff, d), n_experts=E),
-                blk_spec(i, "ffn_down_exps", (E, d, ff), n_experts=E),
+                *expert_specs(i, E, ff, d),
                 # one row: ggml sees a 1-D tensor and llama.cpp never quantizes it
                 blk_spec(i, "ffn_gate_inp_shexp", (1, d), quantizable=False),
-                blk_spec(i, "ffn_gate_shexp", (sh, d)),
-                blk_spec(i, "ffn_up_shexp", (sh, d)),
-                blk_spec(i, "ffn_down_shexp", (d, sh)),
+                *shared_expert_specs(i, sh, d),
             ]
-        specs.append(TensorSpec("output_norm.weight", (d,), "output_norm", quantizable=False))
-        if not hp.tied_embeddings:
-            specs.append(TensorSpec("output.weight", (hp.n_vocab, d), "output"))
+        specs += self.head_specs()
         return specs
 
     def _attention(self, i: int) -> list[TensorSpec]:
