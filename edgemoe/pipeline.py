@@ -22,7 +22,7 @@ from export.split import SplitSpec
 from export.writer import write_gguf
 from memory_planner.joint import keep_grid, solve_joint
 from memory_planner.stats import CalibStats
-from memory_planner.types import (  # noqa: F401 (the CLI's defaults)
+from memory_planner.types import (
     DEFAULT_CTX,
     DEFAULT_KV_TYPE,
     DEFAULT_N_BATCH,
@@ -32,7 +32,6 @@ from memory_planner.types import (  # noqa: F401 (the CLI's defaults)
 from .damage import measure_damage
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass

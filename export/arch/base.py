@@ -156,12 +156,7 @@ class Adapter:
                 TensorSpec(f"blk.{i}.{kind}.weight", shape, kind, i, quantizable=q)
                 for kind, shape, q in self.layer_tensors(i, d, hd, ff, E)
             ]
-            specs += [
-                TensorSpec(f"blk.{i}.{kind}.weight", (E, *shape), kind, i, n_experts=E)
-                for kind, shape in (
-                    ("ffn_gate_exps", (ff, d)), ("ffn_up_exps", (ff, d)), ("ffn_down_exps", (d, ff))
-                )
-            ]
+            specs += expert_specs(i, E, ff, d)
         specs += self.head_specs()
         return specs
 
