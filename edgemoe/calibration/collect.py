@@ -181,8 +181,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     same statistics and probe scales, one segment's file on disk at a time, the probes
     running segment by segment with it, `segment_probes`); `calib_model` runs a GGUF of
     the model you have instead. The checkpoint of the sums (resume after an interruption)
-    is the only file a GGUF source adds; where `max_disk` (default: 90% of the free space
-    there) has no room for it, or writing it fails, calibration runs on without one.
+    is the only file a GGUF source adds; where `max_disk` has no room for it, or writing it
+    fails, calibration runs on without one.
 
     The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
     measure each tensor's KL divergence per unit of predicted damage on the first whole
@@ -209,23 +209,21 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     work = segs = None
     n_calib = tokens = None  # the text's tokens, when needed before the run
     reserved = checkpoint_bytes(model.specs, blocks, nodes)  # the checkpoint of the sums
+    asked = max_disk is not None
+    if not asked:
+        max_disk = int(FREE_DISK_SHARE * shutil.disk_usage(base.resolve().parent).free)
     if calib_model:
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
         gguf_path = model.source.path
         record = intermediate.file_record(gguf_path, is_source=True)
-        room = max_disk if max_disk is not None else \
-            int(FREE_DISK_SHARE * shutil.disk_usage(base.resolve().parent).free)
-        if reserved > room:  # no file at all, then
+        if reserved > max_disk:  # no file at all, then
             log.warning("%s %s has no room for the checkpoint of the sums (%s): an "
                         "interrupted calibration will start over",
-                        "--max-disk" if max_disk is not None else "the free disk space",
-                        mp.format_size(room), mp.format_size(reserved))
+                        "--max-disk" if asked else "the free disk space",
+                        mp.format_size(max_disk), mp.format_size(reserved))
             ckpt = None
     else:
-        if max_disk is None:
-            free = shutil.disk_usage(base.resolve().parent).free
-            max_disk = int(FREE_DISK_SHARE * free)
         tokens = tokenize(model.source.path, body, max_tokens)
         n_calib = len(tokens)
         n_probe = probe_token_count(n_calib, probe_tokens, n_ctx)
