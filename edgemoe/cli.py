@@ -147,7 +147,7 @@ def plan(source: str, memory: str, output: str | None = None, ctx: int = pipelin
     print("\nthe same types with llama.cpp's own tool:")
     print(report.llama_quantize_command(p, imatrix=calib_path))
     if calib_path and not is_config_only(source) and calib.in_cov:
-        print("\n(`edgemoe export` also picks each row's bytes among several ggml quantizations "
+        print("\n(`edgemoe export` also picks each row's bytes among several quantizations "
               "by output error, with the input covariances in the stats: the same types and "
               "sizes, less error; `--search 0` writes what this command writes)")
     if output:
@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
                    help="write this plan (from `edgemoe plan -o`) instead of planning again")
     e.add_argument("--search", type=int, default=pipeline.DEFAULT_SEARCH,
-                   help="ggml quantizations a row may get, keeping the one with the least "
+                   help="candidate quantizations a row may get, keeping the one with the least "
                         "output error, where the stats hold input covariances (default "
                         f"{pipeline.DEFAULT_SEARCH}: the rows whose errors line up with the "
                         "inputs' correlations get a second one, corrected by GPTQ-style "

@@ -168,7 +168,7 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
     are copied. Where `stats` hold input covariances and `search` > 1, rows get up to
-    `search` ggml quantizations, the later ones corrected by error feedback, and keep the
+    `search` candidate quantizations, the later ones corrected by error feedback, and keep the
     one with the least output error (export.search.quantize_rows_searched); `search` 0 or
     1 writes what llama-quantize writes with the same imatrix. `split`: llama.cpp's split
     files (`export.split`); returns the first file's path (or the shard's)."""

@@ -28,8 +28,8 @@ class ExportOptions:
     n_expert x n_per_row for the experts the file keeps). `covariance` maps a tensor name to
     its inputs' second moments ((n_blocks, B, B), or one per kept expert; an expert tensor's
     single one is shared, each expert scaling its correlations by its own imatrix row); with
-    `search` > 1 those tensors' rows get up to `search` ggml quantizations and keep the one
-    with the least output error (`export.search.quantize_rows_searched`). `reuse` is an
+    `search` > 1 those tensors' rows get up to `search` candidate quantizations and keep the
+    one with the least output error (`export.search.quantize_rows_searched`). `reuse` is an
     earlier export of the same source with the same statistics: tensors it holds with the
     same name, shape and type are copied from it instead of being read and quantized again
     (the sensitivity probes change one group of tensors at a time). `threads`: quantizing

@@ -2,9 +2,11 @@
 
 ggml's quantizers treat a row's input columns as independent. `quantize_rows_searched`
 feeds each row's rounding errors back through the inputs' measured covariance (GPTQ's error
-feedback) and lets ggml quantize the corrected row again, keeping per row (per super-block)
-whichever has the least output error. The bytes are still ggml's, of the same type, and
-never have more output error than llama-quantize's.
+feedback): on the scalar K-quants' and IQ4_XS's grids it rounds the row again on the grid
+ggml chose and writes those codes into ggml's blocks; on other types ggml quantizes the
+corrected row again. Per row (per super-block) whichever has the least output error is
+kept. The bytes are of the same type, with ggml's scales, and never have more output error
+than llama-quantize's.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ STRATEGIES = ("feedback", "shift", "weightings")
 
 # At search 2, a row whose output error is at most this many times what it would be with
 # independent input columns keeps ggml's bytes: its rounding errors do not line up with the
-# inputs' correlations, and a second quantization would gain little. About 70% of the rows
-# get one, for about twice the time of ggml's quantization (benchmarks/search_cost.py).
+# inputs' correlations, and a second candidate would gain little. About 70% of the rows
+# get one (benchmarks/search_cost.py).
 DEFAULT_SELECT = 0.8
 # Q3_K's quantizer is 4-8 times faster than the other types': the search's fixed work
 # (reading the errors back, factoring the covariance) leaves room for fewer second ones
@@ -62,12 +64,10 @@ _GRIDS = {
     "Q6_K": _Grid(((0, 128, 0x00, 0x11), (128, 192, 0x00, 0x00)), np.arange(64.0)),
     "IQ4_XS": _Grid(((8, 136, 0x00, 0x11),), np.array(IQ4_NL.kvalues, np.float64)),
 }
-# ggml finds the GPTQ values as well without the imatrix, in 40-60% of the time
-_PLAIN_REQUANT = frozenset({"Q2_K", "Q4_K"})
 
 
 def select_ratio(type_name: str) -> float:
-    """The ratio above which search 2 gives a row of this type a second quantization."""
+    """The ratio above which search 2 gives a row of this type a second candidate."""
     return _SELECT.get(type_name, DEFAULT_SELECT)
 
 
@@ -228,7 +228,8 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
     """GPTQ/LDLQ rounding on the grid ggml chose for each weight (offset + step * level):
     the columns in `fb`'s order, each rounded after the errors of the ones before moved its
     target; _GPTQ_GROUP columns at a time, whole batches of columns updated by one matrix
-    product. Returns the rounded values, float64, shaped like `w`."""
+    product. Returns the rounded values, float64, shaped like `w`, and their level indices
+    (uint8)."""
     order, f = fb
     x = np.ascontiguousarray(w[:, order].T)  # (columns, rows): a column is contiguous
     off = np.ascontiguousarray(offset[:, order].T)
@@ -237,6 +238,7 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
     linear = np.array_equal(levels, np.arange(len(levels)))
     mids = (levels[1:] + levels[:-1]) / 2
     target, q, err = x.copy(), np.empty_like(x), np.empty_like(x)  # err = w - q
+    code = np.empty(x.shape, np.uint8)
     z = np.empty((_GPTQ_GROUP, x.shape[1]))
     top = len(levels) - 1
     n = len(x)
@@ -253,14 +255,16 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
             zk *= inv[k0:k1]
             if linear:  # np.minimum/maximum: np.clip costs more per call
                 np.maximum(np.minimum(np.rint(zk, out=zk), top, out=zk), 0, out=zk)
+                code[k0:k1] = zk
             else:
-                zk[:] = levels[np.searchsorted(mids, zk)]
+                code[k0:k1] = j = np.searchsorted(mids, zk)
+                zk[:] = levels[j]
             np.multiply(zk, st[k0:k1], out=qk)
             qk += off[k0:k1]
             np.subtract(x[k0:k1], qk, out=err[k0:k1])
-    out = np.empty_like(q)
-    out[order] = q
-    return out.T
+    out, codes = np.empty_like(q), np.empty_like(code)
+    out[order], codes[order] = q, code
+    return out.T, codes.T
 
 
 def _grid(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -276,6 +280,53 @@ def _grid(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
     v1 = to_float(type_name, one, n).reshape(len(raw), -1).astype(np.float64)
     step = (v1 - v0) / (g.levels[1] - g.levels[0])
     return v0 - step * g.levels[0], step
+
+
+@functools.cache
+def _code_bits(type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a super-block of `type_name` keeps its codes, found through ggml's dequantizer:
+    for each bit of the code regions (byte, then bit, least significant first), the byte,
+    the weight whose level index it belongs to, and the power of two it adds there. Each
+    bit is flipped alone in a block whose codes are all 0; the one value that moves tells
+    which weight and how far."""
+    g = _GRIDS[type_name]
+    w = np.random.default_rng(0).standard_normal((1, COV_BLOCK)).astype(np.float32) + 3.0
+    base = quantize_rows(w, type_name).reshape(1, -1)
+    for start, stop, c0, _ in g.regions:
+        base[:, start:stop] = c0
+    offset, step = (x[0] for x in _grid(base, type_name))
+    nbytes = np.concatenate([np.arange(start, stop) for start, stop, _, _ in g.regions])
+    n = 8 * len(nbytes)
+    flipped = np.repeat(base, n, axis=0)
+    bit = np.tile(np.arange(8), len(nbytes))
+    flipped[np.arange(n), np.repeat(nbytes, 8)] ^= (1 << bit).astype(np.uint8)
+    v0 = to_float(type_name, base, COV_BLOCK).astype(np.float64)
+    moved = to_float(type_name, flipped, n * COV_BLOCK).reshape(n, COV_BLOCK) - v0
+    weight = np.argmax(moved != 0, axis=1)
+    level = (v0[weight] + moved[np.arange(n), weight] - offset[weight]) / step[weight]
+    index = np.abs(level[:, None] - g.levels).argmin(axis=1)
+    power = np.round(np.log2(np.maximum(index, 1))).astype(np.int64)
+    n_pow = int(round(np.log2(len(g.levels))))
+    each = np.zeros((COV_BLOCK, n_pow), np.int64)
+    np.add.at(each, (weight, np.minimum(power, n_pow - 1)), 1)
+    if (((moved != 0).sum(axis=1) != 1).any() or (2 ** power != index).any()
+            or not np.allclose(g.levels[index], level, atol=1e-3) or (each != 1).any()):
+        raise QuantizeError(f"{type_name}: the code layout read through ggml's dequantizer "
+                            "is not one bit per level power of one weight; ggml changed")
+    return nbytes, weight, power.astype(np.uint8)
+
+
+def _pack(raw: np.ndarray, codes: np.ndarray, type_name: str) -> np.ndarray:
+    """One-super-block rows `raw` with their codes replaced by `codes` (level indices,
+    uint8, rows x COV_BLOCK); the scales stay."""
+    nbytes, weight, power = _code_bits(type_name)
+    out = raw.copy()
+    for start, stop, c0, _ in _GRIDS[type_name].regions:
+        out[:, start:stop] = c0
+    bits = (codes[:, weight] >> power) & 1
+    out[:, nbytes] ^= np.packbits(bits.reshape(len(raw), -1, 8), axis=2,
+                                  bitorder="little")[..., 0]
+    return out
 
 
 def _search_weights(imatrix: np.ndarray, tries: int, seed: int) -> list[np.ndarray]:
@@ -295,8 +346,8 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
                            cov: np.ndarray, tries: int = DEFAULT_SEARCH, seed: int = 0, *,
                            strategy: str = "feedback",
                            select: float | None = None) -> np.ndarray:
-    """Like `quantize_rows`, but rows get up to `tries` ggml quantizations and keep the one
-    with the least output error under the inputs' measured covariance `cov` (n_blocks, B, B).
+    """Like `quantize_rows`, but rows get up to `tries` candidate quantizations and keep the
+    one with the least output error under the inputs' measured covariance `cov` (n_blocks, B, B).
 
     ggml's quantizers weigh the input columns as if they were independent. The first
     quantization is exactly `quantize_rows`'s; the bytes stay ggml's, of the same type, and
@@ -304,12 +355,12 @@ def quantize_rows_searched(data: np.ndarray, type_name: str, imatrix: np.ndarray
 
     - "feedback": GPTQ-style error feedback through ggml's quantizer. For the scalar
       K-quants and IQ4_XS, GPTQ rounds each row on the grid ggml's first quantization chose,
-      and ggml quantizes those values (finding that grid again); for the other types the
-      row's target moves against the correlated part of its errors and ggml quantizes it
-      again. With `tries` 2 only rows whose error exceeds `select` (`select_ratio`) times
-      their error with independent columns get the second quantization; with more, every
-      row gets it, then target shifts from its best so far while they improve it, up to
-      `tries` quantizations in all.
+      and its codes are written into those blocks (`_pack`: ggml's scales, GPTQ's codes);
+      for the other types the row's target moves against the correlated part of its errors
+      and ggml quantizes it again. With `tries` 2 only rows whose error exceeds `select`
+      (`select_ratio`) times their error with independent columns get the second
+      candidate; with more, every row gets it, then target shifts from its best so far
+      while they improve it, up to `tries` candidates in all.
     - "shift": "feedback" with the target shift for every type (no GPTQ rounding).
     - "weightings": each row the best of `tries` quantizations with other column weightings
       (powers of the imatrix, flat, random ones fixed by `seed`): the search before issue 11.
@@ -363,19 +414,18 @@ def _feedback_search(src: np.ndarray, type_name: str, imatrix: np.ndarray | None
     shifts = None
     active = np.arange(len(rows))  # rows whose next candidate would be new
     for i in range(tries - 1):
-        im = imatrix
-        if i == 0 and ldlq is not None:
+        if i == 0 and ldlq is not None:  # GPTQ's codes on ggml's grid, written in place
             offset, step = _grid(raw[rows], type_name)
-            cand = _ldlq(w.astype(np.float64), offset, step, _GRIDS[type_name].levels, ldlq)
+            levels = _GRIDS[type_name].levels
+            cand, codes = _ldlq(w.astype(np.float64), offset, step, levels, ldlq)
+            cand_raw = _pack(raw[rows], codes, type_name)
             cand = cand.astype(np.float32)
-            if type_name in _PLAIN_REQUANT:
-                im = None
         else:
             shifts = shifts or [_shift_feedback(ck) for ck in c]
             if all(s is None for s in shifts) or not active.size:
                 break
             cand = _shifted(target[active], err[active], shifts)
-        cand_raw = quantize_rows(cand, type_name, im).reshape(len(cand), -1)
+            cand_raw = quantize_rows(cand, type_name, imatrix).reshape(len(cand), -1)
         e, o, _ = _errors(w[active], cand_raw, type_name, c)
         better = o < out[active]
         won = active[better]

@@ -329,6 +329,13 @@ class GGUFSource:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
+    @property
+    def tensors(self) -> dict[str, gguf.ReaderTensor]:
+        """gguf-py's view of each tensor (type, sizes, memory-mapped data), by name: for
+        callers that would otherwise parse the header again (seconds for a large
+        vocabulary)."""
+        return self._tensors
+
     def _tensor(self, name: str):
         try:
             return self._tensors[name]

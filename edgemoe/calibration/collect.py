@@ -55,7 +55,7 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
             checkpoint_path: Path | None = None, fingerprint: str = "",
             threads: int | None = None, source: CalibSource | None = None,
             on_window=None, segs: Segments | None = None, on_segment=None,
-            tokens: list[int] | None = None) -> CalibStats:
+            tokens: list[int] | None = None, arch: str | None = None) -> CalibStats:
     """Run `gguf_path` (a model with tensors `specs`) in llama.cpp over `text` in windows of
     `n_ctx` tokens; statistics. With `segs` (and no `gguf_path`) the model runs a layer
     segment at a time (`edgemoe.calibration.segments`), to the same statistics.
@@ -70,10 +70,13 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
     `on_segment(k, llm, collector, windows, seconds_per_token)` after segment k's windows
     (the whole model's, without `segs`), on its open model (`SegmentProbes`);
     seconds_per_token is None when no window ran (all covered by the checkpoint). `tokens`:
-    the text's, when the caller has them from the tokenizer this run would use."""
+    the text's, when the caller has them from the tokenizer this run would use. `arch`: the
+    model's llama.cpp architecture, when the caller knows it (read from the file if not)."""
     threads = threads or os.cpu_count() or 1
-    arch = (segs.model.adapter.arch_name if segs is not None else
-            gguf.GGUFReader(gguf_path).get_field("general.architecture").contents())
+    if segs is not None:
+        arch = segs.model.adapter.arch_name
+    elif arch is None:
+        arch = str(gguf.GGUFReader(gguf_path).get_field("general.architecture").contents())
     col = Collector(specs, n_layer, n_expert, cov_blocks, threads=threads,
                     nodes=graph_nodes(arch))  # which graph nodes feed which tensors
     first_segment, start = checkpoint.resume(col, checkpoint_path, fingerprint)
@@ -216,7 +219,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         gguf_path, record = Path(calib_model), intermediate.file_record(calib_model)
     elif model.source.kind == "gguf":  # llama.cpp runs every type a GGUF source may hold
         gguf_path = model.source.path
-        record = intermediate.file_record(gguf_path, is_source=True)
+        record = intermediate.file_record(gguf_path, is_source=True,
+                                          tensors=model.source.tensors.values())
         if reserved > max_disk:  # no file at all, then
             log.warning("%s %s has no room for the checkpoint of the sums (%s): an "
                         "interrupted calibration will start over",
@@ -266,7 +270,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
                     max_tokens=max_tokens, progress=progress, dataset=text_path.name,
                     cov_blocks=blocks, checkpoint_path=ckpt, fingerprint=fingerprint,
                     threads=threads, source=record, on_window=ref, segs=segs,
-                    on_segment=probes, tokens=tokens if segs is not None else None)
+                    on_segment=probes, tokens=tokens if segs is not None else None,
+                    arch=a.arch_name)
     if probes is not None:
         stats = probes.finish(stats)
     elif sensitivity:

@@ -11,6 +11,7 @@ made from the statistics).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -101,13 +102,16 @@ def record(c: Candidate, plan: mp.MemoryPlan, n_segments: int = 1) -> CalibSourc
     return CalibSource(label, plan.bits_per_weight, c.fidelity)
 
 
-def file_record(path: str | Path, is_source: bool = False) -> CalibSource:
+def file_record(path: str | Path, is_source: bool = False,
+                tensors: Iterable[gguf.ReaderTensor] | None = None) -> CalibSource:
     """The statistics' source when GGUF `path` runs: its main type and bits per weight;
-    `exact` when it is the source itself or float, else the class measured for its type."""
-    r = gguf.GGUFReader(path)
+    `exact` when it is the source itself or float, else the class measured for its type.
+    `tensors`: the file's, when the caller has parsed its header already."""
+    if tensors is None:
+        tensors = gguf.GGUFReader(path).tensors
     elements: dict[str, int] = {}
     nbytes = 0
-    for t in r.tensors:
+    for t in tensors:
         elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + int(t.n_elements)
         nbytes += int(t.n_bytes)
     main = max(elements, key=elements.get)

@@ -69,10 +69,13 @@ class ProbeError(RuntimeError):
 
 class RunWeights:
     """The weights as the GGUF being run holds them, dequantized on demand; of a layer
-    segment whose first block is block `first_block` of the model, by the model's names."""
+    segment whose first block is block `first_block` of the model, by the model's names.
+    `source`: the model's; when it is the very GGUF being run, its parsed header serves."""
 
-    def __init__(self, path: str | Path, first_block: int = 0):
-        self._tensors = {t.name: t for t in gguf.GGUFReader(path, "r").tensors}
+    def __init__(self, path: str | Path, first_block: int = 0, source=None):
+        same = getattr(source, "kind", None) == "gguf" and Path(source.path) == Path(path)
+        self._tensors = (source.tensors if same else
+                         {t.name: t for t in gguf.GGUFReader(path, "r").tensors})
         self.first_block = first_block
 
     def load(self, name: str, expert: int | None = None,

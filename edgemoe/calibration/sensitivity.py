@@ -245,8 +245,8 @@ def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
             start = time.monotonic()
             ref = runner.logprobs()
             clock.base = report.base_seconds = time.monotonic() - start
-        errors = WeightErrors(model, stats, RunWeights(gguf_path), predict.types,
-                              executor=pool, sampled=predict.sampled)
+        errors = WeightErrors(model, stats, RunWeights(gguf_path, source=model.source),
+                              predict.types, executor=pool, sampled=predict.sampled)
 
         def probe(p) -> float:
             start = time.monotonic()

@@ -138,7 +138,7 @@ def test_calibration_run_quantizes_as_its_stats_file(calibrated, iq2_from_gguf_s
 
 def test_searched_export_has_less_output_error_than_llama_quantize(calibrated,
                                                                   iq2_from_gguf_stats, tmp_path):
-    """The default export (best of 16 ggml quantizations per row, by output error under the
+    """The default export (the better of two candidates per row, by output error under the
     measured input covariance) writes the same types and sizes as llama-quantize, and per
     row never more output error; in total clearly less."""
     c = calibrated

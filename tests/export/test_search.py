@@ -59,8 +59,8 @@ def test_search_never_loses_to_ggml_and_wins_in_total(type_name: str) -> None:
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q3_K", "IQ4_XS"])
 def test_gptq_on_the_grid_beats_sixteen_weightings(type_name: str) -> None:
-    """On the scalar types one second quantization (GPTQ's rounding on the grid ggml chose,
-    which ggml then finds again) removes more output error than 16 weightings did."""
+    """On the scalar types one second candidate (GPTQ's rounding on the grid ggml chose,
+    written into ggml's blocks) removes more output error than 16 weightings did."""
     w, im, cov = gaussian(64, 512), positive(512), correlated_cov(512)
     plain, gptq, old = (search.output_error(w, raw, type_name, cov).sum() for raw in (
         q.quantize_rows(w, type_name, im),
@@ -137,7 +137,7 @@ def test_ldlq_rounds_as_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
     offset, step = np.full_like(w, -2.0), np.full_like(w, 0.5)
     levels = np.arange(8.0)
     order, f = search._ldl_feedback(cov)
-    got = search._ldlq(w, offset, step, levels, (order, f))
+    got, codes = search._ldlq(w, offset, step, levels, (order, f))
 
     h = cov[np.ix_(order, order)] + search._GPTQ_DAMP * np.diagonal(cov).mean() * np.eye(256)
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
@@ -147,6 +147,29 @@ def test_ldlq_rounds_as_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
         want[:, order[k]] = qk
         x[:, k:] -= np.outer((x[:, k] - qk) / u[k, k], u[k, k:])
     np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_array_equal(codes, np.rint((want + 2.0) / 0.5))  # the level indices
+
+
+@pytest.mark.parametrize("type_name", sorted(search._GRIDS))
+def test_codes_written_into_ggml_blocks_are_read_back_by_ggml(type_name: str) -> None:
+    """GPTQ's codes go into the blocks ggml wrote (its scales kept): ggml's dequantizer
+    reads back offset + step * levels[code] for every weight, whatever the codes."""
+    w = gaussian(32, 256) * np.linspace(0.1, 3, 256, dtype=np.float32)
+    raw = q.quantize_rows(w, type_name, positive(256)).reshape(32, -1)
+    offset, step = search._grid(raw, type_name)
+    levels = search._GRIDS[type_name].levels
+    codes = np.random.default_rng(3).integers(0, len(levels), (32, 256)).astype(np.uint8)
+    packed = search._pack(raw, codes, type_name)
+    values = q.dequantize(packed, type_name, w.shape).astype(np.float64)
+    np.testing.assert_allclose(values, offset + step * levels[codes], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(search._grid(packed, type_name)[1], step)  # scales kept
+    # ggml's own codes written back give ggml's own bytes (rows where every code counts)
+    full = (step != 0).all(axis=1)
+    assert full.sum() >= 8
+    own = np.divide(q.dequantize(raw, type_name, w.shape) - offset, step,
+                    out=np.zeros_like(step), where=step != 0)
+    own = np.abs(own[..., None] - levels).argmin(-1).astype(np.uint8)
+    np.testing.assert_array_equal(search._pack(raw[full], own[full], type_name), raw[full])
 
 
 def test_scaled_correlation_keeps_the_correlations_and_takes_the_imatrix() -> None:
