@@ -295,11 +295,11 @@ def _code_bits(type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for start, stop, c0, _ in g.regions:
         base[:, start:stop] = c0
     offset, step = (x[0] for x in _grid(base, type_name))
-    nbytes = np.concatenate([np.arange(start, stop) for start, stop, _, _ in g.regions])
-    n = 8 * len(nbytes)
+    at = np.concatenate([np.arange(start, stop) for start, stop, _, _ in g.regions])
+    n = 8 * len(at)
     flipped = np.repeat(base, n, axis=0)
-    bit = np.tile(np.arange(8), len(nbytes))
-    flipped[np.arange(n), np.repeat(nbytes, 8)] ^= (1 << bit).astype(np.uint8)
+    bit = np.tile(np.arange(8), len(at))
+    flipped[np.arange(n), np.repeat(at, 8)] ^= (1 << bit).astype(np.uint8)
     v0 = to_float(type_name, base, COV_BLOCK).astype(np.float64)
     moved = to_float(type_name, flipped, n * COV_BLOCK).reshape(n, COV_BLOCK) - v0
     weight = np.argmax(moved != 0, axis=1)
@@ -313,18 +313,18 @@ def _code_bits(type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             or not np.allclose(g.levels[index], level, atol=1e-3) or (each != 1).any()):
         raise QuantizeError(f"{type_name}: the code layout read through ggml's dequantizer "
                             "is not one bit per level power of one weight; ggml changed")
-    return nbytes, weight, power.astype(np.uint8)
+    return at, weight, power.astype(np.uint8)
 
 
 def _pack(raw: np.ndarray, codes: np.ndarray, type_name: str) -> np.ndarray:
     """One-super-block rows `raw` with their codes replaced by `codes` (level indices,
     uint8, rows x COV_BLOCK); the scales stay."""
-    nbytes, weight, power = _code_bits(type_name)
+    at, weight, power = _code_bits(type_name)
     out = raw.copy()
     for start, stop, c0, _ in _GRIDS[type_name].regions:
         out[:, start:stop] = c0
     bits = (codes[:, weight] >> power) & 1
-    out[:, nbytes] ^= np.packbits(bits.reshape(len(raw), -1, 8), axis=2,
+    out[:, at] ^= np.packbits(bits.reshape(len(raw), -1, 8), axis=2,
                                   bitorder="little")[..., 0]
     return out
 
