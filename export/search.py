@@ -267,14 +267,20 @@ def _ldlq(w: np.ndarray, offset: np.ndarray, step: np.ndarray, levels: np.ndarra
     return out.T, codes.T
 
 
+def _all_codes(raw: np.ndarray, type_name: str, code: int) -> np.ndarray:
+    """A copy of one-super-block rows `raw` with every code set to `code` (0 or 1), the
+    scales kept."""
+    out = raw.copy()
+    for start, stop, *fill in _GRIDS[type_name].regions:
+        out[:, start:stop] = fill[code]
+    return out
+
+
 def _grid(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Offset and step of every weight of one-super-block rows `raw`, read back by ggml from
     copies of the blocks with every code set to 0, and to 1."""
     g = _GRIDS[type_name]
-    zero, one = raw.copy(), raw.copy()
-    for start, stop, c0, c1 in g.regions:
-        zero[:, start:stop] = c0
-        one[:, start:stop] = c1
+    zero, one = _all_codes(raw, type_name, 0), _all_codes(raw, type_name, 1)
     n = len(raw) * COV_BLOCK
     v0 = to_float(type_name, zero, n).reshape(len(raw), -1).astype(np.float64)
     v1 = to_float(type_name, one, n).reshape(len(raw), -1).astype(np.float64)
@@ -291,9 +297,7 @@ def _code_bits(type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     which weight and how far."""
     g = _GRIDS[type_name]
     w = np.random.default_rng(0).standard_normal((1, COV_BLOCK)).astype(np.float32) + 3.0
-    base = quantize_rows(w, type_name).reshape(1, -1)
-    for start, stop, c0, _ in g.regions:
-        base[:, start:stop] = c0
+    base = _all_codes(quantize_rows(w, type_name).reshape(1, -1), type_name, 0)
     offset, step = (x[0] for x in _grid(base, type_name))
     at = np.concatenate([np.arange(start, stop) for start, stop, _, _ in g.regions])
     n = 8 * len(at)
@@ -320,12 +324,9 @@ def _pack(raw: np.ndarray, codes: np.ndarray, type_name: str) -> np.ndarray:
     """One-super-block rows `raw` with their codes replaced by `codes` (level indices,
     uint8, rows x COV_BLOCK); the scales stay."""
     at, weight, power = _code_bits(type_name)
-    out = raw.copy()
-    for start, stop, c0, _ in _GRIDS[type_name].regions:
-        out[:, start:stop] = c0
+    out = _all_codes(raw, type_name, 0)
     bits = (codes[:, weight] >> power) & 1
-    out[:, at] ^= np.packbits(bits.reshape(len(raw), -1, 8), axis=2,
-                                  bitorder="little")[..., 0]
+    out[:, at] ^= np.packbits(bits.reshape(len(raw), -1, 8), axis=2, bitorder="little")[..., 0]
     return out
 
 
@@ -415,10 +416,11 @@ def _feedback_search(src: np.ndarray, type_name: str, imatrix: np.ndarray | None
     active = np.arange(len(rows))  # rows whose next candidate would be new
     for i in range(tries - 1):
         if i == 0 and ldlq is not None:  # GPTQ's codes on ggml's grid, written in place
-            offset, step = _grid(raw[rows], type_name)
+            first = raw[rows]
+            offset, step = _grid(first, type_name)
             levels = _GRIDS[type_name].levels
             cand, codes = _ldlq(w.astype(np.float64), offset, step, levels, ldlq)
-            cand_raw = _pack(raw[rows], codes, type_name)
+            cand_raw = _pack(first, codes, type_name)
             cand = cand.astype(np.float32)
         else:
             shifts = shifts or [_shift_feedback(ck) for ck in c]
