@@ -283,8 +283,9 @@ def _parser() -> argparse.ArgumentParser:
                         "shared by a layer's experts (gate/up, shared expert), as many as fit, "
                         "those serving the most weights per byte first (default 1GiB)")
     c.add_argument("--max-disk", default=None,
-                   help="disk the checkpoint of the sums and an HF source's intermediate GGUF "
-                        "may take (a GGUF source below the checkpoint's size runs without one): "
+                   help="disk the checkpoint of the sums (float32, no larger than the stats "
+                        "file) and an HF source's intermediate GGUF may take (a GGUF source "
+                        "below the checkpoint's size runs without one): "
                         "the most faithful type that fits is run (Q8_0, then experts "
                         "lower, ...), as a whole file or else a segment of layers at a time "
                         "(no whole-model copy, the same statistics and probes; default 90%% "

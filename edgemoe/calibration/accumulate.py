@@ -147,12 +147,12 @@ def cov_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec]) -> int:
 
 def checkpoint_bytes(specs: list[mp.TensorSpec], plan: dict[str, CovSpec],
                      nodes: GraphNodes | None = None) -> int:
-    """About the size of a checkpoint of these sums (float64, so twice the float32)."""
+    """About the size of a checkpoint of these sums (float32, each shared sum once)."""
     by_name = {s.name: s for s in specs}
     names = set(sum_owners(readers(specs, nodes)).values())
     im = sum(max(1, by_name[n].n_experts) * (by_name[n].row_length + 1) for n in names)
     experts = sum(5 * s.n_experts for s in specs if s.kind == "ffn_up_exps")
-    return 8 * (im + experts) + 2 * cov_bytes(specs, plan) + 4096 * (len(names) + 1)
+    return 4 * (im + experts) + cov_bytes(specs, plan) + 4096 * (len(names) + 1)
 
 
 def block_moments(x: np.ndarray, b: int) -> np.ndarray:
@@ -219,6 +219,10 @@ class Collector:
         self.in_sum2: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.sum_of = sum_owners(self.readers)
+        # the tables each lane adds to (any of a reader group's names may own one)
+        self.lane_tables: dict[int, set[str]] = {}
+        for (_, layer), names in self.readers.items():
+            self.lane_tables.setdefault(self._lane(layer), set()).update(names)
         self.cov: dict[str, np.ndarray] = {}  # by owner
         E = n_expert
         self.selected = np.zeros((n_layer, E))
@@ -374,7 +378,8 @@ class Collector:
 
     # ---- results
     def state(self) -> dict[str, np.ndarray]:
-        """Every accumulator, by name, for a checkpoint (float64, exact)."""
+        """Every accumulator, by name, for a checkpoint (float64 holding float32 values after
+        `end_window`)."""
         self.lanes.wait()
         out = {k: getattr(self, k) for k in _SUMS}
         out["n_tokens"] = np.array(self.n_tokens)
@@ -382,13 +387,34 @@ class Collector:
             out.update({f"{table}/{k}": v for k, v in getattr(self, table).items()})
         return out
 
-    def load_state(self, state) -> None:
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Go on from `state` (a checkpoint's arrays: float32 values, float64 again here)."""
         for k in _SUMS:
-            setattr(self, k, np.array(state[k]))
+            setattr(self, k, np.array(state[k], dtype=np.float64))
         self.n_tokens = int(state["n_tokens"])
         for table in _TABLES:
-            setattr(self, table, {k.split("/", 1)[1]: np.array(state[k]) for k in state.files
-                                  if k.startswith(f"{table}/")})
+            setattr(self, table, {k.split("/", 1)[1]: np.array(state[k], dtype=np.float64)
+                                  for k in state if k.startswith(f"{table}/")})
+
+    def end_window(self) -> None:
+        """Round every sum to float32 once a window's work is queued, on the lane that adds
+        to it (so after this window's terms and before the next's, whatever the threads):
+        a float32 checkpoint then holds the sums exactly, and a resumed run goes on from
+        the numbers a run that was not stopped has (the stats file is float32 anyway)."""
+        for lane in range(self.n_layer + 1):
+            self.lanes.submit(lane, self._round, lane)
+
+    def _round(self, lane: int) -> None:
+        for name in self.lane_tables.get(lane, ()):
+            for table in (self.in_sum2, self.counts, self.cov):
+                a = table.get(name)
+                if a is not None:
+                    for row in a.reshape(len(a), -1):  # in place, a row's copy at a time
+                        row[...] = row.astype(np.float32)
+        if lane < self.n_layer:
+            for k in _SUMS:
+                row = getattr(self, k)[lane: lane + 1]
+                row[...] = row.astype(np.float32)
 
     def stats(self, datasets: tuple[str, ...], source=None) -> CalibStats:
         """The statistics of the run; the workers end."""

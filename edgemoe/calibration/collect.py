@@ -63,8 +63,9 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
     `cov_blocks` (`cov_plan`) asks for those tensors' input covariances. With
     `checkpoint_path` the sums are saved there between windows (`checkpoint.every()`), and a
     checkpoint of the same `fingerprint` is resumed: the windows it covers are not run
-    again, and the result is the same to the bit (the sums are float64, in window order,
-    whatever `threads`, the workers for the sums and llama.cpp's threads).
+    again, and the result is the same to the bit (the sums are added in float64 in window
+    order whatever `threads`, the workers for the sums and llama.cpp's threads, and
+    rounded to float32 after each window, the checkpoint's precision).
     `on_window(tokens, logits, seconds)` is called after each window the model's head ran
     (windows a checkpoint covers are not run); `logits` is valid during the call only.
     `on_segment(k, llm, collector, windows, seconds_per_token)` after segment k's windows
@@ -84,6 +85,15 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
     every = checkpoint.every()
     saved, saved_at = (first_segment, start), time.monotonic()
     windows: list[list[int]] = []
+
+    def save(segment: int, done: int) -> None:  # Ctrl-C waits for the file and `saved`
+        nonlocal checkpoint_path, saved, saved_at
+        with checkpoint.signals_held():
+            if checkpoint.save(col.state(), checkpoint_path, fingerprint, done, segment):
+                saved, saved_at = (segment, done), time.monotonic()
+            else:
+                checkpoint_path, saved = None, (0, 0)
+
     # numpy's BLAS on one thread in each worker: llama.cpp's threads hold the cores
     with threadpool_limits(1, user_api="blas"):
         try:
@@ -128,14 +138,12 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                         on_window(w, logits, time.monotonic() - began)
                     ran[0] += time.monotonic() - began
                     ran[1] += len(w)
+                    col.end_window()
                     if checkpoint_path is not None and time.monotonic() - saved_at >= every \
                             and (i < len(windows) or not last):
                         if not last:
                             outputs.flush()
-                        if checkpoint.save(col.state(), checkpoint_path, fingerprint, i, k):
-                            saved, saved_at = (k, i), time.monotonic()
-                        else:
-                            checkpoint_path, saved = None, (0, 0)
+                        save(k, i)
                 if not last:
                     outputs.flush()
                 if on_segment is not None:
@@ -145,10 +153,7 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                 if not last:  # the next segment starts from the stream: this file can go
                     del outputs
                     if checkpoint_path is not None:
-                        if checkpoint.save(col.state(), checkpoint_path, fingerprint, 0, k + 1):
-                            saved, saved_at = (k + 1, 0), time.monotonic()
-                        else:
-                            checkpoint_path, saved = None, (0, 0)
+                        save(k + 1, 0)
                     segs.remove(k)
         except KeyboardInterrupt as e:
             col.lanes.close()
@@ -183,9 +188,11 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     of that type fits, a segment of layers at a time (`edgemoe.calibration.segments`: the
     same statistics and probe scales, one segment's file on disk at a time, the probes
     running segment by segment with it, `segment_probes`); `calib_model` runs a GGUF of
-    the model you have instead. The checkpoint of the sums (resume after an interruption)
-    is the only file a GGUF source adds; where `max_disk` has no room for it, or writing it
-    fails, calibration runs on without one.
+    the model you have instead. The checkpoint of the sums (resume after an interruption;
+    float32, each shared sum once, so no larger than the stats file) is removed before
+    the stats file is written: a GGUF source's calibration never has more on disk than
+    its output. Where `max_disk` has no room for it, or writing it fails, calibration runs
+    on without one.
 
     The text is `text` (default: the text shipped with edgemoe). With `sensitivity`, probes
     measure each tensor's KL divergence per unit of predicted damage on the first whole
@@ -195,8 +202,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     `sensitivity.default_budget`, half the calibration run's time, at least 30 s).
     Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
     inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
-    within `cov_budget` bytes on disk (float64 accumulators take twice that in memory while
-    calibrating): export's output-error search uses them. `threads`: llama.cpp's threads
+    within `cov_budget` bytes on disk (their float64 accumulators take twice that in memory
+    while calibrating): export's output-error search uses them. `threads`: llama.cpp's threads
     and the workers adding up the sums (default: every core).
     """
     text_path = Path(text) if text else DEFAULT_TEXT
@@ -281,11 +288,11 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress, threads=threads,
                                base=ref if ref.windows else None)
+    if ckpt is not None:  # before the stats file: never both on disk
+        ckpt.unlink(missing_ok=True)
     if output:
         write_stats(stats, output, chunk_size=n_ctx)
         log.info("wrote %s", output)
-    if ckpt is not None:
-        ckpt.unlink(missing_ok=True)
     if work is not None:
         work.unlink(missing_ok=True)
     if segs is not None:

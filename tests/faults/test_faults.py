@@ -522,6 +522,16 @@ def test_two_exports_to_one_output(slow_model, tmp_path):
     assert out.is_file() and not out.with_name("o.gguf.part").exists()
 
 
+def saved_windows(checkpoint: Path) -> int | None:
+    """The windows a calibration checkpoint covers; None while it is absent or being
+    written."""
+    try:
+        with np.load(checkpoint) as state:
+            return int(state["windows_done"])
+    except Exception:  # absent, or torn mid-save
+        return None
+
+
 def calibrate_args(model: Path, out: Path) -> list:
     return ["calibrate", model, "--no-sensitivity", "--ctx", "128", "--max-tokens", "1536",
             "-o", out]
@@ -542,11 +552,15 @@ def test_calibrate_ctrl_c_then_resume_after_sigkill(slow_model, tmp_path):
     r = finish(p)
     assert_clean_failure(r, 130, ["interrupted", "checkpoint.npz", "resume"], out, src)
 
-    p = start(calibrate_args(slow_model, out), tmp_path, env)
-    stamp = checkpoint.stat().st_mtime_ns
-    t0 = time.monotonic()  # kill it once it has saved a later checkpoint
-    while checkpoint.stat().st_mtime_ns == stamp and time.monotonic() - t0 < TIMEOUT:
-        time.sleep(0.05)
+    first = saved_windows(checkpoint)
+    assert first is not None  # Ctrl-C waited for the save under way
+    # kill it once it has saved a later checkpoint, well before the next save (the
+    # checkpoint is rewritten in place: a kill during a save leaves it torn, and the next
+    # run starts over: test_a_resumed_gguf_run_has_the_uninterrupted_runs_bits)
+    p = start(calibrate_args(slow_model, out), tmp_path, {"EDGEMOE_CHECKPOINT_SECONDS": "1"})
+    t0 = time.monotonic()
+    while (saved_windows(checkpoint) or 0) <= first and time.monotonic() - t0 < TIMEOUT:
+        time.sleep(0.02)
     kill_9(p)
     r = edgemoe(*calibrate_args(slow_model, out), cwd=tmp_path, env=env)
     assert r.code == 0, r.err[-2000:]

@@ -13,7 +13,7 @@ import pytest
 
 from edgemoe import pipeline
 from edgemoe.calibration import intermediate, segments
-from edgemoe.calibration.collect import calibrate
+from edgemoe.calibration.collect import calibrate, collect
 from edgemoe.llamacpp import tokenize
 from export.imatrix import read_stats
 from tests.helpers import PROMPT
@@ -87,23 +87,28 @@ def _peak_extra_disk(folder, output, fn):
 
 
 def test_a_gguf_source_within_no_disk_at_all(ggufs, tmp_path, monkeypatch):
-    """`--max-disk 0` for a GGUF source: no checkpoint either, nothing but the stats file
-    (written under a temporary name, then renamed) is ever written beside it; the checkpoint
-    is saved after every window otherwise."""
+    """A GGUF source's calibration never has more on disk than its output: the checkpoint,
+    saved after every window here, is float32 and rewritten in place, and it goes before the
+    stats file is written (under a temporary name, then renamed). `--max-disk 0`: no
+    checkpoint at all, the same statistics."""
     monkeypatch.setenv("EDGEMOE_CHECKPOINT_SECONDS", "0")
     text = tmp_path / "calib.txt"
     text.write_text(PROMPT * 6)
     out = tmp_path / "out"
     out.mkdir()
+    from edgemoe.calibration import checkpoint
 
     def run(max_disk):
         return _peak_extra_disk(out, out / "s.gguf", lambda: calibrate(
             str(ggufs["qwen3"]), text=str(text), output=str(out / "s.gguf"), n_ctx=N_CTX,
             progress=False, max_disk=max_disk))
 
+    real, saves = checkpoint.save, []
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **kw: saves.append(a[1]) or real(*a, **kw))
     saved, peak = run(None)
-    assert peak > (out / "s.gguf").stat().st_size  # the checkpoint, between windows
-    from edgemoe.calibration import checkpoint
+    assert len(saves) >= 2 and {p.name for p in saves} == {"s.gguf.checkpoint.npz"}
+    # the checkpoint or the stats file under its temporary name, never both
+    assert 0 < peak <= (out / "s.gguf").stat().st_size
 
     def no_save(*args, **kwargs):
         raise AssertionError("a checkpoint was saved within --max-disk 0")
@@ -113,6 +118,68 @@ def test_a_gguf_source_within_no_disk_at_all(ggufs, tmp_path, monkeypatch):
     assert peak <= (out / "s.gguf").stat().st_size
     assert [p.name for p in out.iterdir()] == ["s.gguf"]
     _same(stats, saved)
+
+
+def test_a_resumed_gguf_run_has_the_uninterrupted_runs_bits(ggufs, tmp_path, monkeypatch,
+                                                           caplog):
+    """Stopped after its second window with a checkpoint after every window, resumed: the
+    statistics of a run without any checkpoint, to the bit (float32 checkpoints, sums rounded
+    to float32 after every window in both). A torn checkpoint is read as none: starting over,
+    the same statistics."""
+    from edgemoe.calibration.collect import cov_plan
+
+    model = pipeline.open_model(ggufs["qwen3"])
+    blocks = cov_plan(model.specs, 1 << 20)
+    a = model.adapter
+    text = PROMPT * 6
+
+    def run(ckpt=None, stop_at=None):
+        seen = []
+
+        def on_window(*args):
+            seen.append(1)
+            if len(seen) == stop_at:
+                raise KeyboardInterrupt
+
+        return collect(ggufs["qwen3"], text, model.specs, a.n_layer, a.n_expert, n_ctx=N_CTX,
+                       progress=False, cov_blocks=blocks, checkpoint_path=ckpt,
+                       fingerprint="f", on_window=on_window)
+
+    whole = run()
+    monkeypatch.setenv("EDGEMOE_CHECKPOINT_SECONDS", "0")
+    ckpt = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt, match="first 2 of"):
+        run(ckpt, stop_at=3)
+    with np.load(ckpt) as state:
+        assert int(state["windows_done"]) == 2
+        assert {state[k].dtype for k in state.files if state[k].dtype.kind == "f"} \
+            == {np.dtype(np.float32)}
+    _same(run(ckpt), whole)
+
+    ckpt.unlink()  # (it holds the resumed run's last save)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, stop_at=3)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a kill mid-save
+    with caplog.at_level("WARNING"):
+        again = run(ckpt)
+    assert "cannot be read" in caplog.text and "starting over" in caplog.text
+    _same(again, whole)
+
+
+def test_ctrl_c_waits_for_a_save():
+    """SIGINT inside `signals_held` is raised when the block ends, not in it."""
+    import os
+    import signal
+
+    from edgemoe.calibration import checkpoint
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now
+            done.append(1)
+    assert done == [1]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full to fill the disk")
@@ -127,7 +194,7 @@ def test_a_full_disk_at_the_checkpoint_does_not_end_calibration(ggufs, tmp_path,
                       max_disk=0)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "s.gguf.checkpoint.npz.tmp").symlink_to("/dev/full")
+    (out / "s.gguf.checkpoint.npz").symlink_to("/dev/full")
     with caplog.at_level("WARNING"):
         stats = calibrate(str(ggufs["qwen3"]), text=str(text), output=str(out / "s.gguf"),
                           n_ctx=N_CTX, progress=False)
