@@ -33,8 +33,9 @@ llama.cpp's threads spin while waiting, which counts as CPU time (pessimistic fo
   Q8_0's bytes per pass; the probes, which run with each segment, read at the same rate for
   their share.
 - disk: what the stage writes at the target: the output (the Q8_0 file; the 128 GB plan);
-  calibrate: the checkpoint of its sums (at most 4 GiB with the default covariance budget:
-  float64, and its next copy while saving), with an HF source also its Q8_0 intermediate;
+  calibrate: the checkpoint of its sums or its stats file, never both (about 1 GiB with the
+  default covariance budget: float32, rewritten in place), with an HF source also its Q8_0
+  intermediate;
   in layer segments at most the output's size (its --max-disk).
   Other stages: measured peak x bytes ratio.
 """
@@ -52,7 +53,9 @@ PROBE_SHARE = 0.5  # calibrate's default probe budget: half the calibration run'
 PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
 Q8_BYTES_PER_PARAM = 34 / 32
 CAP = 128e9  # the output: a plan at the machine's memory
-CHECKPOINT = 2 * 2 * 2**30  # calibrate's checkpoint: float64 covariances, and its next copy
+# calibrate's checkpoint: float32 covariances (the default --cov-budget) and sums, rewritten in
+# place and removed before the stats file (about its size) is written: never both on disk
+CHECKPOINT = 2**30
 
 
 def deepseek_v3() -> dict:
@@ -184,8 +187,8 @@ def extrapolate(entry: dict) -> dict:
                 r = est(job, [(t, ta_r)], CAP * _passes(CAP, T))
             else:
                 continue
-            if r:  # what the stage writes at the target (the measured peaks hold a
-                # checkpoint of float64 sums, capped by --cov-budget: 2 x 2 x 1 GiB at most)
+            if r:  # what the stage writes at the target (calibration: its checkpoint or its
+                # stats file, capped by --cov-budget: about 1 GiB at most)
                 r["disk_bytes"] = {"em_export": CAP, "em_export_s0": CAP, "ll_quantize": CAP,
                                    "em_convert": q8, "ll_convert": q8,
                                    "em_calib_noprobes": q8 + CHECKPOINT,
