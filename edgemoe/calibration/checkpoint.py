@@ -5,18 +5,16 @@ The sums are float64 while a window runs and rounded to float32 after it
 (`Collector.end_window`), so the float32 checkpoint holds them exactly at half the size. It is
 rewritten in place, never beside a second copy, and removed before the statistics file is
 written: a GGUF source's calibration holds no more on disk than its output at any time.
-Ctrl-C and SIGTERM wait for a save to end; a SIGKILL during one (a fraction of a second a
-minute) leaves a torn file, which the next run finds unreadable and starts over from."""
+Ctrl-C and SIGTERM wait for a save to end (`collect`); a SIGKILL during one (a fraction of a
+second a minute) leaves a torn file, which the next run finds unreadable and starts over
+from."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import signal
-import threading
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,25 +74,6 @@ def resume(collector, checkpoint: Path | None, fingerprint: str) -> tuple[int, i
     print(f"resuming calibration from {checkpoint.name}: {done} windows{where} were run "
           "before", flush=True)
     return segment, done
-
-
-@contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM during the block take effect when it ends (on the main thread;
-    elsewhere Python delivers signals to the main thread anyway)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.signal(s, lambda sig, _frame: caught.append(sig)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for sig in caught[:1]:
-            signal.raise_signal(sig)
 
 
 def save(state: dict[str, np.ndarray], checkpoint: Path, fingerprint: str,

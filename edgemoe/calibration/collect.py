@@ -34,7 +34,7 @@ from ..llamacpp import eval_embeddings, tokenize
 from ..runtime.textscore import whole_windows
 from . import checkpoint, intermediate, segments
 from .accumulate import Collector, CovSpec, checkpoint_bytes, cov_bytes, cov_plan  # noqa: F401
-from .hooks import attach
+from .hooks import attach, signals_held
 from .nodes import graph_nodes
 from .perturb import BasePass, open_run
 from .segment_probes import MAX_IN_FLIGHT, SegmentProbes, probe_bytes
@@ -88,7 +88,7 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
 
     def save(segment: int, done: int) -> None:  # Ctrl-C waits for the file and `saved`
         nonlocal checkpoint_path, saved, saved_at
-        with checkpoint.signals_held():
+        with signals_held():
             if checkpoint.save(col.state(), checkpoint_path, fingerprint, done, segment):
                 saved, saved_at = (segment, done), time.monotonic()
             else:

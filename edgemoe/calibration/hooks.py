@@ -183,10 +183,11 @@ class EvalHooks:
 
 
 @contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM wait until the decode returns. Raised inside an eval callback (a
-    signal is handled at the next Python bytecode, which may be the callback's first), the
-    KeyboardInterrupt would end in ctypes, which prints and drops it."""
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends: a decode (raised inside an eval
+    callback, as a signal is handled at the next Python bytecode, which may be the
+    callback's first, the KeyboardInterrupt would end in ctypes, which prints and drops
+    it), a checkpoint's save (`collect`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -220,7 +221,7 @@ def _hooked_context_class():
             b = batch.batch
             self.hooks.batch = (int(b.pos[0]), int(b.n_tokens)) if b.n_tokens else None
             try:
-                with _signals_held():
+                with signals_held():
                     super().decode(batch)
             finally:
                 self.hooks.batch = None

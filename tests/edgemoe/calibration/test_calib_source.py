@@ -171,11 +171,11 @@ def test_ctrl_c_waits_for_a_save():
     import os
     import signal
 
-    from edgemoe.calibration import checkpoint
+    from edgemoe.calibration.hooks import signals_held
 
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with checkpoint.signals_held():
+        with signals_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler has run by now
             done.append(1)
