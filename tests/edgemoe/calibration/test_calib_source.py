@@ -174,11 +174,16 @@ def test_ctrl_c_waits_for_a_save():
     from edgemoe.calibration.hooks import signals_held
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler has run by now
-            done.append(1)
+    # Python's own Ctrl-C handler (a background job, as in CI, starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now
+                done.append(1)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert done == [1]
 
 
