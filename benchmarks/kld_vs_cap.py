@@ -74,6 +74,27 @@ def weight_bytes(path: Path) -> int:
         llm.close()
 
 
+def reference_run(model_dir: Path, work: Path, n_tokens: int, ctx: int,
+                  heldout: str | None = None, calib: str | None = None):
+    """What every row is measured against (search_ab.py too): the model, its F32 GGUF, the
+    first `n_tokens` held-out tokens (default text MODEL/heldout.txt), the F32 model's
+    log-probabilities on them in windows of `ctx`, and the statistics `calibrate` measures
+    on the F32 GGUF with probes (default text MODEL/calib.txt)."""
+    model = pipeline.open_model(model_dir)
+    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
+                                                 check_budget=False), work / "f32.gguf",
+                          progress=False)
+    text = Path(heldout or model_dir / "heldout.txt").read_text()
+    llm = open_llama(f32, n_ctx=64, logits_all=False)
+    tokens = tokenize(llm, text)[:n_tokens]
+    llm.close()
+    ref = textscore.logprobs(f32, tokens, ctx)
+    stats = calibrate(str(model_dir), text=calib or str(model_dir / "calib.txt"),
+                      output=str(work / "stats.gguf"), calib_model=str(f32), calib_type="F32",
+                      sensitivity=True, progress=False)
+    return model, f32, tokens, ref, stats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models/stdlib-moe"))
@@ -91,19 +112,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    model = pipeline.open_model(model_dir)
+    model, f32, tokens, ref, stats = reference_run(model_dir, work, args.tokens, args.ctx,
+                                                   args.heldout, args.calib)
     a = model.adapter
-    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
-                                                 check_budget=False), work / "f32.gguf",
-                          progress=False)
-    text = Path(args.heldout or model_dir / "heldout.txt").read_text()
-    llm = open_llama(f32, n_ctx=64, logits_all=False)
-    tokens = tokenize(llm, text)[: args.tokens]
-    llm.close()
-    ref = textscore.logprobs(f32, tokens, args.ctx)
-    stats = calibrate(str(model_dir), text=args.calib or str(model_dir / "calib.txt"),
-                      output=str(work / "stats.gguf"), calib_model=str(f32), calib_type="F32",
-                      sensitivity=True, progress=False)
     unprobed = replace(stats, scales={}, prune_scale=None)
     imatrix_by_name = {s.name: importance(stats, s) for s in model.specs
                        if s.quantizable and stats.importance(s.name) is not None}

@@ -2,10 +2,11 @@
 against the F32 model in llama.cpp, and the export's CPU time.
 
 `kld_vs_cap.py` calibrates (with a time budget for the probes) and plans again on every run,
-so its rows move with the machine's speed; here one calibration and one plan per cap serve
-every row, and only the search differs: `search 0` (llama-quantize's bytes), the search of
-`--old REV` (export/search.py as that git revision has it) and this tree's. The share of the
-search's KLD gain this tree keeps is new gain / old gain.
+so its rows move with the machine's speed; here one calibration (its `reference_run`, the
+same F32 reference, held-out tokens and calibration) and one plan per cap serve every row,
+and only the search differs: `search 0` (llama-quantize's bytes), the search of `--old REV`
+(export/search.py as that git revision has it) and this tree's. The share of the search's
+KLD gain this tree keeps is new gain / old gain.
 
     python benchmarks/search_ab.py --old HEAD~1
 """
@@ -24,10 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import memory_planner as mp  # noqa: E402
+from kld_vs_cap import reference_run  # noqa: E402 (this script's folder is on sys.path)
+
 from edgemoe import pipeline  # noqa: E402
-from edgemoe.calibration.collect import calibrate  # noqa: E402
-from edgemoe.llamacpp import open_llama, tokenize  # noqa: E402
 from edgemoe.report.tables import table  # noqa: E402
 from edgemoe.runtime import textscore  # noqa: E402
 from export import writer  # noqa: E402
@@ -56,19 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model)
-    model = pipeline.open_model(str(model_dir))
+    model, _, tokens, ref, stats = reference_run(Path(args.model), work, args.tokens, args.ctx)
     a = model.adapter
-    f32 = pipeline.export(model, mp.uniform_plan(model.specs, "F32", mp.Budget(2**62),
-                                                 check_budget=False), work / "f32.gguf",
-                          progress=False)
-    llm = open_llama(f32, n_ctx=64, logits_all=False)
-    tokens = tokenize(llm, (model_dir / "heldout.txt").read_text())[: args.tokens]
-    llm.close()
-    ref = textscore.logprobs(f32, tokens, args.ctx)
-    stats = calibrate(str(model_dir), text=str(model_dir / "calib.txt"),
-                      output=str(work / "stats.gguf"), calib_model=str(f32), calib_type="F32",
-                      sensitivity=True, progress=False)
     n_params = sum(s.n_elements for s in model.specs)
     overhead = pipeline.make_budget(a, 10**12, ctx=args.ctx).runtime_bytes
     new = writer.quantize_rows_searched
