@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -115,21 +115,31 @@ def _measure(model: Model, r, ladder: Sequence[str], stats: CalibStats | None, m
         dense[spec.name] = dict(zip(types, pool.map(one, types)))
         return
     E = spec.n_experts
-    picks = measured_experts(E, max_experts)
     errs = {t: np.full(E, np.nan) for t in types}
-    jobs = {}  # every (expert, type) at once on the threads, each expert's rows read once
-    for e in picks:
-        data = r.load_expert(model.source, int(e))
-        data = data[sample_rows(len(data), max_rows)]  # the rows relative_error measures
-        im = None if imatrix is None else imatrix[e]
-        for t in types:
-            jobs[e, t] = pool.submit(_error, data, im, max_rows, t)
+    jobs = expert_errors(model, r, measured_experts(E, max_experts), types, imatrix, max_rows,
+                         pool)
     for (e, t), job in jobs.items():
         errs[t][e] = job.result()
     share = expert_shares(stats, spec)
     per_expert[spec.name] = {
         t: np.where(np.isnan(v), np.nanmean(v), v) * share for t, v in errs.items()
     }
+
+
+def expert_errors(model: Model, r, experts: Sequence[int], types: Sequence[str],
+                  imatrix: np.ndarray | None, max_rows: int, pool: ThreadPoolExecutor
+                  ) -> dict[tuple[int, str], Future]:
+    """Each of `experts`' relative error at each of `types` (unweighted), on the rows
+    `measure_damage` samples: futures on `pool`, every (expert, type) at once, each
+    expert's rows read once. `imatrix`: the tensor's, (n_expert, n_per_row), or None."""
+    jobs = {}
+    for e in experts:
+        data = r.load_expert(model.source, int(e))
+        data = data[sample_rows(len(data), max_rows)]  # the rows relative_error measures
+        im = None if imatrix is None else imatrix[e]
+        for t in types:
+            jobs[int(e), t] = pool.submit(_error, data, im, max_rows, t)
+    return jobs
 
 
 def measured_types(spec: mp.TensorSpec, ladder: Sequence[str], imatrix: bool) -> list[str]:

@@ -37,7 +37,15 @@ from memory_planner.joint import keep_grid, kept_by_saliency, pruning_damage
 from memory_planner.stats import CalibStats
 
 from .. import pipeline
-from ..damage import expert_shares, measure_damage, measured_experts, measured_types
+from ..damage import (
+    SAMPLED_ROWS,
+    expert_errors,
+    expert_shares,
+    importance,
+    measure_damage,
+    measured_experts,
+    measured_types,
+)
 from .nodes import HookError
 from .perturb import (
     SUPPORTED_KINDS,
@@ -168,8 +176,9 @@ class Predictions:
     type (`measure_damage`'s, on the experts a probe quantizes), found when first asked.
 
     `sampled` holds the errors a probe's `WeightErrors` found on the same rows as it
-    quantized the whole slices (by (name, expert)); a tensor all of whose slices are there
-    is not quantized again, the rest are measured by `measure_damage`."""
+    quantized the whole slices (by (name, expert)). Those are not quantized again: of an
+    expert tensor only the slices no probe quantized (experts its tokens never chose) are
+    measured, on the same rows; a dense tensor not there is measured by `measure_damage`."""
 
     def __init__(self, model: pipeline.Model, stats: CalibStats, probe_type: str = PROBE_TYPE,
                  sampled: dict[tuple[str, int | None], float] | None = None):
@@ -186,6 +195,8 @@ class Predictions:
 
     def __call__(self, names) -> float:
         todo = [n for n in names if n not in self._known and not self._from_sampled(n)]
+        self._sample([n for n in todo if self.specs[n].n_experts])
+        todo = [n for n in todo if not self._from_sampled(n)]
         if todo:
             d = measure_damage(self.model, ladder=(self.probe_type,), stats=self.stats,
                                progress=False, only=set(todo))
@@ -196,17 +207,35 @@ class Predictions:
                                   else d.dense.get(n, {}).get(t, 0.0))
         return sum(self._known[n] for n in names)
 
+    def _sample(self, names: list[str]) -> None:
+        """Into `sampled`: the slices of these expert tensors that are not there yet."""
+        if not names:
+            return
+        recipes = {r.spec.name: r for r in self.model.recipes}
+        with ThreadPoolExecutor(default_threads()) as pool:
+            jobs = {}
+            for n in names:
+                missing = [e for e in self.subset[n] if (n, int(e)) not in self.sampled]
+                for (e, _), job in expert_errors(self.model, recipes[n], missing,
+                                                 [self.types[n]],
+                                                 importance(self.stats, self.specs[n]),
+                                                 SAMPLED_ROWS, pool).items():
+                    jobs[n, e] = job
+            for key, job in jobs.items():
+                self.sampled[key] = job.result()
+
     def _from_sampled(self, name: str) -> bool:
         """Whether `name`'s prediction is known now from `sampled` (measure_damage's sums
-        on its rows: the same number)."""
+        on its rows: the same number), or is 0 (the probe type is not measured for it)."""
         spec, t = self.specs[name], self.types[name]
-        slices = [(name, int(e)) for e in self.subset[name]] if spec.n_experts else [(name, None)]
-        if any(s not in self.sampled for s in slices):
-            return False
         imatrix = self.stats.importance_for(spec) is not None
         if t not in measured_types(spec, (self.probe_type,), imatrix):
             self._known[name] = 0.0
-        elif spec.n_experts:
+            return True
+        slices = [(name, int(e)) for e in self.subset[name]] if spec.n_experts else [(name, None)]
+        if any(s not in self.sampled for s in slices):
+            return False
+        if spec.n_experts:
             share = expert_shares(self.stats, spec)[self.subset[name]]
             self._known[name] = float((np.array([self.sampled[s] for s in slices]) * share).sum())
         else:

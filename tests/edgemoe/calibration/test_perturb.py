@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import memory_planner as mp
-from edgemoe import pipeline
+from edgemoe import damage, pipeline
 from edgemoe.calibration import perturb, sensitivity
 from edgemoe.calibration.collect import calibrate, collect
 from edgemoe.calibration.nodes import HookError
@@ -194,3 +194,23 @@ def test_a_probes_weight_errors_give_measure_damages_predictions(setup):
         m.setattr(sensitivity, "measure_damage", refuse)
         assert [predict([n]) for n in names] == measured
     assert min(measured) > 0
+
+    # a probe whose tokens chose some experts only: the others alone are quantized, on the
+    # same rows, to the same predictions
+    predict = Predictions(model, stats)
+    fresh = WeightErrors(model, stats, errors.run, predict.types, sampled=predict.sampled)
+    experts = [n for n in names if n in predict.subset]
+    for n in experts:
+        fresh.experts(n, predict.subset[n][::2])
+    quantized = []
+    real_error = damage._error
+
+    def counted(data, imatrix, max_rows, type_name):
+        quantized.append(type_name)
+        return real_error(data, imatrix, max_rows, type_name)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(damage, "_error", counted)
+        m.setattr(sensitivity, "measure_damage", refuse)
+        assert [predict([n]) for n in experts] == [measured[names.index(n)] for n in experts]
+    assert len(quantized) == sum(len(predict.subset[n][1::2]) for n in experts) > 0
