@@ -213,16 +213,12 @@ class Predictions:
             return
         recipes = {r.spec.name: r for r in self.model.recipes}
         with ThreadPoolExecutor(default_threads()) as pool:
-            jobs = {}
-            for n in names:
+            for n in names:  # a tensor at a time: its sampled rows only are held
                 missing = [e for e in self.subset[n] if (n, int(e)) not in self.sampled]
-                for (e, _), job in expert_errors(self.model, recipes[n], missing,
-                                                 [self.types[n]],
-                                                 importance(self.stats, self.specs[n]),
-                                                 SAMPLED_ROWS, pool).items():
-                    jobs[n, e] = job
-            for key, job in jobs.items():
-                self.sampled[key] = job.result()
+                jobs = expert_errors(self.model, recipes[n], missing, [self.types[n]],
+                                     importance(self.stats, self.specs[n]), SAMPLED_ROWS, pool)
+                for (e, _), job in jobs.items():
+                    self.sampled[n, e] = job.result()
 
     def _from_sampled(self, name: str) -> bool:
         """Whether `name`'s prediction is known now from `sampled` (measure_damage's sums
