@@ -41,7 +41,6 @@ from ..damage import (
     SAMPLED_ROWS,
     expert_errors,
     expert_shares,
-    importance,
     measure_damage,
     measured_experts,
     measured_types,
@@ -216,7 +215,8 @@ class Predictions:
             for n in names:  # a tensor at a time: its sampled rows only are held
                 missing = [e for e in self.subset[n] if (n, int(e)) not in self.sampled]
                 jobs = expert_errors(self.model, recipes[n], missing, [self.types[n]],
-                                     importance(self.stats, self.specs[n]), SAMPLED_ROWS, pool)
+                                     self.stats.importance_for(self.specs[n]), SAMPLED_ROWS,
+                                     pool)
                 for (e, _), job in jobs.items():
                     self.sampled[n, e] = job.result()
 
