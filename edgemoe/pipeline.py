@@ -163,7 +163,7 @@ def _prune_scale(stats: CalibStats) -> float:
 def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats | None = None,
            threads: int | None = None, progress: bool = True,
            reuse: str | Path | None = None, search: int = DEFAULT_SEARCH,
-           split: SplitSpec | None = None) -> Path:
+           split: SplitSpec | None = None, cpu_rows: bool = False) -> Path:
     """Write the GGUF for `plan` (pruned as it says, quantized with the importance matrix of
     `stats` when given); nothing is left at `out` if anything fails. `reuse`: an earlier
     export of this model with the same `stats` and `search`, whose tensors of the same type
@@ -171,12 +171,14 @@ def export(model: Model, plan: mp.MemoryPlan, out: str | Path, stats: CalibStats
     `search` candidate quantizations, the later ones corrected by error feedback, and keep the
     one with the least output error (export.search.quantize_rows_searched); `search` 0 or
     1 writes what llama-quantize writes with the same imatrix. `split`: llama.cpp's split
-    files (`export.split`); returns the first file's path (or the shard's)."""
+    files (`export.split`); returns the first file's path (or the shard's). `cpu_rows`: a
+    file only edgemoe runs, Q8_0 by ggml-cpu's faster row quantizer (`ExportOptions`)."""
     adapter, source = model.adapter, model.source
     kept = {int(k): v for k, v in plan.kept_experts.items()} or None
     recipes = adapter.recipes(source.names, kept) if kept else model.recipes
     options = export_options(stats, model.recipes, recipes, kept, search=search,
-                             reuse=reuse, threads=threads, progress=progress, split=split)
+                             reuse=reuse, threads=threads, progress=progress, split=split,
+                             cpu_rows=cpu_rows)
 
     def metadata(w) -> None:
         w.add_name(source.name)

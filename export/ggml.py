@@ -50,6 +50,15 @@ _LIB_NAMES = {
     "darwin": ("libggml-base.0.dylib", "libggml-base.dylib"),
     "win32": ("ggml-base.dll",),
 }
+# the CPU backend beside it, for its row quantizers (`cpu_row_quantizer`)
+_CPU_LIB_NAMES = {
+    "linux": ("libggml-cpu.so.0", "libggml-cpu.so"),
+    "darwin": ("libggml-cpu.0.dylib", "libggml-cpu.dylib"),
+    "win32": ("ggml-cpu.dll",),
+}
+# the types whose CPU row quantizer is not the file quantizer: Q8_0's is SIMD (the one
+# llama.cpp quantizes a matmul's activations with); the others call the file quantizer's code
+CPU_ROW_TYPES = frozenset({"Q8_0"})
 
 # name -> (restype, argtypes)
 _SIGNATURES = {
@@ -92,7 +101,18 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
-# void to_float(const void * x, float * y, int64_t k)
+class _CpuTypeTraits(ctypes.Structure):
+    """`struct ggml_type_traits_cpu` of the pinned ggml-cpu.h."""
+
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
+
+
+# void to_float(const void * x, float * y, int64_t k); from_float(const float *, void *, k)
 _ToFloat = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 _lib: ctypes.CDLL | None = None
@@ -101,10 +121,12 @@ _checked_types: set[int] = set()  # sizes agree between gguf-py and ggml
 _ready_types: set[int] = set()  # ggml_quantize_init done
 _init_lock = threading.Lock()
 _to_float: dict[int, Callable] = {}  # type -> ggml's dequantizer, filled by to_float()
+_cpu_rows: dict[int, Callable | None] = {}  # type -> ggml-cpu's row quantizer, or None
 
 
-def ggml_library_path() -> Path:
-    """Where llama-cpp-python keeps libggml-base (found without importing llama_cpp)."""
+def ggml_library_path(names: dict[str, tuple[str, ...]] = _LIB_NAMES) -> Path:
+    """Where llama-cpp-python keeps libggml-base (or another of its libraries, by `names`),
+    found without importing llama_cpp."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise GGMLLibraryError(
@@ -112,7 +134,7 @@ def ggml_library_path() -> Path:
             "for ggml's quantizer"
         )
     lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    names = _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
+    names = names.get(sys.platform, names["linux"])
     return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[-1])
 
 
@@ -207,3 +229,40 @@ def to_float(type_name: str, raw: np.ndarray, n: int) -> np.ndarray:
     if n:
         fn(raw.ctypes.data, out.ctypes.data, n)
     return out
+
+
+def cpu_row_quantizer(type_name: str) -> Callable | None:
+    """ggml-cpu's row quantizer of a `CPU_ROW_TYPES` type, `fn(src, dst, n)` on pointers to
+    `n` float32 values and their blocks: the `from_float` of its CPU type traits, the code
+    llama.cpp quantizes a matmul's activations with. For Q8_0 it is SIMD, about 8x
+    `ggml_quantize_chunk` here, and it rounds other ties than the file quantizer (127/max,
+    half to even): about 0.06% of the values land one step away, with the same error. So
+    it is only for files edgemoe alone runs (`quantize_rows(cpu_rows=True)`). None for other
+    types, or where llama-cpp-python has no separate ggml-cpu library (a build whose CPU
+    backends load at run time)."""
+    t = checked_type(type_name)
+    if t.name not in CPU_ROW_TYPES:
+        return None
+    if t.value in _cpu_rows:
+        return _cpu_rows[t.value]
+    with _init_lock:
+        if t.value not in _cpu_rows:
+            _cpu_rows[t.value] = _load_cpu_rows(t)
+    return _cpu_rows[t.value]
+
+
+def _load_cpu_rows(t: GGMLQuantizationType) -> Callable | None:
+    path = ggml_library_path(_CPU_LIB_NAMES)
+    try:
+        lib = ctypes.CDLL(str(path))
+        init, traits_of = lib.ggml_cpu_init, lib.ggml_get_type_traits_cpu
+    except (OSError, AttributeError) as e:
+        log.info("no ggml-cpu row quantizer (%s): %s by the file quantizer", e, t.name)
+        return None
+    init.restype, init.argtypes = None, []
+    traits_of.restype, traits_of.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    init()  # its fp16 tables, on builds that use them (once; llama.cpp calls it too)
+    traits = _CpuTypeTraits.from_address(traits_of(t.value))
+    if not traits.from_float or traits.vec_dot_type != t.value:
+        raise GGMLLibraryError(f"{path}: {t.name}'s CPU type traits are not the pinned ones")
+    return _ToFloat(traits.from_float)

@@ -34,7 +34,9 @@ class ExportOptions:
     same name, shape and type are copied from it instead of being read and quantized again
     (the sensitivity probes change one group of tensors at a time). `threads`: quantizing
     workers (None: `default_threads()`). `split`: write llama.cpp's split layout, or one
-    file of it (`export.split.SplitSpec`).
+    file of it (`export.split.SplitSpec`). `cpu_rows`: a file edgemoe alone runs (a
+    calibration intermediate), whose Q8_0 tensors without an imatrix take ggml-cpu's faster
+    row quantizer (`export.quantize.quantize_rows`).
     """
 
     imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -44,6 +46,7 @@ class ExportOptions:
     threads: int | None = None
     progress: bool = True
     split: SplitSpec | None = None
+    cpu_rows: bool = False
 
 
 def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
@@ -51,7 +54,8 @@ def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
                    kept: Mapping[int, Sequence[int]] | None = None, *,
                    search: int = DEFAULT_SEARCH,
                    reuse: str | Path | None = None, threads: int | None = None,
-                   progress: bool = True, split: SplitSpec | None = None) -> ExportOptions:
+                   progress: bool = True, split: SplitSpec | None = None,
+                   cpu_rows: bool = False) -> ExportOptions:
     """The options for writing `recipes` (the file's tensors, experts pruned as `kept` says:
     layer -> source expert ids) of a model whose unpruned tensors are `full`.
 
@@ -73,4 +77,4 @@ def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],
             if cov is not None:
                 cov = cov if r.spec.n_experts and len(cov) > 1 else cov[0]  # 3-D: shared
                 covariance[r.spec.name] = cov if pick is None or cov.ndim == 3 else cov[pick]
-    return ExportOptions(imatrix, covariance, search, reuse, threads, progress, split)
+    return ExportOptions(imatrix, covariance, search, reuse, threads, progress, split, cpu_rows)

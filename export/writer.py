@@ -220,7 +220,7 @@ def _write_file(out_path: Path, w: gguf.GGUFWriter, recipes: Sequence[TensorReci
                 if r.spec.name in copies:
                     chunks = _copied(reuse, *copies[r.spec.name], block)
                 else:
-                    quant = _quantizer(type_name, search)
+                    quant = _quantizer(type_name, search, options.cpu_rows)
                     chunks = _tensor_chunks(r, source, quant, im, cov, pool, threads, block)
                 for chunk in chunks:
                     stream.write(chunk)
@@ -257,6 +257,7 @@ def _fingerprint(header: bytes, source, options: ExportOptions) -> dict[str, str
         "source files": digest(*(identity(p) for p in source.files)),
         "statistics or search": digest(options.search, reuse,
                                        arrays(options.imatrix), arrays(options.covariance)),
+        "row quantizer": digest("ggml-cpu" if options.cpu_rows else "ggml"),
         "quantizer": digest(Path(quantize.__file__).read_bytes(),
                             Path(search.__file__).read_bytes(),
                             identity(ggml_library_path())),
@@ -289,14 +290,15 @@ def _copied(path: str | Path, offset: int, size: int, block: int) -> Iterator[np
             yield np.frombuffer(data, np.uint8)
 
 
-def _quantizer(type_name: str, search: int) -> Callable:
+def _quantizer(type_name: str, search: int, cpu_rows: bool = False) -> Callable:
     """rows, imatrix, covariance -> bytes: ggml's quantization, searched where a covariance
-    is given (float types are exact conversions: nothing to search)."""
+    is given (float types are exact conversions: nothing to search); `cpu_rows`: see
+    `ExportOptions`."""
     exact = type_name in ("F32", "F16", "BF16")
 
     def quant(rows: np.ndarray, im: np.ndarray | None, cov: np.ndarray | None) -> np.ndarray:
         if cov is None or exact:
-            return quantize_rows(rows, type_name, im)
+            return quantize_rows(rows, type_name, im, cpu_rows=cpu_rows)
         return quantize_rows_searched(rows, type_name, im, cov, search)
     return quant
 

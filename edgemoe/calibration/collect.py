@@ -259,7 +259,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
         segments=None if segs is None else segs.ranges,
         cov_blocks={n: (c.block, c.per_expert, c.owner) for n, c in blocks.items()})
     if work is not None and not (work.is_file() and checkpoint.resumable(ckpt, fingerprint)):
-        pipeline.export(model, plan, work, progress=progress)  # itself resumable
+        # itself resumable; Q8_0 by the CPU row quantizer, as the segments are
+        pipeline.export(model, plan, work, progress=progress, cpu_rows=True)
     ref = probes = None
     if sensitivity:  # the probes' reference comes from this run: no base pass of their own
         if n_calib is None:

@@ -5,15 +5,16 @@ model a segment of consecutive blocks at a time. A segment's GGUF holds blocks [
 stop) renumbered from 0 (`Adapter.blocks`), at the calibration type (Q8_0 unless the budget
 is smaller than one block). Every segment runs on llama.cpp's input embeddings
 (`llama_batch.embd`, float32: the stream passes unchanged): the first on the token
-embeddings as llama.cpp would read them from a file of that type (`Segments.inputs`: ggml's
-quantizer and dequantizer on the source's rows), each later one on the residual stream the
-one before it left, read at its last block's output (node `l_out`). So only the last
-segment has a vocabulary, an output head and a tokenizer; the others have llama.cpp's
-vocabulary type "none" with one dummy token (embeddings and head of one row, written and
-computed for nothing). Each block's statistics are those a whole-model run of the same file
-type measures, to the bit (tests/edgemoe/calibration/test_segments.py), and the graph hooks
-see the whole model's layer numbers (`EvalHooks.layer_offset`). Segments are filled from
-the last, which holds the head.
+embeddings as llama.cpp would read them from a file of that type (`Segments.inputs`: the
+intermediate's quantizer and ggml's dequantizer on the source's rows), each later one on
+the residual stream the one before it left, read at its last block's output (node
+`l_out`). So only the last segment has a vocabulary, an output head and a tokenizer; the
+others have llama.cpp's vocabulary type "none" with one dummy token (embeddings and head
+of one row, written and computed for nothing). Each block's statistics are those a
+whole-model run of the same file type measures, to the bit
+(tests/edgemoe/calibration/test_segments.py), and the graph hooks see the whole model's
+layer numbers (`EvalHooks.layer_offset`). Segments are filled from the last, which holds
+the head.
 
 On disk at any time: one segment's GGUF (deleted once it has run) and two files of the
 residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
@@ -195,7 +196,7 @@ class Segments:
         uniq, inv = np.unique(np.asarray(tokens), return_inverse=True)
         w = r.load_rows(self.model.source, uniq)
         if t != "F32":
-            w = dequantize(quantize_rows(w, t), t, w.shape)
+            w = dequantize(quantize_rows(w, t, cpu_rows=True), t, w.shape)
         return np.asarray(w, np.float32)[inv]
 
     def write(self, k: int) -> Path:
@@ -220,7 +221,7 @@ class Segments:
             recipes, tensors = _vocabulary_free(recipes, tensors)
             a.hp = replace(a.hp, n_vocab=1)
         options = export_options(None, recipes, recipes, search=0, threads=self.threads,
-                                 progress=self.progress)
+                                 progress=self.progress, cpu_rows=True)
 
         def metadata(w) -> None:
             w.add_name(f"{source.name} blocks {start}-{stop - 1}")

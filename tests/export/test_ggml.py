@@ -44,3 +44,29 @@ def test_to_float_reads_back_what_gguf_py_reads() -> None:
         ggml.to_float("Q4_K", q.quantize_rows(w, "Q4_K")[:-1], w.size)
     with pytest.raises(ggml.QuantizeError, match="no dequantizer for F32"):
         ggml.to_float("F32", w.view(np.uint8), w.size)
+
+
+def test_cpu_row_quantizer_rounds_only_ties_otherwise() -> None:
+    """The calibration intermediates' Q8_0 (`quantize_rows(cpu_rows=True)`): ggml-cpu's row
+    quantizer gives the file quantizer's scales, and values that differ by at most one
+    step, only where x / d sits within float error of a rounding tie; other types and an
+    imatrix keep the file quantizer."""
+    import numpy as np
+
+    from export import quantize as q
+
+    assert ggml.cpu_row_quantizer("Q8_0") is not None  # llama-cpp-python ships libggml-cpu
+    assert ggml.cpu_row_quantizer("Q4_K") is None
+    w = np.random.default_rng(1).standard_normal((512, 1024)).astype(np.float32)
+    ref = q.quantize_rows(w, "Q8_0").reshape(-1, 34)
+    cpu = q.quantize_rows(w, "Q8_0", cpu_rows=True).reshape(-1, 34)
+    np.testing.assert_array_equal(cpu[:, :2], ref[:, :2])  # the fp16 scales
+    step = (ref[:, 2:].view(np.int8).astype(int) - cpu[:, 2:].view(np.int8).astype(int))
+    assert np.abs(step).max() == 1 and 0 < np.count_nonzero(step) < 1e-3 * step.size
+    d = np.abs(w.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+    frac = np.abs(w.reshape(-1, 32) / d) % 1
+    assert np.all(np.abs(frac[step != 0] - 0.5) < 1e-4)  # ties, within float error
+    im = np.linspace(0.5, 2.0, 1024, dtype=np.float32)
+    for t, imatrix in (("Q8_0", im), ("Q4_K", None), ("Q6_K", im)):
+        np.testing.assert_array_equal(q.quantize_rows(w, t, imatrix, cpu_rows=True),
+                                      q.quantize_rows(w, t, imatrix), err_msg=t)

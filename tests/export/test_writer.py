@@ -80,9 +80,9 @@ def test_reuse_copies_unchanged_tensors_and_quantizes_the_rest(qwen3_dir, tmp_pa
     quantized = []
     quantize_rows = writer.quantize_rows
 
-    def spy(rows, type_name, imatrix=None):
+    def spy(rows, type_name, imatrix=None, **kw):
         quantized.append(type_name)
-        return quantize_rows(rows, type_name, imatrix)
+        return quantize_rows(rows, type_name, imatrix, **kw)
 
     monkeypatch.setattr(writer, "quantize_rows", spy)
     got = pipeline.export(model, plan, tmp_path / "got.gguf", progress=False, reuse=base_path)

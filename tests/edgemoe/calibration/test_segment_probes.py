@@ -29,7 +29,7 @@ def four_blocks(tmp_path_factory, bpe_tokenizer_dir):
     root = tmp_path_factory.mktemp("four")
     model = pipeline.open_model(build_qwen3_moe(root / "hf", bpe_tokenizer_dir, n_layers=4))
     plan = intermediate.candidate_plan(model.specs, intermediate.CANDIDATES[0])  # Q8_0
-    whole = pipeline.export(model, plan, root / "whole.gguf", progress=False)
+    whole = pipeline.export(model, plan, root / "whole.gguf", progress=False, cpu_rows=True)
     return model, plan, whole
 
 

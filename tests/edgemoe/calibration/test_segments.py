@@ -54,7 +54,7 @@ def test_segments_measure_what_the_whole_model_measures(arch, tmp_path, bpe_toke
     blocks = cov_plan(model.specs, 1 << 22, graph_nodes(model.adapter.arch_name))
     plan = intermediate.candidate_plan(model.specs, intermediate.CANDIDATES[0])  # Q8_0
     whole = tmp_path / "whole.gguf"
-    pipeline.export(model, plan, whole, progress=False)
+    pipeline.export(model, plan, whole, progress=False, cpu_rows=True)  # as calibrate does
     reference = _collect(model, blocks, gguf_path=whole)
 
     out = tmp_path / "out"
