@@ -114,23 +114,23 @@ class _Job:
                 f"{self.t.name}: rows {self.row0}..{self.row0 + self.nrows} hold non-finite "
                 "weights"
             )
-        if self.rows_fn is not None:
-            got = self.nrows * row_size
-            self.rows_fn(self.src.ctypes.data + self.row0 * n_per_row * 4,
-                         self.dst.ctypes.data + self.row0 * row_size, self.nrows * n_per_row)
+        size = self.nrows * row_size
+        out = self.dst.ctypes.data + self.row0 * row_size
+        if self.rows_fn is not None:  # writes exactly `size` bytes at `out`
+            self.rows_fn(self.src.ctypes.data + self.row0 * n_per_row * 4, out,
+                         self.nrows * n_per_row)
         else:
             im = self.imatrix.ctypes.data if self.imatrix is not None else None
             # ggml offsets both pointers itself from `start` (in elements)
             got = lib.ggml_quantize_chunk(self.t.value, self.src.ctypes.data,
                                           self.dst.ctypes.data, self.row0 * n_per_row,
                                           self.nrows, n_per_row, im)
-        if got != self.nrows * row_size:
-            raise GGMLLibraryError(
-                f"{self.t.name}: ggml wrote {got} bytes for {self.nrows} rows, "
-                f"expected {self.nrows * row_size}"
-            )
-        out = self.dst.ctypes.data + self.row0 * row_size
-        if not lib.ggml_validate_row_data(self.t.value, out, got):
+            if got != size:
+                raise GGMLLibraryError(
+                    f"{self.t.name}: ggml wrote {got} bytes for {self.nrows} rows, "
+                    f"expected {size}"
+                )
+        if not lib.ggml_validate_row_data(self.t.value, out, size):
             raise QuantizeError(
                 f"{self.t.name}: quantized rows {self.row0}..{self.row0 + self.nrows} failed "
                 "ggml's validation"
