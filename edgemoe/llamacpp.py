@@ -8,6 +8,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -211,7 +212,8 @@ def _last(logs: list[str], n: int = 3) -> str:
 def tokenize(model, text: str, max_tokens: int | None = None) -> list[int]:
     """llama.cpp's tokens for `text` (no BOS, special tokens as text), the first `max_tokens`
     if given. `model`: an open `llama_cpp.Llama`, a GGUF file (its vocabulary alone is
-    loaded) or a Hugging Face directory (its tokenizer, which llama.cpp matches exactly)."""
+    loaded) or a Hugging Face directory (its tokenizer as export writes it, loaded so: the
+    tokens of the exported model, with no transformers or torch to import)."""
     if isinstance(model, (str, Path)):
         tokens = _tokenize_file(Path(model), text)
     else:
@@ -221,10 +223,12 @@ def tokenize(model, text: str, max_tokens: int | None = None) -> list[int]:
 
 def _tokenize_file(path: Path, text: str) -> list[int]:
     if path.is_dir():
-        from transformers import AutoTokenizer
+        from export.tokenizer import write_vocab_gguf
 
-        return list(AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)
-                    ["input_ids"])
+        with tempfile.TemporaryDirectory(prefix="edgemoe-vocab-") as tmp:
+            vocab = Path(tmp) / "vocab.gguf"
+            write_vocab_gguf(path, vocab)
+            return _tokenize_file(vocab, text)
     llm = open_llama(path, n_ctx=8, logits_all=False, vocab_only=True)
     try:
         return tokenize(llm, text)

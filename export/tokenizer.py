@@ -336,3 +336,17 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int | No
     log.info("tokenizer: %s, pre %r, %d tokens, special %s, add %s", vocab.model, vocab.pre,
              len(tokens), ids, add)
     return TokenizerInfo(model=vocab.model, pre=vocab.pre, n_tokens=len(tokens))
+
+
+def write_vocab_gguf(model_dir: Path, path: Path, vocab_size: int | None = None,
+                     arch: str = "llama") -> TokenizerInfo:
+    """A GGUF holding only `general.architecture` and the tokenizer of the HF checkpoint in
+    `model_dir`: llama.cpp opens it vocabulary-only (`vocab_only`), reading no
+    hyperparameters and no tensors, and tokenizes as it would the exported model."""
+    w = gguf.GGUFWriter(path=None, arch=arch)
+    info = add_tokenizer(w, model_dir, vocab_size=vocab_size)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return info

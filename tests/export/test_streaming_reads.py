@@ -1,9 +1,10 @@
 """Positioned reads of safetensors: the same float32 values safetensors and torch give, for
-whole tensors and row ranges, in single and sharded checkpoints; streamed dense blocks write
-the bytes of the whole tensor."""
+whole tensors and row ranges, in single and sharded checkpoints, through the page cache or
+past it (O_DIRECT, in pieces); streamed dense blocks write the bytes of the whole tensor."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import gguf
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import export.reads as reads
 import export.writer as writer
 from edgemoe import pipeline
 from edgemoe.damage import measure_damage
@@ -135,6 +137,72 @@ def test_damaged_files_raise(single):
     f.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     with pytest.raises(SourceError, match="malformed"):
         HFSource(path)
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """Every read past the page cache, in pieces of three pages: tensors span several, and
+    start and end inside pages."""
+    monkeypatch.setattr(reads, "DIRECT_MIN", 0)
+    monkeypatch.setattr(reads, "DIRECT_PIECE", 3 * 4096)
+
+
+def _files(src) -> list[reads.PositionedFile]:
+    if isinstance(src, HFSource):
+        return [src._locate(n)[0].file for n in src.names]
+    return [src._file]
+
+
+def _loads(model) -> dict[str, list[np.ndarray]]:
+    """Every tensor of every recipe whole and as a few row selections."""
+    out = {}
+    for r in model.recipes:
+        name = r.hf_names[0]
+        n = model.source.shape(name)[0]
+        out[name] = [model.source.load(name, rows) for rows in (None, [n - 1, 0], range(1, n))]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_reads_past_the_page_cache_give_the_same_values(kind, qwen3_dir, tmp_path, direct,
+                                                        monkeypatch):
+    path = qwen3_dir
+    if kind == "gguf":
+        hf = pipeline.open_model(qwen3_dir)
+        path = pipeline.export(hf, _plan(hf, "Q8_0"), tmp_path / "src.gguf", progress=False)
+    monkeypatch.setattr(reads, "DIRECT_MIN", 1 << 60)  # through the cache
+    want = _loads(pipeline.open_model(path))
+    monkeypatch.setattr(reads, "DIRECT_MIN", 0)
+    model = pipeline.open_model(path)
+    got = _loads(model)
+    if any(f._direct is not None and f._direct < 0 for f in _files(model.source)):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT: the cached reads ran")
+    assert all(f._direct is not None for f in _files(model.source))  # the direct path ran
+    for name, arrays in want.items():
+        for a, b in zip(arrays, got[name], strict=True):
+            assert a.shape == b.shape and np.array_equal(a, b, equal_nan=True), name
+
+
+def test_a_refused_direct_read_falls_back_to_the_cache(single, direct, monkeypatch):
+    path, files = single
+
+    def refuse(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(reads.PositionedFile, "_read_direct", staticmethod(refuse))
+    src = HFSource(path)
+    _check(src, files)
+    assert all(f._direct == -1 for f in _files(src))
+
+
+def test_a_file_cut_short_after_opening_raises_past_the_cache_too(single, direct):
+    path, _ = single
+    src = HFSource(path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4000])  # stacked_bf16 or norm_f16 lose their end
+    with pytest.raises(SourceError, match="truncated"):
+        for name in src.names:
+            src.load(name)
 
 
 def _plan(model, type_name: str):

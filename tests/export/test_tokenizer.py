@@ -37,7 +37,7 @@ from export.pretokenizer import (
     recognise_pre_tokenizer,
     split_regexes,
 )
-from export.tokenizer import add_tokenizer
+from export.tokenizer import add_tokenizer, write_vocab_gguf
 from tests.conftest import BUNDLED_MODEL
 from tests.llama_tools import llama_cpp_file
 from tests.tokenizer_fixtures import (
@@ -96,18 +96,6 @@ def test_sample_texts_are_plain():
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-def write_vocab_gguf(model_dir: Path, path: Path, vocab_size: int | None = None,
-                     arch: str = "llama"):
-    """A GGUF holding only `general.architecture` and the tokenizer."""
-    w = gguf.GGUFWriter(path=None, arch=arch)
-    info = add_tokenizer(w, model_dir, vocab_size=vocab_size)
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    return info
-
 
 def open_vocab(path: Path):
     llama_cpp = pytest.importorskip("llama_cpp")
