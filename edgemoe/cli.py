@@ -275,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="time for the sensitivity probes: every tensor alone if that fits, "
                         "else each tensor kind on a few layers, then single layers spread "
                         "over depth; the rest carry their kind's scale (default: half the "
-                        "calibration run's time, at least 20 s; the reference is the run's own "
+                        "calibration run's time, at least 30 s; the reference is the run's own "
                         "logits)")
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "

@@ -199,7 +199,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     windows of the text (a sixteenth of the calibration tokens, 512 to `probe_tokens`),
     inside llama.cpp's eval callback on the GGUF just run (edgemoe.calibration.sensitivity;
     no file written; the reference is this run's own logits), for `probe_seconds` (default:
-    `sensitivity.default_budget`, half the calibration run's time, at least 20 s).
+    `sensitivity.default_budget`, half the calibration run's time, at least 30 s).
     Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
     inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
     within `cov_budget` bytes on disk (their float64 accumulators take twice that in memory
