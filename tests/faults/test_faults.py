@@ -532,21 +532,25 @@ def saved_windows(checkpoint: Path) -> int | None:
         return None
 
 
-def calibrate_args(model: Path, out: Path) -> list:
-    return ["calibrate", model, "--no-sensitivity", "--ctx", "128", "--max-tokens", "1536",
-            "-o", out]
+def calibrate_args(model: Path, out: Path, max_tokens: int = 1536) -> list:
+    return ["calibrate", model, "--no-sensitivity", "--ctx", "128", "--max-tokens",
+            str(max_tokens), "-o", out]
 
 
 def test_calibrate_ctrl_c_then_resume_after_sigkill(slow_model, tmp_path):
     env = {"EDGEMOE_CHECKPOINT_SECONDS": "0"}  # a checkpoint after every window
+
+    def args(out: Path) -> list:  # 48 windows: a resumed run still saves after 1 s here
+        return calibrate_args(slow_model, out, max_tokens=6144)
+
     whole = tmp_path / "whole.stats.gguf"
-    r = edgemoe(*calibrate_args(slow_model, whole), cwd=tmp_path, env=env)
+    r = edgemoe(*args(whole), cwd=tmp_path, env=env)
     assert r.code == 0, r.err[-2000:]
     out = tmp_path / "s.stats.gguf"
     checkpoint = out.with_name("s.stats.gguf.checkpoint.npz")
     src = tree_hash(slow_model)
 
-    p = start(calibrate_args(slow_model, out), tmp_path, env)
+    p = start(args(out), tmp_path, env)
     wait_for(checkpoint)
     ctrl_c(p)
     r = finish(p)
@@ -557,12 +561,13 @@ def test_calibrate_ctrl_c_then_resume_after_sigkill(slow_model, tmp_path):
     # kill it once it has saved a later checkpoint, well before the next save (the
     # checkpoint is rewritten in place: a kill during a save leaves it torn, and the next
     # run starts over: test_a_resumed_gguf_run_has_the_uninterrupted_runs_bits)
-    p = start(calibrate_args(slow_model, out), tmp_path, {"EDGEMOE_CHECKPOINT_SECONDS": "1"})
+    p = start(args(out), tmp_path, {"EDGEMOE_CHECKPOINT_SECONDS": "1"})
     t0 = time.monotonic()
     while (saved_windows(checkpoint) or 0) <= first and time.monotonic() - t0 < TIMEOUT:
+        assert p.poll() is None, "the resumed run ended before it saved again: give it more windows"
         time.sleep(0.02)
     kill_9(p)
-    r = edgemoe(*calibrate_args(slow_model, out), cwd=tmp_path, env=env)
+    r = edgemoe(*args(out), cwd=tmp_path, env=env)
     assert r.code == 0, r.err[-2000:]
     assert "resuming calibration" in r.out
     assert out.read_bytes() == whole.read_bytes()
