@@ -264,7 +264,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     ref = probes = None
     if sensitivity:  # the probes' reference comes from this run: no base pass of their own
         if n_calib is None:
-            n_calib = len(tokenize(model.source.path, body, max_tokens))
+            n_calib = len(tokenize(gguf_path, body, max_tokens))
         ref = BasePass(probe_token_count(n_calib, probe_tokens, n_ctx), n_ctx)
         if segs is not None:  # they run segment by segment with the calibration
             probes = SegmentProbes(model, segs, ref, stream_room, fingerprint, probe_seconds,
@@ -285,7 +285,7 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     elif sensitivity:
         seconds = probe_seconds or default_budget(time.monotonic() - started)
         # resumed from a checkpoint, the first windows were not run: a base pass then
-        tokens = ref.tokens or tokenize(model.source.path, body)[:ref.n_tokens]
+        tokens = ref.tokens or tokenize(gguf_path, body)[:ref.n_tokens]
         stats = measure_scales(model, stats, tokens, gguf_path, n_ctx=n_ctx, seconds=seconds,
                                progress=progress, threads=threads,
                                base=ref if ref.windows else None)

@@ -64,8 +64,8 @@ PROBE_TYPE = "Q2_K"
 # the default budget: this share of the calibration run's time, at least MIN_PROBE_SECONDS
 # (calibration with probes then costs about 1.5 calibration runs). The floor lets a small
 # model probe every tensor alone: the bundled model's 31 passes take 10.5-15 s on 2 cores
-# whole, 20.5 s in two layer segments (each probe runs both; 2026-12-04, a fast machine).
-# It was 60 s; 20 s would leave the segmented run its kind probes only
+# whole; in two layer segments 6 s on a quiet machine and 20.5 s beside the test suite, when
+# a 20 s floor planned its kind probes only (2026-12-04). It was 60 s
 PROBE_SHARE = 0.5
 MIN_PROBE_SECONDS = 30.0
 MIN_PROBE_TOKENS = 512  # probes run on a sixteenth of the calibration tokens, at least this
