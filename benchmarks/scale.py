@@ -50,7 +50,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from export_peak_rss import Shape, build_checkpoint, checkpoint_bytes  # noqa: E402
 from measure import run_measured  # noqa: E402
-from scale_extrapolate import damage_work, extrapolate, fmt_extrapolation  # noqa: E402
+from scale_extrapolate import (  # noqa: E402
+    PROBE_SHARE,
+    damage_work,
+    extrapolate,
+    fmt_extrapolation,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 SIZES = {  # Qwen3-30B-A3B's layer (hidden 2048, expert FFN 768, 32/4 heads, top-8)
@@ -361,7 +366,8 @@ def model_facts(s: Setup) -> dict:
                                                                           / a.n_expert),
             "tensors": len(model.specs), "quantizable": sum(x.quantizable for x in model.specs),
             "damage_work": damage_work(model.specs),
-            "chunks": s.chunks, "ctx": s.ctx, "tokens": s.chunks * s.ctx, "cap": s.cap}
+            "chunks": s.chunks, "ctx": s.ctx, "tokens": s.chunks * s.ctx, "cap": s.cap,
+            "probe_share": PROBE_SHARE}
 
 
 def _numel(shape) -> int:

@@ -46,10 +46,11 @@ import json
 import math
 from pathlib import Path
 
+from edgemoe.calibration.sensitivity import PROBE_SHARE  # calibrate's default probe budget
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 MACHINE = {"ram": 128e9, "cores": 32, "disk_bps": 3e9, "ubatch": 512}
-PROBE_SHARE = 0.5  # calibrate's default probe budget: half the calibration run's time
 PAGE_CACHE = MACHINE["ram"] - 28e9  # what is left for the page cache beside the processes
 Q8_BYTES_PER_PARAM = 34 / 32
 CAP = 128e9  # the output: a plan at the machine's memory
@@ -201,8 +202,10 @@ def extrapolate(entry: dict) -> dict:
         if calib in rows:  # how many probe passes the default budget buys at the target
             run = rows[calib]
             n = min(2048, max(512, T // 16))  # calibrate's probe tokens (sensitivity.py)
+            # the measured run's probes took the share of its day (0.5 before it was stored)
             run_compute = (run["compute_hours"] if calib == "em_calib_gguf_probes" else
-                           run["compute_hours"] - t_conv * p_r / 3600) / (1 + PROBE_SHARE)
+                           run["compute_hours"] - t_conv * p_r / 3600) \
+                / (1 + entry.get("probe_share", 0.5))
             per_pass = max(run_compute * n / T,
                            q8 * _passes(q8, n) / MACHINE["disk_bps"] / 3600)
             run_hours = max(run_compute, run_io / MACHINE["disk_bps"] / 3600)

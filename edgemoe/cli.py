@@ -274,9 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-seconds", type=float, default=None,
                    help="time for the sensitivity probes: every tensor alone if that fits, "
                         "else each tensor kind on a few layers, then single layers spread "
-                        "over depth; the rest carry their kind's scale (default: half the "
-                        "calibration run's time, at least 30 s; the reference is the run's own "
-                        "logits)")
+                        "over depth; the rest carry their kind's scale (default: 0.4 of the "
+                        "calibration run's time, or what the run left of 40 s; the reference "
+                        "is the run's own logits)")
     c.add_argument("--cov-budget", default="1GiB",
                    help="room for the inputs' covariances (256-column blocks) that export's "
                         "output-error search uses: one per expert if they fit, else one "

@@ -136,7 +136,8 @@ def _aligned(n: int, alignment: int) -> int:
 
 @contextmanager
 def resumable_output(path: str | Path, header: bytes, fingerprint: dict[str, str],
-                     sizes: Sequence[int], alignment: int) -> Iterator[tuple[BinaryIO, int]]:
+                     sizes: Sequence[int], alignment: int, overwrite: Path | None = None
+                     ) -> Iterator[tuple[BinaryIO, int]]:
     """Write a GGUF of `header` then tensors of `sizes` bytes (each padded to `alignment`):
     yields the open `.part` file, positioned after the last complete tensor of an earlier
     run with the same `header` and `fingerprint`, and the index of the next tensor to write.
@@ -144,10 +145,22 @@ def resumable_output(path: str | Path, header: bytes, fingerprint: dict[str, str
     One process at a time: a second one fails at once (OutputError). Free disk is checked for
     what remains to be written. On success the `.part` becomes `path`; on Ctrl-C or SIGTERM it
     is kept to resume (the KeyboardInterrupt says so); on any other error it is removed.
+
+    `overwrite`: a finished file nobody needs any more (the layer segment calibration ran
+    before this one). Where no `.part` exists it becomes the `.part` and is written over in
+    place, then cut to size, so the page cache keeps its pages: on a VM that hands free memory
+    back to its host a new page costs a fault there (1.3 GB written into a new file took
+    1.8-3.4 s of kernel time, over a cached one 0.1 s; BENCHMARKS.md). Such a `.part` holds
+    the old file's bytes past those written, so it has no note until Ctrl-C cuts it there:
+    killed, it is started over.
     """
     path = Path(path)
     part = path.with_name(path.name + ".part")
     note = part.with_name(part.name + ".json")
+    reused = 0  # bytes of `overwrite`'s that this file is written over
+    if overwrite is not None and overwrite.is_file() and not part.exists():
+        reused = overwrite.stat().st_size
+        os.replace(overwrite, part)
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,23 +174,30 @@ def resumable_output(path: str | Path, header: bytes, fingerprint: dict[str, str
         ends.append(ends[-1] + _aligned(n, alignment))
     first = 0
     try:
-        first = _resume_point(part, note, header, fingerprint, ends, fout)
-        need = ends[-1] - ends[first]
+        if not reused:
+            first = _resume_point(part, note, header, fingerprint, ends, fout)
+        need = ends[-1] - max(ends[first], reused)
         free = shutil.disk_usage(part.parent).free
         if need > free:
             raise OutputError(f"{path}: {format_size(need)} more to write but only "
                               f"{format_size(free)} free on {part.parent}; free some disk")
         if first == 0:
             fout.seek(0)
-            fout.truncate()
+            if not reused:
+                fout.truncate()
             fout.write(header)
-        note.write_text(json.dumps(fingerprint, indent=1))
+        if not reused:
+            note.write_text(json.dumps(fingerprint, indent=1))
         yield fout, first
         fout.flush()
+        fout.truncate()  # an overwritten file's bytes past the end
         os.replace(part, path)
         note.unlink(missing_ok=True)
     except KeyboardInterrupt as e:
         fout.flush()
+        if reused:  # resumable from here on: the old bytes cut, the note written
+            fout.truncate()
+            note.write_text(json.dumps(fingerprint, indent=1))
         done = sum(1 for end in ends[1:] if end <= fout.tell())
         raise type(e)(f"the {done} of {len(sizes)} tensors written are kept in {part}: run "
                       "the same command again to resume") from None

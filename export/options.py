@@ -36,7 +36,9 @@ class ExportOptions:
     workers (None: `default_threads()`). `split`: write llama.cpp's split layout, or one
     file of it (`export.split.SplitSpec`). `cpu_rows`: a file edgemoe alone runs (a
     calibration intermediate), whose Q8_0 tensors without an imatrix take ggml-cpu's faster
-    row quantizer (`export.quantize.quantize_rows`).
+    row quantizer (`export.quantize.quantize_rows`). `overwrite`: a file no longer needed
+    that a whole-file output is written over in place, keeping its pages in the page cache
+    (`export.gguf_io.resumable_output`; the calibration's layer segments).
     """
 
     imatrix: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -47,6 +49,7 @@ class ExportOptions:
     progress: bool = True
     split: SplitSpec | None = None
     cpu_rows: bool = False
+    overwrite: Path | None = None
 
 
 def export_options(stats: CalibStats | None, full: Sequence[TensorRecipe],

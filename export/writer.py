@@ -167,7 +167,7 @@ def write_gguf(
     split = options.split
     if split is None:
         _write_file(out_path, header(whole), [recipes[i] for i in whole], source, types,
-                    options)
+                    options, options.overwrite)
         return out_path
     bound = len(header_bytes(header(whole))) + SPLIT_KEYS_BYTES
     parts = split_layout([r.spec.name for r in recipes],
@@ -188,8 +188,9 @@ def write_gguf(
 
 
 def _write_file(out_path: Path, w: gguf.GGUFWriter, recipes: Sequence[TensorRecipe], source,
-                types: Mapping, options: ExportOptions) -> None:
-    """One GGUF file: the header of `w`, then the data of `recipes` (resumable)."""
+                types: Mapping, options: ExportOptions, overwrite: Path | None = None) -> None:
+    """One GGUF file: the header of `w`, then the data of `recipes` (resumable; written over
+    `overwrite`, see `resumable_output`)."""
     infos = [(r.spec.name, types[r.spec.name].nbytes) for r in recipes]
 
     # the options the data loop below reads
@@ -203,7 +204,7 @@ def _write_file(out_path: Path, w: gguf.GGUFWriter, recipes: Sequence[TensorReci
     header = header_bytes(w)
     fingerprint = _fingerprint(header, source, options)
     with resumable_output(out_path, header, fingerprint, [n for _, n in infos],
-                          w.data_alignment) as (fout, first):
+                          w.data_alignment, overwrite) as (fout, first):
         stream = _DataStream(fout, infos[first:], w.data_alignment)
         desc = f"writing {out_path.name}"
         if covariance and search > 1:  # tell why it takes longer than llama-quantize

@@ -150,11 +150,10 @@ def collect(gguf_path: str | Path | None, text: str, specs: list[mp.TensorSpec],
                     on_segment(k, llm, col, windows, ran[0] / ran[1] if ran[1] else None)
                 llm.close()
                 del llm
-                if not last:  # the next segment starts from the stream: this file can go
-                    del outputs
+                if not last:  # the next segment starts from the stream and is written
+                    del outputs  # over this one's file (Segments.write)
                     if checkpoint_path is not None:
                         save(k + 1, 0)
-                    segs.remove(k)
         except KeyboardInterrupt as e:
             col.lanes.close()
             if checkpoint_path is None or saved == (0, 0):
@@ -199,7 +198,8 @@ def calibrate(source: str, text: str | None = None, output: str | None = None,
     windows of the text (a sixteenth of the calibration tokens, 512 to `probe_tokens`),
     inside llama.cpp's eval callback on the GGUF just run (edgemoe.calibration.sensitivity;
     no file written; the reference is this run's own logits), for `probe_seconds` (default:
-    `sensitivity.default_budget`, half the calibration run's time, at least 30 s).
+    `sensitivity.default_budget`: 0.4 of the calibration run's time, or what it left of
+    40 s).
     Writes the statistics to `output` (a llama.cpp-compatible GGUF imatrix) when given. The
     inputs' covariances (in blocks of 256 columns; `cov_plan` says which) are kept too,
     within `cov_budget` bytes on disk (their float64 accumulators take twice that in memory

@@ -48,7 +48,7 @@ from memory_planner.stats import CalibStats
 
 from ..damage import SAMPLED_ROWS
 from ..llamacpp import eval_logits, open_llama
-from ..runtime.textscore import log_softmax, whole_windows
+from ..runtime.textscore import ROWS, log_softmax, whole_windows
 from .hooks import EvalHooks, attach
 from .nodes import HookError, Node, shifted
 
@@ -385,10 +385,17 @@ class ProbeRunner:
 
 
 def kld(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Mean KL(reference || candidate) over every position."""
+    """Mean KL(reference || candidate) over every position (of log-probabilities). The terms
+    are worked out `textscore.ROWS` rows at a time, then summed as one array."""
     total = n = 0.0
     for r, c in zip(reference, candidate):
-        r64 = r.astype(np.float64)
-        total += float((np.exp(r64) * (r64 - c)).sum())
+        terms = np.empty(r.shape, np.float64)
+        for i in range(0, len(r), ROWS):
+            r64 = r[i:i + ROWS].astype(np.float64)
+            t = terms[i:i + ROWS]
+            np.exp(r64, out=t)
+            r64 -= c[i:i + ROWS]
+            t *= r64
+        total += float(terms.sum())
         n += len(r)
     return total / n

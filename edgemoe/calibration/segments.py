@@ -16,9 +16,10 @@ whole-model run of the same file type measures, to the bit
 layer numbers (`EvalHooks.layer_offset`). Segments are filled from the last, which holds
 the head.
 
-On disk at any time: one segment's GGUF (deleted once it has run) and two files of the
-residual stream (n_tokens x n_embd float32, the segment's input and output). A checkpoint
-records the segment and the windows run in it. The sensitivity probes run with the segments
+On disk at any time: one segment's GGUF (the next one is written over it once it has run,
+so the page cache keeps its pages) and two files of the residual stream (n_tokens x n_embd
+float32, the segment's input and output). A checkpoint records the segment and the windows
+run in it. The sensitivity probes run with the segments
 (`edgemoe.calibration.segment_probes`): every block is probed as in a whole run.
 """
 
@@ -200,9 +201,10 @@ class Segments:
         return np.asarray(w, np.float32)[inv]
 
     def write(self, k: int) -> Path:
-        """Segment k's GGUF (kept if already complete: a resumed run). A segment but the
-        last has no vocabulary (`_vocabulary_free`): it runs on `inputs`, and neither the
-        embeddings nor the head."""
+        """Segment k's GGUF (kept if already complete: a resumed run), written over segment
+        k - 1's file when that is still there (the page cache keeps its pages). A segment
+        but the last has no vocabulary (`_vocabulary_free`): it runs on `inputs`, and
+        neither the embeddings nor the head."""
         path = self.gguf_path(k)
         if path.is_file():
             return path
@@ -220,8 +222,11 @@ class Segments:
         if free:
             recipes, tensors = _vocabulary_free(recipes, tensors)
             a.hp = replace(a.hp, n_vocab=1)
-        options = export_options(None, recipes, recipes, search=0, threads=self.threads,
-                                 progress=self.progress, cpu_rows=True)
+        # written over the segment run before it, if still there: its pages stay cached
+        options = replace(export_options(None, recipes, recipes, search=0,
+                                         threads=self.threads, progress=self.progress,
+                                         cpu_rows=True),
+                          overwrite=self.gguf_path(k - 1) if k else None)
 
         def metadata(w) -> None:
             w.add_name(f"{source.name} blocks {start}-{stop - 1}")
@@ -241,13 +246,13 @@ class Segments:
                    options=options)
         return path
 
-    def remove(self, k: int | None = None) -> None:
-        """Delete segment k's GGUF, or (None) every work file."""
-        if k is not None:
-            self.gguf_path(k).unlink(missing_ok=True)
-            return
+    def remove(self) -> None:
+        """Delete every work file (a segment's `.part` too)."""
         for i in range(len(self)):
             self.gguf_path(i).unlink(missing_ok=True)
+            for part in (".part", ".part.json"):
+                self.gguf_path(i).with_name(self.gguf_path(i).name + part).unlink(
+                    missing_ok=True)
         for i in range(2):
             self.stream_path(i).unlink(missing_ok=True)
 

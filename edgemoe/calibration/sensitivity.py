@@ -61,13 +61,16 @@ from .perturb import (
 log = logging.getLogger(__name__)
 
 PROBE_TYPE = "Q2_K"
-# the default budget: this share of the calibration run's time, at least MIN_PROBE_SECONDS
-# (calibration with probes then costs about 1.5 calibration runs). The floor lets a small
-# model probe every tensor alone: the bundled model's 31 passes take 10.5-15 s on 2 cores
-# whole; in two layer segments 6 s on a quiet machine and 20.5 s beside the test suite, when
-# a 20 s floor planned its kind probes only (2026-12-04). It was 60 s
-PROBE_SHARE = 0.5
-MIN_PROBE_SECONDS = 30.0
+# the default budget: this share of the calibration run's time, or what is left of
+# MIN_CALIBRATION_SECONDS after the run, whichever is more. The share keeps calibration with
+# probes within 2x llama-imatrix over the same tokens (its runs cost 1.15-1.2x llama-imatrix
+# and an HF source's layer segments 0.15x more; at 0.5 the 8gb benchmark's segments took
+# 1.95-2.2x, 2026-12-04). The floor is on the whole stage, so a small model probes every
+# tensor alone: the bundled model's 31 passes take 10.5-15 s on 2 cores whole; in two
+# layer segments 6 s on a quiet machine and 20.5 s beside the test suite. It was 60 s, then
+# 30 s on the probes alone, which at 8gb was 0.65 of the run
+PROBE_SHARE = 0.4
+MIN_CALIBRATION_SECONDS = 40.0
 MIN_PROBE_TOKENS = 512  # probes run on a sixteenth of the calibration tokens, at least this
 KIND_LAYERS = 4  # layers probed at once in a kind's first probe
 
@@ -160,8 +163,10 @@ class _Clock:
 
 
 def default_budget(calibration_seconds: float) -> float:
-    """Seconds of probes after a calibration run of `calibration_seconds`."""
-    return max(MIN_PROBE_SECONDS, PROBE_SHARE * calibration_seconds)
+    """Seconds of probes after a calibration run of `calibration_seconds`: PROBE_SHARE of it,
+    or the rest of MIN_CALIBRATION_SECONDS."""
+    return max(PROBE_SHARE * calibration_seconds,
+               MIN_CALIBRATION_SECONDS - calibration_seconds)
 
 
 def probe_token_count(calibration_tokens: int, most: int, n_ctx: int) -> int:
@@ -253,7 +258,7 @@ def pruning_probe(model: pipeline.Model, stats: CalibStats
 
 def measure_scales(model: pipeline.Model, stats: CalibStats, tokens: list[int],
                    gguf_path: str | Path, probe_type: str = PROBE_TYPE, n_ctx: int = 512,
-                   seconds: float = MIN_PROBE_SECONDS, progress: bool = True,
+                   seconds: float = MIN_CALIBRATION_SECONDS, progress: bool = True,
                    threads: int | None = None, base: BasePass | None = None) -> CalibStats:
     """`stats` with `scales` (per tensor) and `prune_scale` measured by probes run on
     `gguf_path` (the model calibration ran) within about `seconds`: on `tokens`, against a

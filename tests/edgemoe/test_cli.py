@@ -126,4 +126,4 @@ def test_calibrate_takes_a_probe_budget():
     a = vars(cli._parser().parse_args(["calibrate", "m", "--probe-seconds", "90"]))
     assert a["func"] is cli.calibrate and a["probe_seconds"] == 90.0
     a = vars(cli._parser().parse_args(["calibrate", "m"]))
-    assert a["probe_seconds"] is None  # calibrate's own time, at least MIN_PROBE_SECONDS
+    assert a["probe_seconds"] is None  # sensitivity.default_budget
